@@ -1,0 +1,109 @@
+"""Benchmark one configuration of the stack: warm-up, N timed runs, per-stage breakdown, FLOPs,
+peak memory, an optional Chrome trace, and a JSON record plus a markdown row under --results_dir.
+
+    python run_benchmark.py --ckpt tiny --num_runs 3
+    python run_benchmark.py --ckpt random:flux-dev --num_inference_steps 28 --trace-file trace.json.gz
+"""
+
+import re
+import statistics
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from utils import compile_utils
+from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser, environment_record,
+                                   pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags, summarize,
+                                   time_call, write_record)
+from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+
+
+def transformer_flops(pipeline, args) -> int:
+    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied)."""
+    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipeline.transformer(**example, return_dict=False)
+    return counter.get_total_flops()
+
+
+def run_once(pipeline, args):
+    return pipeline(**pipeline_call_kwargs(args), generator=torch.manual_seed(args.seed), output_type="pil").images[0]
+
+
+def main(argv=None):
+    parser = create_parser()
+    args = resolved_defaults(parser.parse_args(argv))
+    try:
+        validate_args(args)
+    except StackError as e:
+        parser.error(str(e))
+    if args.num_runs < 1 or args.warmup_runs < 0:
+        parser.error("--num_runs must be >= 1 and --warmup_runs >= 0")
+    set_rand_seeds(args.seed)
+    pipeline = load_pipeline(args)
+    flops = transformer_flops(pipeline, args)
+    optimize(pipeline, args)
+    cuda = args.device.startswith("cuda")
+
+    with annotate_pipeline(pipeline):
+        for _ in tqdm(range(args.warmup_runs), desc="warm-up"):
+            run_once(pipeline, args)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        latencies, stages = [], {}
+        STAGE_TIMER.enabled = True
+        for _ in tqdm(range(args.num_runs), desc="timed runs"):
+            seconds, image = time_call(lambda: run_once(pipeline, args), args.device)
+            latencies.append(seconds)
+            for label, values in STAGE_TIMER.collect().items():
+                stages.setdefault(label, []).append(sum(values) if label != "denoising_step" else values)
+        STAGE_TIMER.enabled = False
+        if args.trace_file:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+            with profile(activities=activities, record_shapes=True) as prof:
+                run_once(pipeline, args)
+            prof.export_chrome_trace(args.trace_file)
+            print(f"Chrome trace written to {args.trace_file}")
+
+    per_step = [s for run in stages.get("denoising_step", []) for s in run]
+    breakdown = {label: summarize(v) for label, v in stages.items() if label != "denoising_step"}
+    breakdown["denoising_step"] = summarize(per_step)
+    breakdown["denoising_total"] = summarize([sum(run) for run in stages["denoising_step"]])
+    record = {
+        "kind": "run_benchmark",
+        "command": command_line(),
+        "environment": environment_record(args.device),
+        "random_weights": pipeline.harness_random_weights,
+        "ckpt": args.ckpt,
+        "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps,
+                   "max_sequence_length": args.max_sequence_length, "batch": 1,
+                   "guidance_scale": args.guidance_scale},
+        "stack_flags": stack_flags(args),
+        "stack": pipeline.harness_stack,
+        "warmup_runs": args.warmup_runs,
+        "latency_s": summarize(latencies),
+        "latencies_s": latencies,
+        "stages_s": breakdown,
+        "transformer_flops_per_forward": flops,
+        "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+    }
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"bench_{args.ckpt}_{args.height}x{args.width}_{args.num_inference_steps}steps"
+                                                   f"_{record['environment']['timestamp_utc']}")
+    row = {"ckpt": args.ckpt + (" (random weights)" if record["random_weights"] else ""),
+           "gpu": record["environment"]["gpu"] or "cpu", "size": f"{args.height}x{args.width}",
+           "steps": args.num_inference_steps, "compile": args.compile_export_mode,
+           "median s": f"{record['latency_s']['median']:.3f}",
+           "step ms": f"{1e3 * breakdown['denoising_step']['median']:.1f}",
+           "TFLOP/fwd": f"{flops / 1e12:.3g}", "record": name + ".json"}
+    path = write_record(record, args.results_dir, name, row)
+    print(f"median {record['latency_s']['median']:.3f} s (min {record['latency_s']['min']:.3f}, "
+          f"max {record['latency_s']['max']:.3f}) over {args.num_runs} runs; transformer step "
+          f"{1e3 * breakdown['denoising_step']['median']:.1f} ms; record {path}")
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,122 @@
+"""FlashAttention-3 for FLUX as a `torch.library.custom_op`, so that torch.compile and torch.export
+trace it as one opaque node (its `register_fake` gives the output's shape), plus the attention
+processor that routes FLUX's joint attention through it.
+
+FA3 is imported from upstream (`flash_attn_interface`) or from the forward-only `fa3-fwd` wheel
+(`fa3_fwd_interface`). flux-fast imported it unconditionally, so a standard install without FA3
+failed at import; here a missing FA3 is a notice, and the op falls back to PyTorch SDPA (which
+picks cuDNN on H100, the fastest SDPA backend there).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.embeddings import apply_rotary_emb
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max
+
+
+def _import_fa3():
+    """(flash_attn_func, module name) from whichever FA3 build is installed, or (None, reason)."""
+    reasons = []
+    for name in ("flash_attn_interface", "fa3_fwd_interface"):
+        try:
+            return importlib.import_module(name).flash_attn_func, name
+        except Exception as e:  # ImportError, or a broken build raising OSError/RuntimeError on load
+            reasons.append(f"{name}: {type(e).__name__}: {e}")
+    return None, "; ".join(reasons)
+
+
+_FA3_FUNC, FA3_SOURCE = _import_fa3()
+FA3_AVAILABLE = _FA3_FUNC is not None
+
+
+def fa3_unavailable_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    if not FA3_AVAILABLE:
+        return f"FA3 not installed (pip install fa3-fwd, or build flash-attention/hopper) [{FA3_SOURCE}]"
+    if torch.cuda.get_device_capability()[0] != 9:
+        return f"FA3 needs a Hopper GPU (sm_90), found {torch.cuda.get_device_name()}"
+    return None
+
+
+def per_head_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, H, D) -> float8 e4m3 tensor and its (B, H) float32 descale, one scale per head."""
+    amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-6)
+    scale = amax / FP8_MAX
+    x8 = (x / scale[:, None, :, None].to(x.dtype)).to(FP8)
+    return x8, scale
+
+
+def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@torch.library.custom_op("flux_harness::fa3_attention", mutates_args=(), device_types=None)
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
+    """Non-causal attention on (batch, seq, heads, head_dim) tensors, output in q's dtype.
+
+    FA3 on a Hopper GPU; PyTorch SDPA otherwise (the fallback kernel), so the same graph runs on CPU.
+    With `fp8`, q/k/v are scaled per head into float8 e4m3 and FA3 descales inside the kernel.
+    """
+    if FA3_AVAILABLE and q.is_cuda:
+        if fp8:
+            (q8, dq), (k8, dk), (v8, dv) = per_head_fp8(q), per_head_fp8(k), per_head_fp8(v)
+            out = _FA3_FUNC(q8, k8, v8, q_descale=dq, k_descale=dk, v_descale=dv)
+        else:
+            out = _FA3_FUNC(q, k, v)
+        out = out[0] if isinstance(out, tuple) else out
+        return out.to(q.dtype)
+    return _sdpa_bshd(q, k, v).contiguous()
+
+
+@fa3_attention.register_fake
+def _(q, k, v, fp8=False):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+class FA3FluxAttnProcessor:
+    """FLUX joint attention (fused or unfused QKV projections) with FA3 as the attention kernel.
+
+    Same math as diffusers' `FluxAttnProcessor`; only the attention call differs.
+    """
+
+    def __init__(self, fp8: bool = False):
+        self.fp8 = fp8
+
+    def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
+        if attention_mask is not None:
+            raise NotImplementedError("FA3FluxAttnProcessor does not take an attention mask (FLUX uses none)")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            encoder_query = attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim)))
+            encoder_key = attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim)))
+            encoder_value = encoder_value.unflatten(-1, (-1, attn.head_dim))
+            query = torch.cat([encoder_query, query], dim=1)
+            key = torch.cat([encoder_key, key], dim=1)
+            value = torch.cat([encoder_value, value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = fa3_attention(query, key, value, self.fp8).flatten(2, 3).to(query.dtype)
+
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states

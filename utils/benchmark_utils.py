@@ -1,0 +1,267 @@
+"""The shared command line, timing helpers and benchmark records.
+
+Flag names follow flux-fast (`--ckpt`, `--disable_fa3`, `--compile_export_mode`, ...), so that a
+flux-fast user feels at home; new layers (Chipmunk, feature caching) follow the same `--disable_*`
+pattern.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit")
+
+
+def create_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    io = parser.add_argument_group("model and sampling")
+    io.add_argument("--ckpt", default="black-forest-labs/FLUX.1-schnell",
+                    help="Hugging Face id or local dir (FLUX.1-dev/-schnell/-Kontext-dev), 'tiny' (embedded "
+                         "miniature, random init, CPU-fast), or 'random:flux-dev' / 'random:flux-schnell' "
+                         "(full-size architecture with random weights, for timing)")
+    io.add_argument("--prompt", default="A cat playing with a ball of yarn")
+    io.add_argument("--image", default=None, help="input image for FLUX.1-Kontext-dev")
+    io.add_argument("--height", type=int, default=None, help="default 1024 (64 for tiny)")
+    io.add_argument("--width", type=int, default=None, help="default 1024 (64 for tiny)")
+    io.add_argument("--num_inference_steps", type=int, default=None, help="default 28 (dev/kontext), 4 (schnell/tiny)")
+    io.add_argument("--guidance_scale", type=float, default=None, help="default 3.5 (dev/tiny), 0.0 (schnell), 2.5 (kontext)")
+    io.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default 512 (256 schnell, 32 tiny)")
+    io.add_argument("--seed", type=int, default=42)
+    io.add_argument("--device", default=None, help="default cuda when available, else cpu")
+    io.add_argument("--output-file", dest="output_file", default="output.png")
+    io.add_argument("--trace-file", dest="trace_file", default=None, help="write a Chrome trace (.json or .json.gz)")
+
+    stack = parser.add_argument_group("optimization stack (every layer is on by default, as in flux-fast)")
+    stack.add_argument("--disable_bf16", action="store_true", help="load in float32 instead of bfloat16")
+    stack.add_argument("--disable_fused_projections", action="store_true", help="no QKV fusion")
+    stack.add_argument("--disable_fa3", action="store_true", help="keep diffusers' default attention (SDPA)")
+    stack.add_argument("--fa3_fp8", action="store_true",
+                       help="FA3 on float8 e4m3 q/k/v with per-head scales (see README for its measured error)")
+    stack.add_argument("--disable_chipmunk", action="store_true", help="no Chipmunk sparsity even with --chipmunk_config")
+    stack.add_argument("--chipmunk_config", default=None, help="Chipmunk YAML (see configs/chipmunk-flux.yml)")
+    stack.add_argument("--cache_mode", choices=CACHE_MODES, default="none", help="feature caching method")
+    stack.add_argument("--disable_cache", action="store_true", help="no feature caching, whatever --cache_mode says")
+    stack.add_argument("--interval", type=int, default=5, help="full step every N steps (fora/taylor/hicache)")
+    stack.add_argument("--max_order", type=int, default=2, help="finite-difference order (taylor/hicache)")
+    stack.add_argument("--first_enhance", type=int, default=3, help="leading full steps (fora/taylor/hicache)")
+    stack.add_argument("--hicache_scale", type=float, default=0.6, help="HiCache's Hermite dual scaling sigma")
+    stack.add_argument("--fbcache_threshold", type=float, default=0.08, help="FBCache relative residual threshold")
+    stack.add_argument("--fbcache_taylor", action="store_true", help="forecast FBCache's residual with Taylor")
+    stack.add_argument("--cache_dit_config", default=None, help="cache-dit YAML (implies --cache_mode cache_dit)")
+    stack.add_argument("--disable_quant", action="store_true", help="no torchao float8 quantization")
+    stack.add_argument("--quant_granularity", choices=("tensor", "row"), default="tensor",
+                       help="float8 scaling granularity (tensor was faster on H100, see README)")
+    stack.add_argument("--disable_inductor_tuning_flags", action="store_true")
+    stack.add_argument("--compile_export_mode", choices=("compile", "export_aoti", "disabled"), default=None,
+                       help="torch.compile, torch.export + AOTInductor + CUDA graphs, or eager; default "
+                            "export_aoti on CUDA (compile with feature caching), disabled on CPU")
+    stack.add_argument("--compile_scope", choices=("full", "regional"), default="full",
+                       help="compile the whole transformer, or only its repeated blocks (much faster cold start)")
+    stack.add_argument("--compile_mode", default="max-autotune-no-cudagraphs",
+                       help="torch.compile mode (inductor); CUDA graphs come from export_aoti")
+    stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
+                       help="where export_aoti keeps its compiled packages")
+    stack.add_argument("--use-cached-model", dest="use_cached_model", action="store_true",
+                       help="export_aoti: require a matching cached package (error instead of compiling)")
+
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--num_runs", type=int, default=10)
+    bench.add_argument("--warmup_runs", type=int, default=2)
+    bench.add_argument("--results_dir", default="results", help="where run_benchmark.py writes its record")
+    return parser
+
+
+def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the defaults that depend on the checkpoint (steps, guidance, size, text length)."""
+    ckpt = args.ckpt.lower()
+    tiny, schnell, kontext = ckpt == "tiny", "schnell" in ckpt, "kontext" in ckpt
+    if args.height is None:
+        args.height = 64 if tiny else 1024
+    if args.width is None:
+        args.width = 64 if tiny else 1024
+    if args.num_inference_steps is None:
+        args.num_inference_steps = 4 if (tiny or schnell) else 28
+    if args.guidance_scale is None:
+        args.guidance_scale = 0.0 if schnell else (2.5 if kontext else 3.5)
+    if args.max_sequence_length is None:
+        args.max_sequence_length = 32 if tiny else (256 if schnell else 512)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.cache_dit_config and args.cache_mode == "none":
+        args.cache_mode = "cache_dit"
+    return args
+
+
+STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_fp8", "disable_chipmunk",
+               "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
+               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "disable_quant",
+               "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
+               "compile_mode")
+
+
+def stack_flags(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)}
+
+
+def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return dict(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
+                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+
+
+def set_rand_seeds(seed: int) -> None:
+    import random
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# --- profiling labels -----------------------------------------------------------------------------
+
+@contextmanager
+def annotate_pipeline(pipeline):
+    """Label the pipeline's stages for the profiler and for `StageTimer`: prompt encoding, each
+    denoising step, VAE decode and post-processing. Wraps the instance's methods; restored on exit."""
+    originals = {}
+
+    def wrap(obj, name, label):
+        fn = getattr(obj, name)
+        originals[(obj, name)] = fn
+
+        def wrapped(*a, **kw):
+            with torch.profiler.record_function(label), STAGE_TIMER.stage(label):
+                return fn(*a, **kw)
+        setattr(obj, name, wrapped)
+
+    wrap(pipeline, "encode_prompt", "prompt_encoding")
+    wrap(pipeline.transformer, "forward", "denoising_step")
+    wrap(pipeline.vae, "decode", "decoding")
+    wrap(pipeline.image_processor, "postprocess", "postprocessing")
+    try:
+        yield
+    finally:
+        for (obj, name), fn in originals.items():
+            if name in vars(obj):
+                delattr(obj, name)
+
+
+class StageTimer:
+    """Accumulates time per labelled stage; CUDA events on GPU, synchronized wall clock on CPU."""
+
+    def __init__(self):
+        self.enabled = False
+        self.events: list[tuple[str, Any, Any]] = []
+
+    @contextmanager
+    def stage(self, label: str):
+        if not self.enabled:
+            yield
+            return
+        cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+        else:
+            start = time.perf_counter()
+            yield
+            end = time.perf_counter()
+        self.events.append((label, start, end))
+
+    def collect(self) -> dict[str, list[float]]:
+        """Seconds per stage call, grouped by label (synchronizes once)."""
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        out: dict[str, list[float]] = {}
+        for label, start, end in self.events:
+            sec = start.elapsed_time(end) / 1e3 if hasattr(start, "elapsed_time") else end - start
+            out.setdefault(label, []).append(sec)
+        self.events.clear()
+        return out
+
+
+STAGE_TIMER = StageTimer()
+
+
+def time_call(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    """Seconds taken by `fn()`: CUDA events on GPU, synchronized wall clock otherwise."""
+    if device.startswith("cuda"):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        out = fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end) / 1e3, out
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def summarize(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment_record(device: str) -> dict[str, Any]:
+    """What hardware and software made a record."""
+    env = {
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "diffusers": _version("diffusers"),
+        "transformers": _version("transformers"),
+        "torchao": _version("torchao"),
+        "fa3": _version("fa3-fwd") or _version("flash_attn_3") or _version("flashattn-hopper"),
+        "cache_dit": _version("cache-dit"),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None,
+        "cpu": platform.processor() or platform.machine(),
+    }
+    if env["gpu"]:
+        env["cudnn"] = torch.backends.cudnn.version()
+    return env
+
+
+def command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+
+
+def write_record(record: dict[str, Any], results_dir: str | Path, name: str, table_row: dict[str, Any]) -> Path:
+    """Write `<name>.json` and append one row to `<results_dir>/benchmarks.md` (header on first write)."""
+    results_dir = Path(results_dir)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(path)
+    table = results_dir / "benchmarks.md"
+    if not table.exists():
+        table.write_text("| " + " | ".join(table_row) + " |\n|" + "---|" * len(table_row) + "\n")
+    with table.open("a") as f:
+        f.write("| " + " | ".join(str(v) for v in table_row.values()) + " |\n")
+    return path

@@ -1,0 +1,161 @@
+"""Inductor flags, torch.compile (full or regional), and torch.export + AOTInductor + CUDA graphs.
+
+The export path keeps its compiled packages on disk under `--cache-dir`, in a file whose name is a
+hash of everything that changes the compiled code (GPU, torch/diffusers versions, input shapes and
+dtypes, model config, stack flags). A sidecar JSON repeats those fields and is checked on load, so a
+package built for other conditions is rebuilt, never used. Weights are not baked into the package
+(`package_constants_in_so=False`): the live transformer's tensors are handed to it at load time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils._pytree import tree_map
+
+
+def set_inductor_tuning_flags() -> dict[str, Any]:
+    """flux-fast's inductor settings, grouped here so an ablation can drop them in one flag."""
+    flags = dict(
+        conv_1x1_as_mm=True,  # the VAE's 1x1 convolutions as matmuls
+        epilogue_fusion=False,  # measured faster for FLUX in flux-fast
+        coordinate_descent_tuning=True,  # tune Triton block sizes of generated kernels
+        coordinate_descent_check_all_directions=True,
+    )
+    cfg = torch._inductor.config
+    for k, v in flags.items():
+        setattr(cfg, k, v)
+    return flags
+
+
+def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, fullgraph: bool = True) -> None:
+    """Compile in place: the whole module, or only its repeated blocks (diffusers' regional compile)."""
+    if scope == "regional":
+        transformer.compile_repeated_blocks(fullgraph=fullgraph, mode=mode)
+    else:
+        transformer.compile(fullgraph=fullgraph, mode=mode)
+
+
+# --- export + AOTInductor -------------------------------------------------------------------------
+
+TENSOR_KWARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",
+                 "guidance")
+
+
+def transformer_example_kwargs(pipeline, height: int, width: int, max_sequence_length: int,
+                               batch_size: int = 1) -> dict[str, torch.Tensor]:
+    """Inputs of the exact shapes the pipeline will feed the transformer (kontext: 2x image tokens)."""
+    t = pipeline.transformer
+    device, dtype = t.device, t.dtype
+    latent_h, latent_w = 2 * (height // (pipeline.vae_scale_factor * 2)), 2 * (width // (pipeline.vae_scale_factor * 2))
+    img_tokens = (latent_h // 2) * (latent_w // 2)
+    if "Kontext" in type(pipeline).__name__:
+        img_tokens *= 2
+    kwargs = dict(
+        hidden_states=torch.randn(batch_size, img_tokens, t.config.in_channels, device=device, dtype=dtype),
+        encoder_hidden_states=torch.randn(batch_size, max_sequence_length, t.config.joint_attention_dim,
+                                          device=device, dtype=dtype),
+        pooled_projections=torch.randn(batch_size, t.config.pooled_projection_dim, device=device, dtype=dtype),
+        timestep=torch.full((batch_size,), 0.5, device=device, dtype=dtype),
+        img_ids=torch.randn(img_tokens, 3, device=device, dtype=dtype),
+        txt_ids=torch.zeros(max_sequence_length, 3, device=device, dtype=dtype),
+    )
+    if t.config.guidance_embeds:
+        kwargs["guidance"] = torch.full((batch_size,), 3.5, device=device, dtype=torch.float32)
+    return kwargs
+
+
+def export_cache_key(pipeline, example_kwargs: dict[str, torch.Tensor], stack: dict[str, Any]) -> dict[str, Any]:
+    from importlib.metadata import version
+
+    dev = next(iter(example_kwargs.values())).device
+    return {
+        "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "diffusers": version("diffusers"),
+        "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(example_kwargs.items())},
+        "transformer_config": {k: v for k, v in dict(pipeline.transformer.config).items() if not k.startswith("_")},
+        "stack": stack,
+    }
+
+
+def export_package_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    return Path(cache_dir) / f"flux_transformer_{digest}.pt2"
+
+
+def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor], key: dict[str, Any],
+                       cache_dir: str | Path, require_cached: bool = False) -> tuple[Callable, str]:
+    """The AOTInductor-compiled transformer for these inputs, from the cache or built now.
+
+    Returns (callable taking the tensor kwargs, "cached" | "built").
+    """
+    path = export_package_path(cache_dir, key)
+    meta_path = path.with_suffix(".json")
+    status = "cached"
+    stored = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if not path.exists() or stored != json.loads(json.dumps(key, default=str)):
+        if require_cached:
+            raise FileNotFoundError(f"--use-cached-model: no export package matching this GPU/torch/shapes/flags at "
+                                    f"{path}; run once without --use-cached-model to build it")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.no_grad():
+            exported = torch.export.export(transformer, args=(), kwargs={**example_kwargs, "return_dict": False},
+                                           strict=False)
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(path),
+                inductor_configs={"aot_inductor.package_constants_in_so": False})
+        meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
+        status = "built"
+    loaded = torch._inductor.aoti_load_package(str(path))
+    loaded.load_constants(transformer.state_dict(), check_full_update=True, user_managed=True)
+    return loaded, status
+
+
+def cudagraph(fn: Callable) -> Callable:
+    """Capture `fn(**tensor_kwargs)` in a CUDA graph per input-shape signature; replay with copies in."""
+    graphs: dict[tuple, tuple] = {}
+
+    def wrapped(**kwargs):
+        sig = tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()))
+        if sig not in graphs:
+            static_in = tree_map(lambda t: t.clone(), kwargs)
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                fn(**static_in)  # warm-up outside capture, as CUDA graphs require
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                static_out = fn(**static_in)
+            graphs[sig] = (graph, static_in, static_out)
+        graph, static_in, static_out = graphs[sig]
+        for k, v in kwargs.items():
+            static_in[k].copy_(v)
+        graph.replay()
+        return tree_map(lambda t: t.clone(), static_out)
+
+    return wrapped
+
+
+def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable) -> None:
+    """Route the transformer's forward (as the pipeline calls it) to `compiled(**tensor_kwargs)`."""
+    eager_forward = transformer.forward
+
+    def forward(hidden_states=None, return_dict=True, **kwargs):
+        kwargs["hidden_states"] = hidden_states
+        tensors = {k: v for k, v in kwargs.items() if k in TENSOR_KWARGS and v is not None}
+        if kwargs.get("joint_attention_kwargs"):
+            raise ValueError("export_aoti: joint_attention_kwargs (LoRA scale, IP-adapter) are not part of the "
+                             "exported graph; use --compile_export_mode compile")
+        out = compiled(**tensors)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        return (out,) if not return_dict else {"sample": out}
+
+    forward.eager_forward = eager_forward
+    forward.is_aoti = True
+    transformer.forward = forward

@@ -1,0 +1,155 @@
+"""Build FLUX pipelines without downloading anything.
+
+* `build_tiny_pipeline()`: a miniature FLUX.1 with seeded random weights, made through the real
+  diffusers/transformers classes, for CPU tests and smoke sweeps.
+* `build_random_pipeline("flux-dev" | "flux-schnell")`: the full-size architectures with random
+  weights, for timing on a GPU without the real checkpoint (identical compute, meaningless images).
+
+Both use the offline tokenizers below: real CLIP (byte-level BPE) and T5 (Unigram) tokenizer classes
+whose vocabularies are generated here instead of downloaded. Token ids differ from the real
+checkpoints' but sequence lengths (77 CLIP, 512/256 T5) are the real ones.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+CLIP_MAX_LENGTH = 77
+
+# FLUX.1-dev/schnell `scheduler/scheduler_config.json`.
+SCHEDULER_CONFIGS = {
+    "flux-dev": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                     num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True),
+    "flux-schnell": dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                         num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=False),
+}
+
+# FLUX.1 `transformer/config.json` (dev has the guidance embedding, schnell does not).
+FULL_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        axes_dims_rope=(16, 56, 56))
+FULL_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                layers_per_block=2, latent_channels=16, norm_num_groups=32, sample_size=1024,
+                scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False, use_post_quant_conv=False,
+                force_upcast=True, mid_block_add_attention=True)
+# openai/clip-vit-large-patch14 text tower and google/t5-v1_1-xxl encoder.
+FULL_CLIP = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu",
+                 projection_dim=768, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+FULL_T5 = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+               is_encoder_decoder=False, use_cache=False)
+
+# The miniature: 2 double + 4 single blocks, 2 heads of dim 16, a 2x-downsampling VAE with 4 latent
+# channels (so a 64x64 image is a 16x16 grid of 256 image tokens), 4-layer text encoders of width 32.
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        axes_dims_rope=(4, 6, 6), guidance_embeds=True)
+TINY_VAE = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
+                latent_channels=4, norm_num_groups=8, sample_size=64, scaling_factor=0.3611, shift_factor=0.1159,
+                use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=True)
+TINY_CLIP = dict(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                 max_position_embeddings=CLIP_MAX_LENGTH, hidden_act="quick_gelu", projection_dim=32,
+                 bos_token_id=0, eos_token_id=1, pad_token_id=1)
+TINY_T5 = dict(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=4, num_heads=4,
+               relative_attention_num_buckets=32, relative_attention_max_distance=128,
+               feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, tie_word_embeddings=False,
+               is_encoder_decoder=False, use_cache=False)
+TINY_MAX_SEQUENCE_LENGTH = 32
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP's printable stand-ins for the 256 byte values (what the ByteLevel pre-tokenizer emits)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = [], 0
+    for b in range(256):
+        if b in printable:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return chars
+
+
+def offline_clip_tokenizer() -> CLIPTokenizer:
+    """CLIP's byte-level BPE with a generated vocabulary: every byte, alone and word-final (no merges)."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in _bytes_to_unicode():
+        vocab.setdefault(ch, len(vocab))
+        vocab.setdefault(ch + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH,
+                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def offline_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
+    """T5's Unigram tokenizer with a generated vocabulary: characters, word starts and frequent words."""
+    words = ("a an the of and in on with at by for to from photo painting portrait cat dog city night sky red blue "
+             "green man woman street light sign reads text style oil watercolor astronaut lemon").split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + w, -5.0) for w in words]
+    pieces += [("▁" + c, -8.0) for c in string.ascii_lowercase + string.digits]
+    pieces += [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation]
+    return T5Tokenizer(vocab=pieces, model_max_length=model_max_length, extra_ids=100)
+
+
+def _seeded(seed: int, build):
+    torch.manual_seed(seed)
+    return build()
+
+
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
+    """The miniature FLUX pipeline: deterministic seeded random init, no downloads, CPU-fast."""
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux-dev"]),
+        vae=_seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE)),
+        text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**TINY_CLIP))),
+        tokenizer=offline_clip_tokenizer(),
+        text_encoder_2=_seeded(seed + 3, lambda: T5EncoderModel(T5Config(**TINY_T5))),
+        tokenizer_2=offline_t5_tokenizer(TINY_MAX_SEQUENCE_LENGTH),
+        transformer=_seeded(seed + 4, lambda: FluxTransformer2DModel(**TINY_TRANSFORMER)),
+    )
+    return cast_like_from_pretrained(pipe, dtype)
+
+
+def build_random_pipeline(variant: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
+                          seed: int = 0) -> FluxPipeline:
+    """Full-size FLUX.1 `variant` ("flux-dev" or "flux-schnell") with random weights, initialised on `device`.
+
+    Initialising ~17 B parameters on a CPU takes many minutes; on the GPU it takes seconds.
+    """
+    if variant not in SCHEDULER_CONFIGS:
+        raise ValueError(f"unknown random variant {variant!r}: use random:flux-dev or random:flux-schnell")
+    guidance = variant == "flux-dev"
+    with torch.device(device):
+        pipe = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]),
+            vae=_seeded(seed + 1, lambda: AutoencoderKL(**FULL_VAE)),
+            text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**FULL_CLIP))),
+            tokenizer=offline_clip_tokenizer(),
+            text_encoder_2=_seeded(seed + 3, lambda: T5EncoderModel(T5Config(**FULL_T5))),
+            tokenizer_2=offline_t5_tokenizer(512 if guidance else 256),
+            transformer=_seeded(seed + 4, lambda: FluxTransformer2DModel(**FULL_TRANSFORMER, guidance_embeds=guidance)),
+        )
+    return cast_like_from_pretrained(pipe, dtype)
+
+
+def cast_like_from_pretrained(pipe: FluxPipeline, dtype: torch.dtype) -> FluxPipeline:
+    """Cast to `dtype` and switch every model to eval mode, as `from_pretrained` leaves them.
+
+    This is why a naively built pipeline does not survive `save_pretrained` + `from_pretrained`: models
+    constructed from a config start in *training* mode, so T5's dropout (rate 0.1) perturbs the text
+    embeddings at random, and the image differs from the reloaded (eval-mode) pipeline's even for the
+    same seed. (bf16/fp32 only: for fp16, `from_pretrained` would also keep T5's `wo` in float32.)
+    """
+    pipe.to(dtype=dtype)
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module.eval()
+    return pipe

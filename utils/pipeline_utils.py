@@ -1,0 +1,240 @@
+"""Load a FLUX pipeline and apply the optimization stack.
+
+`optimize()` reads top to bottom in the order the layers apply:
+  1. QKV fusion  2. attention (FA3 bf16/fp8)  3. Chipmunk sparsity  4. feature caching
+  5. float8 quantization (torchao)  6. inductor flags  7. torch.compile | export + AOTInductor + CUDA graphs
+Each layer prints one line: applied, skipped (by flag) or unavailable (and why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
+
+from utils import compile_utils
+from utils.benchmark_utils import stack_flags
+
+DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
+
+
+class StackError(ValueError):
+    """An invalid combination of flags, reported before any work is done."""
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+def load_pipeline(args: argparse.Namespace) -> DiffusionPipeline:
+    """`--ckpt`: a Hugging Face id or local dir, 'tiny', or 'random:flux-dev' / 'random:flux-schnell'."""
+    dtype = torch.float32 if args.disable_bf16 else torch.bfloat16
+    if args.ckpt == "tiny":
+        from utils.flux_builders import build_tiny_pipeline
+
+        pipe = build_tiny_pipeline(seed=0, dtype=dtype)
+    elif args.ckpt.startswith("random:"):
+        from utils.flux_builders import build_random_pipeline
+
+        pipe = build_random_pipeline(args.ckpt.split(":", 1)[1], dtype=dtype, device=args.device)
+        print(f"[load] {args.ckpt}: full-size architecture with RANDOM WEIGHTS (timings are real, images are not)")
+    else:
+        pipe = _from_pretrained(args.ckpt, dtype, args.device)
+    pipe.harness_random_weights = args.ckpt == "tiny" or args.ckpt.startswith("random:")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device)
+
+
+def _from_pretrained(ckpt: str, dtype: torch.dtype, device: str) -> DiffusionPipeline:
+    cls = FluxKontextPipeline if "kontext" in ckpt.lower() else (FluxPipeline if "flux" in ckpt.lower() else DiffusionPipeline)
+    # On CPU, memory-mapped safetensors leave weights at unaligned addresses (seen: 40 mod 64), and the
+    # CPU GEMM kernels then round differently (~5e-7 in fp32): read them into fresh, aligned memory.
+    # On a GPU the weights are copied to device memory anyway.
+    kwargs = dict(torch_dtype=dtype, disable_mmap=not device.startswith("cuda"))
+    if Path(ckpt).is_dir():
+        return cls.from_pretrained(ckpt, **kwargs)
+    try:  # never touch the network when the weights are already in the local HF cache
+        return cls.from_pretrained(ckpt, local_files_only=True, **kwargs)
+    except Exception as local_error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (f"The weights of {ckpt!r} are not available offline. On a machine with internet, run\n"
+                f"    huggingface-cli download {ckpt} --local-dir /path/to/{ckpt.split('/')[-1]}\n"
+                f"(FLUX.1-dev and Kontext need `huggingface-cli login` and the licence accepted), copy the folder "
+                f"to this node and pass --ckpt /path/to/{ckpt.split('/')[-1]}; or point HF_HOME at a pre-filled "
+                f"Hugging Face cache.")
+        if offline:
+            raise SystemExit(f"error: {hint}\n(local lookup said: {type(local_error).__name__})") from None
+    try:
+        return cls.from_pretrained(ckpt, **kwargs)
+    except Exception as e:
+        raise SystemExit(f"error: could not download {ckpt!r} ({type(e).__name__}: {str(e).splitlines()[0][:200]}).\n"
+                         f"{hint}") from None
+
+
+def is_schnell(pipeline) -> bool:
+    """Timestep-distilled (schnell) FLUX has no guidance embedding."""
+    return not pipeline.transformer.config.guidance_embeds
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Resolve device-dependent defaults and refuse invalid combinations before any work is done."""
+    cuda = torch.cuda.is_available() and args.device.startswith("cuda")
+    cache_on = args.cache_mode != "none" and not args.disable_cache
+    chipmunk_on = args.chipmunk_config is not None and not args.disable_chipmunk
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise StackError("--device cuda was requested but no CUDA device is visible; use --device cpu")
+    if args.height % 16 or args.width % 16:
+        raise StackError(f"--height/--width must be multiples of 16 for FLUX (got {args.height}x{args.width})")
+    if args.num_inference_steps < 1:
+        raise StackError("--num_inference_steps must be >= 1")
+    if args.fa3_fp8 and args.disable_fa3:
+        raise StackError("--fa3_fp8 needs FA3: drop --disable_fa3, or drop --fa3_fp8")
+    if args.fa3_fp8 and not cuda:
+        raise StackError("--fa3_fp8 needs a Hopper GPU (FA3 float8 kernels); drop it on CPU")
+
+    if args.compile_export_mode is None:
+        if not cuda:
+            args.compile_export_mode = "disabled"
+        else:
+            args.compile_export_mode = "compile" if (cache_on or chipmunk_on) else "export_aoti"
+        args.compile_export_mode_defaulted = True
+    if args.compile_export_mode == "export_aoti":
+        if not cuda:
+            raise StackError("--compile_export_mode export_aoti needs CUDA (its CUDA graphs); on CPU use "
+                             "--compile_export_mode compile or disabled")
+        if cache_on:
+            kind = "data-dependent " if args.cache_mode in DATA_DEPENDENT_CACHES else ""
+            raise StackError(f"--compile_export_mode export_aoti cannot hold {kind}feature caching "
+                             f"(--cache_mode {args.cache_mode}): the exported graph is one fixed full forward. "
+                             f"Use --compile_export_mode compile, or --disable_cache")
+        if chipmunk_on:
+            raise StackError("--compile_export_mode export_aoti cannot hold Chipmunk's per-step sparse state; use "
+                             "--compile_export_mode compile, or --disable_chipmunk")
+    if args.use_cached_model and args.compile_export_mode != "export_aoti":
+        raise StackError("--use-cached-model only applies to --compile_export_mode export_aoti")
+    if args.cache_mode == "cache_dit" and not args.disable_cache:
+        if not args.cache_dit_config:
+            raise StackError("--cache_mode cache_dit needs --cache_dit_config PATH (see configs/cache_dit.yaml)")
+        if "schnell" in args.ckpt.lower():
+            raise StackError("cache-dit is not for FLUX.1-schnell (4 distilled steps leave nothing to cache); "
+                             "drop --cache_dit_config")
+    if cache_on:
+        from utils.caching import validate_cache_args
+
+        validate_cache_args(args)
+    if chipmunk_on:
+        from utils.chipmunk import load_chipmunk_config
+
+        load_chipmunk_config(args.chipmunk_config, height=args.height, width=args.width)
+    return args
+
+
+# --- the stack -------------------------------------------------------------------------------------
+
+def _report(report: dict[str, str], layer: str, status: str) -> None:
+    report[layer] = status
+    print(f"[stack] {layer:<22} {status}")
+
+
+def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> DiffusionPipeline:
+    """Apply the stack in order; the layer report is kept as `pipeline.harness_stack`."""
+    cuda = pipeline.transformer.device.type == "cuda"
+    report: dict[str, str] = {}
+    transformer = pipeline.transformer
+
+    # 1. QKV fusion: one projection matmul instead of three (per stream).
+    if args.disable_fused_projections:
+        _report(report, "qkv_fusion", "skipped (--disable_fused_projections)")
+    else:
+        transformer.fuse_qkv_projections()
+        _report(report, "qkv_fusion", "applied")
+
+    # 2. Attention kernel.
+    if args.disable_fa3:
+        _report(report, "attention", "skipped (--disable_fa3): diffusers SDPA")
+    else:
+        from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason
+
+        reason = fa3_unavailable_reason()
+        if reason is None:
+            transformer.set_attn_processor(FA3FluxAttnProcessor(fp8=args.fa3_fp8))
+            _report(report, "attention", "applied: FA3 " + ("fp8 e4m3 (per-head scales)" if args.fa3_fp8 else "bf16"))
+        else:
+            _report(report, "attention", f"unavailable ({reason}): falling back to SDPA (cuDNN on GPU)")
+
+    # 3. Chipmunk column-sparse deltas.
+    if args.chipmunk_config is None or args.disable_chipmunk:
+        _report(report, "chipmunk", "skipped (" + ("--disable_chipmunk" if args.disable_chipmunk else
+                                                     "no --chipmunk_config") + ")")
+    else:
+        from utils.chipmunk import apply_chipmunk
+
+        _report(report, "chipmunk", apply_chipmunk(pipeline, args))
+
+    # 4. Feature caching (TaylorSeer, HiCache, FORA, FBCache, cache-dit).
+    if args.disable_cache or args.cache_mode == "none":
+        _report(report, "feature_cache", "skipped (" + ("--disable_cache" if args.disable_cache else
+                                                          "--cache_mode none") + ")")
+    else:
+        from utils.caching import apply_caching
+
+        _report(report, "feature_cache", apply_caching(pipeline, args))
+
+    # 5. float8 weights and dynamic float8 activations in the transformer's linear layers.
+    if args.disable_quant:
+        _report(report, "float8_quant", "skipped (--disable_quant)")
+    elif not cuda or torch.cuda.get_device_capability(transformer.device) < (8, 9):
+        _report(report, "float8_quant", "unavailable (float8 matmuls need an sm_89+ GPU)")
+    else:
+        _report(report, "float8_quant", quantize_float8(transformer, args.quant_granularity))
+
+    # 6. Inductor tuning flags.
+    if args.disable_inductor_tuning_flags:
+        _report(report, "inductor_flags", "skipped (--disable_inductor_tuning_flags)")
+    else:
+        flags = compile_utils.set_inductor_tuning_flags()
+        _report(report, "inductor_flags", "applied: " + ", ".join(f"{k}={v}" for k, v in flags.items()))
+
+    # 7. Compilation.
+    mode = args.compile_export_mode
+    defaulted = " (default on CPU)" if getattr(args, "compile_export_mode_defaulted", False) and not cuda else ""
+    if mode == "disabled":
+        _report(report, "compile_export", f"skipped (--compile_export_mode disabled{defaulted}): eager")
+    elif mode == "compile":
+        compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode,
+                                          fullgraph=getattr(transformer, "harness_fullgraph_ok", True))
+        _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode})")
+    else:
+        _report(report, "compile_export", export_aoti(pipeline, args))
+
+    pipeline.harness_stack = report
+    return pipeline
+
+
+def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
+    try:
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, PerTensor, quantize_
+    except ImportError as e:
+        raise SystemExit(f"error: float8 quantization needs torchao (pip install torchao), or pass --disable_quant "
+                         f"[{e}]") from None
+    gran = PerTensor() if granularity == "tensor" else PerRow()
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=gran))
+    return f"applied: torchao float8 dynamic activation + weight, {type(gran).__name__}"
+
+
+def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
+    key = compile_utils.export_cache_key(pipeline, example, stack_flags(args))
+    compiled, status = compile_utils.load_or_build_aoti(pipeline.transformer, example, key, args.cache_dir,
+                                                        require_cached=args.use_cached_model)
+    compile_utils.install_compiled_forward(pipeline.transformer, compile_utils.cudagraph(compiled))
+    return f"applied: torch.export + AOTInductor ({status} {compile_utils.export_package_path(args.cache_dir, key).name}) + CUDA graphs"
+
+
+def stack_summary(pipeline) -> dict[str, Any]:
+    return dict(getattr(pipeline, "harness_stack", {}))
