@@ -69,8 +69,10 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--compile_export_mode", choices=("compile", "export_aoti", "disabled"), default=None,
                        help="torch.compile, torch.export + AOTInductor + CUDA graphs, or eager; default "
                             "export_aoti on CUDA (compile with feature caching), disabled on CPU")
-    stack.add_argument("--compile_scope", choices=("full", "regional"), default="full",
-                       help="compile the whole transformer, or only its repeated blocks (much faster cold start)")
+    stack.add_argument("--compile_scope", choices=("full", "regional"), default=None,
+                       help="compile the whole transformer, or only its repeated blocks (much faster cold start); "
+                            "default full, regional when feature caching or Chipmunk is on (their per-step "
+                            "decisions stay in Python, between compiled blocks)")
     stack.add_argument("--compile_mode", default="max-autotune-no-cudagraphs",
                        help="torch.compile mode (inductor); CUDA graphs come from export_aoti")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),

@@ -115,6 +115,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if chipmunk_on:
             raise StackError("--compile_export_mode export_aoti cannot hold Chipmunk's per-step sparse state; use "
                              "--compile_export_mode compile, or --disable_chipmunk")
+    if args.compile_scope is None:
+        args.compile_scope = "regional" if (cache_on or chipmunk_on) else "full"
+    elif args.compile_scope == "full" and (cache_on or chipmunk_on) and args.compile_export_mode == "compile":
+        raise StackError("feature caching and Chipmunk decide per step in Python, which a full-graph compile would "
+                         "bake in: use --compile_scope regional (the default with them)")
     if args.use_cached_model and args.compile_export_mode != "export_aoti":
         raise StackError("--use-cached-model only applies to --compile_export_mode export_aoti")
     if args.cache_mode == "cache_dit" and not args.disable_cache:
@@ -206,8 +211,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     if mode == "disabled":
         _report(report, "compile_export", f"skipped (--compile_export_mode disabled{defaulted}): eager")
     elif mode == "compile":
-        compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode,
-                                          fullgraph=getattr(transformer, "harness_fullgraph_ok", True))
+        compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode)
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode})")
     else:
         _report(report, "compile_export", export_aoti(pipeline, args))
