@@ -49,3 +49,19 @@ def test_save_load_round_trip_gives_identical_image(tmp_path, make_args):
         loaded = load_pipeline(make_args("--ckpt", str(tmp_path / str(dtype)), *flags))
         assert isinstance(loaded, FluxPipeline) and loaded.transformer.dtype == dtype
         assert np.array_equal(before, _image(loaded)), dtype
+
+
+def test_random_full_size_architectures_match_flux1():
+    # Built on the meta device: real configs and parameter counts, no memory or time spent.
+    from utils.flux_builders import build_random_pipeline
+
+    dev = build_random_pipeline("flux-dev", device="meta")
+    schnell = build_random_pipeline("flux-schnell", device="meta")
+    n_params = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert 11.85e9 < n_params(dev.transformer) < 11.95e9  # FLUX.1-dev: 11.9 B
+    assert dev.transformer.config.guidance_embeds and not schnell.transformer.config.guidance_embeds
+    assert 4.7e9 < n_params(dev.text_encoder_2) < 4.8e9  # T5-v1.1-XXL encoder
+    assert 120e6 < n_params(dev.text_encoder) < 125e6  # CLIP-L text tower
+    assert dev.transformer.dtype == torch.bfloat16 and dev.vae_scale_factor == 8
+    assert dev.tokenizer_2.model_max_length == 512 and schnell.tokenizer_2.model_max_length == 256
+    assert schnell.scheduler.config.shift == 1.0 and not schnell.scheduler.config.use_dynamic_shifting

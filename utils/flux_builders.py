@@ -122,21 +122,28 @@ def build_random_pipeline(variant: str, dtype: torch.dtype = torch.bfloat16, dev
                           seed: int = 0) -> FluxPipeline:
     """Full-size FLUX.1 `variant` ("flux-dev" or "flux-schnell") with random weights, initialised on `device`.
 
-    Initialising ~17 B parameters on a CPU takes many minutes; on the GPU it takes seconds.
+    Initialising ~17 B parameters on a CPU takes many minutes; on the GPU it takes seconds. They are
+    created directly in `dtype`: a float32 init would need ~67 GB before the cast.
     """
     if variant not in SCHEDULER_CONFIGS:
         raise ValueError(f"unknown random variant {variant!r}: use random:flux-dev or random:flux-schnell")
     guidance = variant == "flux-dev"
-    with torch.device(device):
-        pipe = FluxPipeline(
-            scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]),
-            vae=_seeded(seed + 1, lambda: AutoencoderKL(**FULL_VAE)),
-            text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**FULL_CLIP))),
-            tokenizer=offline_clip_tokenizer(),
-            text_encoder_2=_seeded(seed + 3, lambda: T5EncoderModel(T5Config(**FULL_T5))),
-            tokenizer_2=offline_t5_tokenizer(512 if guidance else 256),
-            transformer=_seeded(seed + 4, lambda: FluxTransformer2DModel(**FULL_TRANSFORMER, guidance_embeds=guidance)),
-        )
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            pipe = FluxPipeline(
+                scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS[variant]),
+                vae=_seeded(seed + 1, lambda: AutoencoderKL(**FULL_VAE)),
+                text_encoder=_seeded(seed + 2, lambda: CLIPTextModel(CLIPTextConfig(**FULL_CLIP))),
+                tokenizer=offline_clip_tokenizer(),
+                text_encoder_2=_seeded(seed + 3, lambda: T5EncoderModel(T5Config(**FULL_T5))),
+                tokenizer_2=offline_t5_tokenizer(512 if guidance else 256),
+                transformer=_seeded(seed + 4, lambda: FluxTransformer2DModel(**FULL_TRANSFORMER,
+                                                                              guidance_embeds=guidance)),
+            )
+    finally:
+        torch.set_default_dtype(previous_dtype)
     return cast_like_from_pretrained(pipe, dtype)
 
 

@@ -1,0 +1,160 @@
+"""The cumulative stage table (as flux-fast did for Schnell), in one process on one loaded pipeline:
+
+    bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + inductor flags
+    (-> export_aoti + CUDA graphs, with --export)
+
+Each stage adds one layer to the previous stage's pipeline through the same functions optimize() uses,
+re-compiles (regional compile of the repeated blocks unless --compile_scope full), then records the
+transformer's per-step time (CUDA-event median over --step_runs direct forwards at the pipeline's
+shapes) and the end-to-end seconds (median over --e2e_runs full pipeline calls after one warm-up).
+Results are written after every stage, so a run cut short still leaves its finished rows.
+
+    python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import compile_utils  # noqa: E402
+from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason  # noqa: E402
+from utils.benchmark_utils import (command_line, create_parser, environment_record, pipeline_call_kwargs,  # noqa: E402
+                                   resolved_defaults, time_call)
+from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
+
+STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "export_aoti")
+
+
+def median_ms(fn, runs: int, device: str) -> float:
+    return 1e3 * statistics.median(time_call(fn, device)[0] for _ in range(runs))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--ckpt", default="random:flux-dev")
+    parser.add_argument("--num_inference_steps", type=int, default=None)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"comma list from {STAGES}")
+    parser.add_argument("--compile_scope", default="regional", choices=("regional", "full"))
+    parser.add_argument("--compile_mode", default=None, help="torch.compile mode (default: inductor's default)")
+    parser.add_argument("--quant_granularity", default="tensor", choices=("tensor", "row"))
+    parser.add_argument("--step_runs", type=int, default=10)
+    parser.add_argument("--e2e_runs", type=int, default=2)
+    parser.add_argument("--cache-dir", dest="cache_dir", default="/tmp/flux-harness-aoti")
+    parser.add_argument("--out", default="results/h100")
+    parser.add_argument("--device", default="cuda", help="cpu only for a dry run with --ckpt tiny")
+    opts = parser.parse_args()
+    stages = opts.stages.split(",")
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+
+    args = resolved_defaults(create_parser().parse_args(
+        ["--ckpt", opts.ckpt, "--height", str(opts.height), "--width", str(opts.width), "--device", opts.device]
+        + (["--num_inference_steps", str(opts.num_inference_steps)] if opts.num_inference_steps else [])))
+    t0 = time.perf_counter()
+    pipe = load_pipeline(args)
+    load_s = time.perf_counter() - t0
+    transformer = pipe.transformer
+    example = compile_utils.transformer_example_kwargs(pipe, args.height, args.width, args.max_sequence_length)
+    # Called as the pipeline calls it (joint_attention_kwargs={}), so the compiled blocks' guards match
+    # and the pipeline runs reuse the same graphs instead of compiling a second set.
+    step_kwargs = {**example, "joint_attention_kwargs": {}, "return_dict": False}
+    name = f"stages_{opts.ckpt.replace(':', '_')}_{args.height}x{args.width}_{args.num_inference_steps}steps"
+    out_dir = Path(opts.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {"kind": "cumulative_stage_table", "command": "python scripts/" + command_line(),
+              "environment": environment_record(opts.device), "random_weights": pipe.harness_random_weights,
+              "ckpt": opts.ckpt, "load_s": load_s,
+              "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps,
+                         "max_sequence_length": args.max_sequence_length, "batch": 1,
+                         "image_tokens": example["hidden_states"].shape[1]},
+              "compile_scope": opts.compile_scope, "compile_mode": opts.compile_mode or "default",
+              "quant_granularity": opts.quant_granularity, "step_runs": opts.step_runs,
+              "e2e_runs": opts.e2e_runs, "rows": []}
+    fa3_reason = fa3_unavailable_reason()
+    compiled = False
+
+    def recompile():
+        torch._dynamo.reset()
+        compile_utils.compile_transformer(transformer, opts.compile_scope, opts.compile_mode)
+
+    for stage in stages:
+        note = ""
+        t_apply = time.perf_counter()
+        if stage == "compile":
+            compiled = True
+        elif stage == "qkv_fusion":
+            transformer.fuse_qkv_projections()
+        elif stage in ("fa3_bf16", "fa3_fp8"):
+            if fa3_reason:
+                note = f"FA3 unavailable ({fa3_reason}); SDPA kept"
+            else:
+                transformer.set_attn_processor(FA3FluxAttnProcessor(fp8=stage == "fa3_fp8"))
+        elif stage == "float8_quant":
+            note = quantize_float8(transformer, opts.quant_granularity) if opts.device.startswith("cuda") else "skipped on CPU"
+        elif stage == "inductor_flags":
+            note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
+        elif stage == "export_aoti":
+            torch._dynamo.reset()
+            for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+                block._compiled_call_impl = None  # export the plain modules, not the compiled wrappers
+            key = compile_utils.export_cache_key(pipe, example, {"stages": stages, "quant": opts.quant_granularity})
+            aoti, status = compile_utils.load_or_build_aoti(transformer, example, key, opts.cache_dir)
+            compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti))
+            note = f"AOTI package {status}"
+        if compiled and stage != "export_aoti":
+            recompile()
+        with torch.no_grad():
+            transformer(**step_kwargs)  # compiles (cold) when needed
+        apply_s = time.perf_counter() - t_apply
+        with torch.no_grad():
+            step_ms = median_ms(lambda: transformer(**step_kwargs), opts.step_runs, opts.device)
+        run = lambda: pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="pil")  # noqa: E731
+        run()  # warm-up of the whole pipeline (text encoders, VAE)
+        cuda = opts.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        e2e_s = median_ms(run, opts.e2e_runs, opts.device) / 1e3
+        row = {"stage": stage, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "note": note}
+        record["rows"].append(row)
+        eager = record["rows"][0]
+        for r in record["rows"]:
+            r["step_vs_eager"] = r["step_ms"] / eager["step_ms"]
+            r["e2e_speedup"] = eager["e2e_s"] / r["e2e_s"]
+        print(f"[stage] {stage:<15} step {step_ms:7.1f} ms  e2e {e2e_s:6.2f} s  "
+              f"(apply+compile {apply_s:5.1f} s) {note}", flush=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+        write_markdown(record, out_dir / f"{name}.md")
+
+
+def write_markdown(record: dict, path: Path) -> None:
+    env, shapes = record["environment"], record["shapes"]
+    lines = [f"# Cumulative stage table: {record['ckpt']} (random weights: {record['random_weights']})", "",
+             f"GPU {env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}, torchao {env['torchao']}, "
+             f"FA3 {env['fa3']}; {shapes['height']}x{shapes['width']}, {shapes['steps']} steps, "
+             f"{shapes['image_tokens']} image + {shapes['max_sequence_length']} text tokens, batch 1; compile "
+             f"{record['compile_scope']} (mode {record['compile_mode']}), float8 {record['quant_granularity']}-wise. "
+             f"Step: median of {record['step_runs']} CUDA-event-timed transformer forwards; end to end: median of "
+             f"{record['e2e_runs']} pipeline calls after a warm-up.", "",
+             f"Command: `{record['command']}`", "",
+             "| stage (cumulative) | transformer step ms | x eager step | end-to-end s | e2e speedup | apply+compile s | note |",
+             "|---|---|---|---|---|---|---|"]
+    for r in record["rows"]:
+        lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.2f} | {r['e2e_s']:.2f} | "
+                     f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | {r['note']} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""optimize(): every --disable_* flag toggles its layer (checked on the modules), invalid combinations
+stop before any work, and QKV fusion is lossless."""
+
+import numpy as np
+import pytest
+import torch
+
+import utils.attention as attention
+from utils.attention import FA3FluxAttnProcessor
+from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+
+
+def _optimized(make_args, *flags, fa3_available=False, monkeypatch=None):
+    args = validate_args(make_args("--disable_bf16", *flags))
+    if fa3_available:  # pretend FA3 is present: the op then runs its SDPA fallback on CPU
+        monkeypatch.setattr(attention, "fa3_unavailable_reason", lambda: None)
+    return optimize(load_pipeline(args), args), args
+
+
+def _processors(pipe):
+    return set(type(p) for p in pipe.transformer.attn_processors.values())
+
+
+def _image(pipe, args, seed=0):
+    return pipe(prompt="a photo of a cat", height=64, width=64, num_inference_steps=3, guidance_scale=3.5,
+                max_sequence_length=32, generator=torch.manual_seed(seed), output_type="np").images[0]
+
+
+def test_defaults_on_cpu_apply_fusion_and_report_cuda_layers_unavailable(make_args, capsys):
+    pipe, args = _optimized(make_args)
+    stack = pipe.harness_stack
+    assert stack["qkv_fusion"] == "applied"
+    assert all(a.fused_projections for a in _attention_modules(pipe))
+    assert stack["attention"].startswith("unavailable (no CUDA device)")
+    assert stack["float8_quant"].startswith("unavailable")
+    assert stack["compile_export"].startswith("skipped") and args.compile_export_mode == "disabled"
+    printed = capsys.readouterr().out
+    assert sum(line.startswith("[stack]") for line in printed.splitlines()) == 7  # one line per layer
+
+
+def _attention_modules(pipe):
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    return [b.attn for b in blocks]
+
+
+def test_disable_fused_projections_keeps_separate_qkv(make_args):
+    pipe, _ = _optimized(make_args, "--disable_fused_projections")
+    assert not any(a.fused_projections for a in _attention_modules(pipe))
+    assert not any(hasattr(a, "to_qkv") for a in _attention_modules(pipe))
+    assert pipe.harness_stack["qkv_fusion"].startswith("skipped")
+
+
+def test_fa3_flag_swaps_attention_processors(make_args, monkeypatch):
+    pipe, _ = _optimized(make_args, fa3_available=True, monkeypatch=monkeypatch)
+    assert _processors(pipe) == {FA3FluxAttnProcessor}
+    pipe_off, _ = _optimized(make_args, "--disable_fa3", fa3_available=True, monkeypatch=monkeypatch)
+    assert FA3FluxAttnProcessor not in _processors(pipe_off)
+    assert pipe_off.harness_stack["attention"].startswith("skipped (--disable_fa3)")
+
+
+def test_fa3_processor_matches_diffusers_attention(make_args, monkeypatch):
+    # Same weights, same seed: the FA3 processor (SDPA fallback on CPU) computes diffusers' attention.
+    ref_pipe, args = _optimized(make_args, "--disable_fa3")
+    fa3_pipe, _ = _optimized(make_args, fa3_available=True, monkeypatch=monkeypatch)
+    a, b = _image(ref_pipe, args), _image(fa3_pipe, args)
+    assert np.abs(a - b).max() < 1e-5
+
+
+def test_qkv_fusion_is_lossless(make_args):
+    fused, args = _optimized(make_args, "--disable_fa3")
+    unfused, _ = _optimized(make_args, "--disable_fa3", "--disable_fused_projections")
+    from utils.compile_utils import transformer_example_kwargs
+
+    torch.manual_seed(123)
+    example = transformer_example_kwargs(fused, 64, 64, 32)
+    with torch.no_grad():
+        out_f = fused.transformer(**example, return_dict=False)[0]
+        out_u = unfused.transformer(**example, return_dict=False)[0]
+    rel = ((out_f - out_u).norm() / out_u.norm()).item()
+    assert rel < 1e-5, rel  # fp32: one GEMM vs three, same sums up to reassociation
+    assert not torch.equal(out_f, torch.zeros_like(out_f))
+
+
+def test_inductor_flags_toggle(make_args):
+    cfg = torch._inductor.config
+    before = cfg.coordinate_descent_tuning
+    try:
+        cfg.coordinate_descent_tuning = False
+        pipe, _ = _optimized(make_args, "--disable_inductor_tuning_flags")
+        assert cfg.coordinate_descent_tuning is False and pipe.harness_stack["inductor_flags"].startswith("skipped")
+        _optimized(make_args)
+        assert cfg.coordinate_descent_tuning is True and cfg.epilogue_fusion is False
+    finally:
+        cfg.coordinate_descent_tuning = before
+
+
+def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
+    pipe, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional")
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert pipe.transformer._compiled_call_impl is None
+    full, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "full")
+    assert full.transformer._compiled_call_impl is not None
+    eager, _ = _optimized(make_args, "--compile_export_mode", "disabled")
+    assert eager.transformer._compiled_call_impl is None
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--fa3_fp8", "--disable_fa3"], "--fa3_fp8 needs FA3"),
+    (["--fa3_fp8"], "needs a Hopper GPU"),
+    (["--compile_export_mode", "export_aoti"], "needs CUDA"),
+    (["--device", "cuda"], "no CUDA device"),
+    (["--height", "72"], "multiples of 16"),
+    (["--use-cached-model"], "only applies to --compile_export_mode export_aoti"),
+    (["--cache_mode", "cache_dit"], "needs --cache_dit_config"),
+    (["--ckpt", "black-forest-labs/FLUX.1-schnell", "--cache_dit_config", "configs/cache_dit.yaml"],
+     "not for FLUX.1-schnell"),
+])
+def test_invalid_combinations_raise_before_any_work(make_args, flags, message):
+    with pytest.raises(StackError, match=message):
+        validate_args(make_args(*flags))
+
+
+def test_export_with_caching_is_refused_with_the_fix(make_args, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # validation only: nothing runs
+    with pytest.raises(StackError, match="data-dependent feature caching.*--compile_export_mode compile"):
+        validate_args(make_args("--device", "cuda", "--compile_export_mode", "export_aoti", "--cache_mode", "fbcache"))
+    args = validate_args(make_args("--device", "cuda", "--cache_mode", "taylor"))
+    assert args.compile_export_mode == "compile" and args.compile_scope == "regional"
+    args = validate_args(make_args("--device", "cuda"))
+    assert args.compile_export_mode == "export_aoti"
+
+
+def test_missing_checkpoint_offline_is_a_clear_error(make_args, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(SystemExit, match="(?s)not available offline.*huggingface-cli download.*--local-dir"):
+        load_pipeline(make_args("--ckpt", "black-forest-labs/FLUX.1-dev"))
