@@ -1,0 +1,457 @@
+"""Feature caching for diffusers' FluxTransformer2DModel: FORA reuse, TaylorSeer, HiCache, FBCache(+Taylor), cache-dit.
+
+Formulas and schedules: ../shared/ALGORITHMS.md sections 1 and 2. How it attaches, without forking the model:
+
+* The two block lists (`transformer_blocks`, `single_transformer_blocks`) become `_CachedBlockList`s: the same
+  ModuleList (same children, same state_dict keys, `compile_repeated_blocks` still finds and compiles the
+  original blocks) whose iteration yields a thin proxy per block. The transformer's own forward loops over
+  them, so every block call passes through `HarnessCache.run_block`, which decides in Python.
+* Forward hooks on the sub-modules `attn`, `ff` (double blocks) and `proj_out` (single blocks) keep their
+  pre-gate outputs on full steps. The hooks run inside the (regionally compiled, possibly Chipmunk-modified)
+  block: its tensors come out as extra graph outputs, no graph break.
+* A forward pre-hook / hook pair on the transformer resets state at the first step of each generation
+  (StepClock), decides the step type, and counts FLOPs with FlopCounterMode once per step type and shape.
+
+Choice (documented in README): only the IMAGE stream is cached and forecast. On a forecast step no attention
+runs, so text tokens cannot reach image tokens, and the transformer returns only image tokens; the text-stream
+forecasts of the reference (txt_attn, txt_mlp, the text rows of single blocks) cannot change the output, so
+they are not stored (saves ~11% cache memory) and not computed (saves the `norm1_context` modulations).
+The image output is bitwise the same as forecasting both streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from utils.pipeline_utils import StackError
+from utils.step_clock import StepClock
+
+SCHEDULED_MODES = ("fora", "taylor", "hicache")  # fixed interval schedule, per-block features
+ALL_MODES = ("none", *SCHEDULED_MODES, "fbcache")  # the modes HarnessCache runs (cache_dit is cache-dit's own)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def validate_cache_args(args: argparse.Namespace) -> None:
+    """Refuse bad caching flags before any work is done, naming the fix."""
+    if args.interval < 1:
+        raise StackError(f"--interval must be >= 1 (1 = every step full); got {args.interval}")
+    if args.max_order < 0:
+        raise StackError(f"--max_order must be >= 0 (0 = reuse); got {args.max_order}")
+    if args.first_enhance < 0:
+        raise StackError(f"--first_enhance must be >= 0; got {args.first_enhance}")
+    if not args.hicache_scale > 0:  # also catches NaN
+        raise StackError(f"--hicache_scale must be > 0 (published: 0.6); got {args.hicache_scale}")
+    if not args.fbcache_threshold >= 0:
+        raise StackError(f"--fbcache_threshold must be >= 0 (0 = never skip; FLUX: 0.08); got {args.fbcache_threshold}")
+    if args.cache_mode == "cache_dit":
+        if not args.cache_dit_config:
+            raise StackError("--cache_mode cache_dit needs --cache_dit_config PATH (see configs/cache_dit.yaml)")
+        if not Path(args.cache_dit_config).is_file():
+            raise StackError(f"--cache_dit_config {args.cache_dit_config!r} does not exist; pass a YAML file such as "
+                             f"configs/cache_dit.yaml")
+        try:
+            import cache_dit  # noqa: F401
+        except ImportError as e:
+            raise StackError(f"--cache_mode cache_dit needs the cache-dit package: pip install cache-dit==1.5.3 "
+                             f"(or pick another --cache_mode) [{e}]") from None
+
+
+# --- the math (pure functions, tested against an fp64 oracle) ---------------------------------------
+
+def is_full_step(step: int, last_full: int | None, interval: int, first_enhance: int) -> bool:
+    """Steps 0..fe-1 are full, then one every `interval` steps counted from the last full step.
+
+    With fe >= 1 this is exactly 0..fe-1, fe-1+N, fe-1+2N, ... (ALGORITHMS.md 1); `last_full is None` only
+    guards fe = 0 (nothing cached yet). interval=1 makes every step full with no special case."""
+    return step < first_enhance or last_full is None or step - last_full >= interval
+
+
+def hermite(n: int, y: float) -> float:
+    """Physicists' Hermite polynomial H_n(y): H0=1, H1=2y, H_{n+1} = 2y H_n - 2n H_{n-1}."""
+    h_prev, h = 1.0, 2.0 * y
+    if n == 0:
+        return h_prev
+    for k in range(1, n):
+        h_prev, h = h, 2.0 * y * h - 2.0 * k * h_prev
+    return h
+
+
+def forecast_coefficients(mode: str, x: float, num_orders: int, hicache_scale: float) -> list[float]:
+    """c_k such that the forecast is F = sum_k c_k D_k, x steps after the last full step.
+
+    fora: F = D0. taylor: c_k = x^k / k!. hicache: c_0 = 1, c_k = H_k(sigma x) sigma^k / k! (dual scaling)."""
+    if mode == "fora":
+        return [1.0]
+    if mode == "taylor":
+        return [x ** k / math.factorial(k) for k in range(num_orders)]
+    if mode == "hicache":
+        s = hicache_scale
+        return [1.0] + [hermite(k, s * x) * s ** k / math.factorial(k) for k in range(1, num_orders)]
+    raise ValueError(f"no forecast for mode {mode!r}")
+
+
+def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tensor, distance: int,
+                       max_order: int) -> list[torch.Tensor]:
+    """Finite differences over full steps: D0 = F, D_{i+1} = (D_i - D_i_prev) / d where D_i_prev exists."""
+    orders = [feature]
+    if previous is not None:
+        for i in range(min(max_order, len(previous))):
+            orders.append((orders[i] - previous[i]) / distance)
+    return orders
+
+
+def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
+    """sum_k c_k D_k; c_0 is 1 for every mode, so D0 is added as is."""
+    out = orders[0]
+    for k in range(1, len(orders)):
+        out = out + coefficients[k] * orders[k]
+    return out
+
+
+def forecast_image_stream(hidden_states: torch.Tensor, temb: torch.Tensor, coefficients: torch.Tensor,
+                          norms: list[nn.Module], gate_slots: list[tuple[int, tuple[int, ...]]],
+                          features: list[list[list[torch.Tensor]]]) -> torch.Tensor:
+    """A whole forecast step's block stack, image rows only: for each block in order, its modulation gives the
+    current gates, then `img += gate * forecast` per cached sub-module. The blocks' outputs feed nothing else on
+    a forecast step (no attention runs), so the whole stack is one function: one compiled graph, no per-block
+    Python or guard overhead."""
+    for norm, (num_chunks, gate_ids), block_features in zip(norms, gate_slots, features):
+        modulation = norm.linear(norm.silu(temb)).chunk(num_chunks, dim=1)
+        for gate_id, orders in zip(gate_ids, block_features):
+            hidden_states = hidden_states + modulation[gate_id].unsqueeze(1) * predict(orders, coefficients)
+    return hidden_states
+
+
+# --- capture hooks ---------------------------------------------------------------------------------
+
+def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
+    # One module-level function for every hook: inside a compiled block it is traced, and the same function
+    # everywhere keeps one compiled graph per block class.
+    module.harness_feature = output
+
+
+def _take(module: nn.Module) -> Any:
+    out = module.__dict__.pop("harness_feature")
+    return out
+
+
+# --- the state and the per-block logic ------------------------------------------------------------
+
+class HarnessCache:
+    """All caching state of one transformer; `transformer.harness_cache`. Switch `mode` (and the parameters)
+    between generations to compare modes on one compiled pipeline."""
+
+    def __init__(self, transformer: nn.Module, scheduler, mode: str, interval: int = 5, max_order: int = 2,
+                 first_enhance: int = 3, hicache_scale: float = 0.6, fbcache_threshold: float = 0.08,
+                 fbcache_taylor: bool = False):
+        self.transformer = transformer
+        self.clock = StepClock(scheduler)
+        self.mode, self.interval, self.max_order, self.first_enhance = mode, interval, max_order, first_enhance
+        self.hicache_scale, self.fbcache_threshold, self.fbcache_taylor = hicache_scale, fbcache_threshold, fbcache_taylor
+        self.double_blocks = list(transformer.transformer_blocks)
+        self.single_blocks = list(transformer.single_transformer_blocks)
+        self.num_blocks = len(self.double_blocks) + len(self.single_blocks)
+        self.norms = [b.norm1 for b in self.double_blocks] + [b.norm for b in self.single_blocks]
+        # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
+        # AdaLayerNormZeroSingle: shift, scale, gate.
+        self.gate_slots = [(6, (2, 5))] * len(self.double_blocks) + [(3, (2,))] * len(self.single_blocks)
+        self.hooks = []
+        for block in self.double_blocks:
+            self.hooks += [block.attn.register_forward_hook(_keep_output), block.ff.register_forward_hook(_keep_output)]
+        for block in self.single_blocks:
+            self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
+        self.forecast_backend: str | None = None  # set on first use: None = eager
+        self._compiled: dict[str, Any] = {}
+        self.flops: dict[tuple, int] = {}
+        self._counting = None
+        self.reset()
+
+    # -- per generation --
+    def reset(self) -> None:
+        self.features: list[list[list[torch.Tensor]] | None] = [None] * self.num_blocks  # per block, per gate, orders
+        self.last_full: int | None = None
+        self.full_steps = self.forecast_steps = 0
+        self.step_kinds: list[str] = []
+        self.cache_memory_bytes = 0
+        self.last_step: int | None = None
+        # fbcache
+        self.first_residual_ref: torch.Tensor | None = None
+        self.residual: list[torch.Tensor] | None = None  # orders of R = h_final - h_after_block0 (image rows)
+        self.after_first_block: torch.Tensor | None = None
+
+    def begin_step(self) -> None:
+        """Called before each transformer call: reset on a new generation, then decide full or forecast."""
+        if self.clock.at_first_step:
+            self.generation_index = getattr(self, "generation_index", -1) + 1
+            self.reset()
+        step = self.clock.step
+        if step == self.last_step:
+            raise RuntimeError("feature caching saw two transformer calls for one denoising step (true CFG?): "
+                               "not supported; use --disable_cache")
+        self.last_step = step
+        self.distance = step - self.last_full if self.last_full is not None else 1
+        if self.mode in SCHEDULED_MODES:
+            self.full = is_full_step(step, self.last_full, self.interval, self.first_enhance)
+        else:
+            self.full = True  # none: always; fbcache: decided after block 0
+        self.skip_rest = False
+
+    def end_step(self) -> None:
+        kind = "full" if self.full else "forecast"
+        self.step_kinds.append(kind)
+        if self.full:
+            self.full_steps += 1
+            self.last_full = self.clock.step
+        else:
+            self.forecast_steps += 1
+        self.cache_memory_bytes = max(self.cache_memory_bytes, self._cache_bytes())
+
+    def _cache_bytes(self) -> int:
+        storages = {}
+        tensors = [t for block in self.features if block for gate in block for t in gate]
+        tensors += (self.residual or []) + [t for t in (self.first_residual_ref, self.after_first_block) if t is not None]
+        for t in tensors:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return sum(storages.values())
+
+    # -- the block proxies call this --
+    def run_block(self, index: int, block: nn.Module, kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.skip_rest:  # forecast step (or FBCache skip): the image stream is already final
+            return kwargs["encoder_hidden_states"], kwargs["hidden_states"]
+        if self.mode in SCHEDULED_MODES and not self.full:
+            self.skip_rest = True
+            return kwargs["encoder_hidden_states"], self._forecast(kwargs["hidden_states"], kwargs["temb"])
+        text_len = kwargs["encoder_hidden_states"].shape[1]
+        hidden_in = kwargs["hidden_states"]
+        txt, img = block(**kwargs)
+        captured = self._captured(index, block, text_len)
+        if self.mode in SCHEDULED_MODES:
+            max_order = 0 if self.mode == "fora" else self.max_order
+            # Reference quirk kept: differences only once step > fe - 2 (with fe=3 the first uses d=1).
+            previous = self.features[index] if self.clock.step > self.first_enhance - 2 else None
+            self.features[index] = [self._update(previous[g] if previous else None, f, max_order)
+                                    for g, f in enumerate(captured)]
+        elif self.mode == "fbcache":
+            img = self._fbcache(index, hidden_in, img)
+        return txt, img
+
+    def _captured(self, index: int, block: nn.Module, text_len: int) -> list[torch.Tensor]:
+        if index < len(self.double_blocks):
+            return [_take(block.attn)[0], _take(block.ff)]
+        return [_take(block.proj_out)[:, text_len:]]  # the image rows of concat(txt, img)
+
+    def _update(self, previous, feature, max_order):
+        update = self._maybe_compiled("update", update_differences)
+        return update(previous, feature, self.distance, max_order)
+
+    def _coefficients(self, mode: str, num_orders: int, like: torch.Tensor) -> torch.Tensor:
+        x = self.clock.step - self.last_full
+        coeffs = forecast_coefficients(mode, x, num_orders, self.hicache_scale)
+        return torch.tensor(coeffs, dtype=torch.float32).to(like.device, non_blocking=True)
+
+    def _forecast(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        num_orders = len(self.features[0][0])
+        coeffs = self._coefficients(self.mode, num_orders, hidden_states)
+        forecast = self._maybe_compiled("forecast", forecast_image_stream)
+        return forecast(hidden_states, temb, coeffs, self.norms, self.gate_slots, self.features)
+
+    def _fbcache(self, index: int, hidden_in: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        """First-block residual criterion (ALGORITHMS.md 2), image stream."""
+        if index == 0:
+            first_residual = img - hidden_in
+            if self.residual is not None and self.first_residual_ref is not None:
+                ref = self.first_residual_ref.float()
+                change = (first_residual.float() - ref).abs().mean() / ref.abs().mean()
+                if change.item() < self.fbcache_threshold:  # the one data-dependent decision (a sync)
+                    self.full, self.skip_rest = False, True
+                    mode = "taylor" if self.fbcache_taylor else "fora"
+                    coeffs = self._coefficients(mode, len(self.residual), img)
+                    return img + predict(self.residual, coeffs)
+            self.first_residual_ref = first_residual  # updated on computed steps only
+            self.after_first_block = img
+        elif index == self.num_blocks - 1:
+            max_order = self.max_order if self.fbcache_taylor else 0
+            self.residual = update_differences(self.residual, img - self.after_first_block, self.distance, max_order)
+            self.after_first_block = None
+        return img
+
+    def _maybe_compiled(self, name: str, fn):
+        """Eager, unless the blocks were compiled (then the cheap paths are compiled too, once)."""
+        if self.forecast_backend is None:
+            compiled = getattr(self.double_blocks[0], "_compiled_call_impl", None) is not None
+            self.forecast_backend = ("inductor" if self.transformer.device.type == "cuda" else "aot_eager") \
+                if compiled else "eager"
+        if self.forecast_backend == "eager":
+            return fn
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(fn, backend=self.forecast_backend, fullgraph=True, dynamic=False)
+        return self._compiled[name]
+
+    # -- reporting --
+    def stats(self) -> dict[str, Any]:
+        """Counts of the most recent generation, FLOPs per step type, theoretical (FLOPs) speedup."""
+        full_flops = self._flops_for("full")
+        forecast_flops = self._flops_for("forecast")
+        dense = full_flops * (self.full_steps + self.forecast_steps) if full_flops else None
+        actual = (full_flops * self.full_steps + (forecast_flops or 0) * self.forecast_steps) if full_flops else None
+        return dict(mode=self.mode, interval=self.interval, max_order=self.max_order, first_enhance=self.first_enhance,
+                    hicache_scale=self.hicache_scale, fbcache_threshold=self.fbcache_threshold,
+                    fbcache_taylor=self.fbcache_taylor, full_steps=self.full_steps,
+                    forecast_steps=self.forecast_steps, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds)  # F full, c cached,
+                    flops_full_step=full_flops, flops_forecast_step=forecast_flops,
+                    flops_speedup=(dense / actual) if actual else None, cache_memory_bytes=self.cache_memory_bytes)
+
+    def _flops_for(self, kind: str) -> int | None:
+        found = [v for (m, k, _), v in self.flops.items() if k == kind and (kind == "full" or m == self.mode)]
+        return found[-1] if found else None
+
+
+class _BlockProxy:
+    """What iterating a cached block list yields: calls go through HarnessCache.run_block."""
+
+    def __init__(self, cache: HarnessCache, index: int, block: nn.Module):
+        self.cache, self.index, self.block = cache, index, block
+
+    def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                      image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs)
+        return self.cache.run_block(self.index, self.block, kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.block, name)
+
+
+class _CachedBlockList(nn.ModuleList):
+    """The same blocks (same state_dict keys); only iteration changes, to route calls through the cache."""
+
+    harness_cache: HarnessCache | None = None
+    harness_offset: int = 0
+
+    def __iter__(self):
+        cache = self.harness_cache
+        return iter([_BlockProxy(cache, self.harness_offset + i, b) for i, b in enumerate(self._modules.values())])
+
+
+# --- transformer-level hooks: step bookkeeping and FLOP counting ------------------------------------
+
+def _shape_key(kwargs: dict[str, Any]) -> tuple:
+    return tuple((k, tuple(v.shape)) for k, v in sorted(kwargs.items()) if isinstance(v, torch.Tensor))
+
+
+def _before_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+    cache: HarnessCache = module.harness_cache
+    cache.begin_step()
+    # Count FLOPs of the first call of each step type and shape (eagerly: compiled kernels bypass the counter).
+    # For fbcache the step type is only known after block 0, so both kinds are counted on demand.
+    shapes = _shape_key(kwargs)
+    if cache.mode == "fbcache":  # the step type is known only after block 0: count the first generation's steps
+        missing = cache.generation_index == 0 and any((cache.mode, k, shapes) not in cache.flops
+                                                      for k in ("full", "forecast"))
+    else:
+        missing = (cache.mode, "full" if cache.full else "forecast", shapes) not in cache.flops
+    cache._counting = None
+    if missing and cache.mode != "none":
+        stance = torch.compiler.set_stance("force_eager")  # compiled kernels would bypass the counter
+        counter = FlopCounterMode(display=False)
+        counter.__enter__()
+        cache._counting = (counter, stance, shapes)
+
+
+def _after_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:
+    cache: HarnessCache = module.harness_cache
+    if cache._counting is not None:
+        counter, stance, shapes = cache._counting
+        counter.__exit__(None, None, None)
+        stance.__exit__(None, None, None)  # back to the previous stance
+        cache._counting = None
+        cache.flops.setdefault((cache.mode, "full" if cache.full else "forecast", shapes), counter.get_total_flops())
+    cache.end_step()
+
+
+# --- entry point -----------------------------------------------------------------------------------
+
+def apply_caching(pipeline, args: argparse.Namespace) -> str:
+    """Attach the caching layer selected by --cache_mode; returns the stack's status line."""
+    if args.cache_mode == "cache_dit":
+        return apply_cache_dit(pipeline, args.cache_dit_config)
+    cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,
+                         first_enhance=args.first_enhance, hicache_scale=args.hicache_scale,
+                         fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor)
+    return "applied: " + describe(cache)
+
+
+def describe(cache: HarnessCache) -> str:
+    if cache.mode in SCHEDULED_MODES:
+        order = "" if cache.mode == "fora" else f", max_order {cache.max_order}"
+        scale = f", scale {cache.hicache_scale}" if cache.mode == "hicache" else ""
+        return f"{cache.mode} (interval {cache.interval}, first_enhance {cache.first_enhance}{order}{scale})"
+    if cache.mode == "fbcache":
+        taylor = f" + Taylor order {cache.max_order}" if cache.fbcache_taylor else ""
+        return f"fbcache (threshold {cache.fbcache_threshold}{taylor})"
+    return cache.mode
+
+
+def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
+    """Install the cache on `pipeline.transformer` (once) and return it; call again to change mode/params."""
+    transformer = pipeline.transformer
+    cache = getattr(transformer, "harness_cache", None)
+    if cache is None:
+        if type(transformer).__name__ != "FluxTransformer2DModel":
+            raise StackError(f"feature caching supports FluxTransformer2DModel, not {type(transformer).__name__}")
+        cache = HarnessCache(transformer, pipeline.scheduler, mode, **params)
+        transformer.harness_cache = cache
+        offset = 0
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            blocks = _CachedBlockList(list(getattr(transformer, name)))
+            blocks.harness_cache, blocks.harness_offset = cache, offset
+            offset += len(blocks)
+            setattr(transformer, name, blocks)
+        cache.hooks += [transformer.register_forward_pre_hook(_before_transformer, with_kwargs=True),
+                        transformer.register_forward_hook(_after_transformer, with_kwargs=True, always_call=True)]
+    else:
+        cache.mode = mode
+        for k, v in params.items():
+            setattr(cache, k, v)
+    if mode not in ALL_MODES:
+        raise StackError(f"unknown cache mode {mode!r}: use one of {', '.join(ALL_MODES)}")
+    cache.reset()
+    cache.generation_index = -1  # the next generation is the first with this mode
+    return cache
+
+
+# --- cache-dit -------------------------------------------------------------------------------------
+
+def apply_cache_dit(pipeline, config_path: str) -> str:
+    """cache-dit's DBCache (+ its TaylorSeer calibrator) through its public API, configured by a YAML file."""
+    import cache_dit
+
+    configs = cache_dit.load_configs(config_path)
+    cache_dit.enable_cache(pipeline, **{k: v for k, v in configs.items() if v is not None})
+    pipeline.transformer.harness_cache = CacheDitStats(pipeline, configs)
+    return f"applied: cache-dit {cache_dit.__version__} from {config_path}"
+
+
+class CacheDitStats:
+    """stats() for cache-dit runs, from cache-dit's own summary."""
+
+    def __init__(self, pipeline, configs: dict[str, Any]):
+        self.pipeline, self.configs, self.mode = pipeline, configs, "cache_dit"
+
+    def stats(self) -> dict[str, Any]:
+        import cache_dit
+
+        summaries = cache_dit.summary(self.pipeline, details=False)
+        summary = summaries[0] if isinstance(summaries, (list, tuple)) and summaries else summaries
+        cached = list(getattr(summary, "cached_steps", None) or [])
+        total = len(self.pipeline.scheduler.timesteps)
+        return dict(mode="cache_dit", full_steps=total - len(cached), forecast_steps=len(cached),
+                    flops_full_step=None, flops_forecast_step=None, flops_speedup=None, cache_memory_bytes=None,
+                    cache_dit_config={k: str(v) for k, v in self.configs.items() if v is not None})
