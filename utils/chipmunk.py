@@ -1,0 +1,674 @@
+"""Chipmunk: dynamic column-sparse deltas for FLUX, as layer 3 of the stack (`--chipmunk_config`).
+
+Activations change slowly across denoising steps. On a dense step a layer caches its output; on a
+sparse step it recomputes only the most important columns (attention keys, MLP neurons) and adds
+their *change* to the cached output. Facts: ../shared/ALGORITHMS.md section 3.
+
+What this file holds (the PyTorch reference defines correctness; utils/chipmunk_triton.py has the
+H100 kernels for the same functions, used when the tensors are on a GPU and Triton loads):
+  * config loading and validation (Chipmunk's `chipmunk-config.yml` keys),
+  * token reorder: image tokens into 8x8 patches of 4x4 sub-patches, RoPE ids permuted alike,
+    output un-permuted (forward hooks on the transformer),
+  * sparse attention deltas: per query group, top-k key columns by softmax column sum,
+    `o_cache = O_dense - A_S` on dense steps, `O = o_cache + A_S` on sparse steps,
+  * sparse MLP deltas: per token block, neurons whose fc1 pre-activation changed most, plus
+    random ones; the activation and output caches are updated with the delta,
+  * the FLUX mapping (double blocks: joint attention + image MLP sparse, text MLP dense; single
+    blocks: qkv/fc1 and attention-out/fc2 of linear2 with linear2's bias added ONCE),
+  * the schedule, from the pipeline's step index (StepClock) and the layer's own index only.
+
+Module names and roles are kept for the feature-caching layer (applied after this one): double
+blocks keep `attn` (returns (img, txt)), `ff`, `ff_context`; single blocks keep `proj_out`, whose
+output is still the block's one pre-gate feature (attention part + MLP part + linear2's bias once).
+
+Forecast steps of feature caching call none of these modules. Chipmunk's caches are then left
+untouched, and a dense refresh (or MLP mask reselection) that the schedule placed on a step this
+layer did not compute is carried out on the next step it does compute ("deferred dense"). Why:
+with caching at interval N the scheduled dense steps (0, 1, 10, 20, ...) mostly fall on forecast
+steps; skipping them would leave 40+ steps of stale deltas, while deferring keeps Chipmunk's
+refresh rate. When every step is computed (no caching, or interval=1) the rule reduces to the
+plain schedule, so C and D of the interval=1 check run the same computation without any
+special case.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from utils.step_clock import StepClock
+
+FLUX_PIXELS_PER_TOKEN = 16  # VAE downsamples 8x, then 2x2 latent patches are packed into one token
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+@dataclass
+class MlpConfig:
+    is_enabled: bool = True
+    top_keys: float = 0.3  # fraction of fc1 neurons recomputed per token block
+    random_keys: float = 0.05  # extra fraction chosen at random (exploration)
+    full_step_every: int = 10
+    block_mask_cache: int = 2  # reselect neurons every this many sparse steps
+    first_n_dense_layers: int = 2
+    counts_multiple_of: int = 256  # neuron count padded to the kernel tile multiple
+    bm: int = 128  # tokens per block that share one neuron set ("MLP token block")
+    mbm: int = 128  # Chipmunk's kernel sub-tile; accepted for compatibility, unused here
+    is_fp8: bool = False
+
+
+@dataclass
+class AttnConfig:
+    is_enabled: bool = True
+    top_keys: float = 0.165  # fraction of key columns per query group
+    full_step_every: int = 10
+    full_step_schedule: list[int] | None = None  # if set, replaces "0, 1 and every full_step_every"
+    first_n_dense_layers: int = 2
+    counts_multiple_of: int = 128  # key count padded to the kernel tile multiple
+    mbm: int = 192  # queries per group that share one key set ("query group")
+    random_keys: float = 0.0
+    recompute_mask: bool = True
+
+
+@dataclass
+class PatchifyConfig:
+    is_enabled: bool = True
+    chunk_size_1: int = 8  # outer patch side, in tokens
+    chunk_size_2: int = 4  # inner sub-patch side, in tokens
+
+
+@dataclass
+class ChipmunkConfig:
+    mlp: MlpConfig = field(default_factory=MlpConfig)
+    attn: AttnConfig = field(default_factory=AttnConfig)
+    patchify: PatchifyConfig = field(default_factory=PatchifyConfig)
+
+
+SECTIONS = {"mlp": MlpConfig, "attn": AttnConfig, "patchify": PatchifyConfig}
+IGNORED_SECTIONS = ("offloading",)  # CPU offload of Chipmunk's caches: memory placement only, not implemented
+
+
+def _stack_error(message: str) -> Exception:
+    from utils.pipeline_utils import StackError  # late: pipeline_utils imports this module lazily too
+
+    return StackError(message)
+
+
+def load_chipmunk_config(path: str | Path | None = None, height: int | None = None, width: int | None = None,
+                         pixels_per_token: int = FLUX_PIXELS_PER_TOKEN,
+                         overrides: dict[str, dict[str, Any]] | None = None) -> ChipmunkConfig:
+    """Read and validate a Chipmunk YAML (keys of Chipmunk's chipmunk-config.yml; missing keys take the
+    published FLUX values). Raises StackError naming the fix for unknown keys, top_keys outside (0, 1],
+    and image sizes the token reorder cannot tile."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        import yaml
+
+        if not Path(path).is_file():
+            raise _stack_error(f"--chipmunk_config {path}: no such file (see configs/chipmunk-flux.yml)")
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(raw, dict):
+            raise _stack_error(f"--chipmunk_config {path}: expected a mapping of sections (mlp, attn, patchify)")
+    for section, values in (overrides or {}).items():
+        raw.setdefault(section, {}).update(values)
+    where = f"--chipmunk_config {path}" if path else "chipmunk config"
+
+    config = ChipmunkConfig()
+    for section, values in raw.items():
+        if section in IGNORED_SECTIONS:
+            continue
+        if section not in SECTIONS:
+            raise _stack_error(f"{where}: unknown section {section!r}; allowed: {', '.join(SECTIONS)} "
+                               f"(and {', '.join(IGNORED_SECTIONS)}, ignored). Remove or rename it.")
+        cls = SECTIONS[section]
+        allowed = {f.name for f in fields(cls)}
+        for key, value in (values or {}).items():
+            if key not in allowed:
+                raise _stack_error(f"{where}: unknown key {section}.{key}; allowed in {section}: "
+                                   f"{', '.join(sorted(allowed))}. Remove or rename it.")
+            setattr(getattr(config, section), key, value)
+
+    for section in ("mlp", "attn"):
+        sec = getattr(config, section)
+        if not isinstance(sec.top_keys, (int, float)) or isinstance(sec.top_keys, bool) or not 0 < sec.top_keys <= 1:
+            raise _stack_error(f"{where}: {section}.top_keys must be a fraction in (0, 1], got {sec.top_keys!r} "
+                               f"(1.0 = sparsity off; the published FLUX values are mlp 0.3, attn 0.165)")
+        if not 0 <= sec.random_keys < 1:
+            raise _stack_error(f"{where}: {section}.random_keys must be in [0, 1), got {sec.random_keys!r}")
+        for key in ("full_step_every", "counts_multiple_of", "mbm"):
+            if not isinstance(getattr(sec, key), int) or getattr(sec, key) < 1:
+                raise _stack_error(f"{where}: {section}.{key} must be a positive integer, got {getattr(sec, key)!r}")
+        if sec.first_n_dense_layers < 0:
+            raise _stack_error(f"{where}: {section}.first_n_dense_layers must be >= 0")
+    if config.mlp.is_fp8:
+        raise _stack_error(f"{where}: mlp.is_fp8 is not implemented here; set it to false")
+    if config.attn.random_keys:
+        raise _stack_error(f"{where}: attn.random_keys is not implemented here (FLUX's config has none); set it to 0")
+    if config.mlp.block_mask_cache < 1 or config.mlp.bm < 1:
+        raise _stack_error(f"{where}: mlp.block_mask_cache and mlp.bm must be positive integers")
+    p = config.patchify
+    if p.chunk_size_1 < 1 or p.chunk_size_2 < 1 or p.chunk_size_1 % p.chunk_size_2:
+        raise _stack_error(f"{where}: patchify.chunk_size_1 ({p.chunk_size_1}) must be a positive multiple of "
+                           f"patchify.chunk_size_2 ({p.chunk_size_2})")
+    if height is not None and width is not None and p.is_enabled:
+        side = p.chunk_size_1 * pixels_per_token
+        if height % side or width % side:
+            def near(v: int) -> str:
+                return f"{max(side, v // side * side)} or {(v // side + 1) * side}"
+            raise _stack_error(f"Chipmunk's token reorder tiles the image into {p.chunk_size_1}x{p.chunk_size_1}-token "
+                               f"patches, so --height and --width must be multiples of {side} px; got "
+                               f"{height}x{width}. Use e.g. --height {near(height)} / --width {near(width)}, or "
+                               f"--disable_chipmunk.")
+    return config
+
+
+def rounded_count(fraction: float, total: int, multiple: int) -> int:
+    """`fraction * total` rounded to the nearest kernel tile multiple, at least one tile, at most `total`."""
+    return min(total, max(multiple, int(round(fraction * total / multiple)) * multiple))
+
+
+# --- token reorder ---------------------------------------------------------------------------------
+
+def patch_order(h: int, w: int, chunk_size_1: int, chunk_size_2: int) -> torch.Tensor:
+    """perm with `reordered = raster[perm]`: row-major over 8x8 patches, within each over 4x4
+    sub-patches, within each row-major. Consecutive tokens are then spatially local."""
+    c1, c2 = chunk_size_1, chunk_size_2
+    grid = torch.arange(h * w).view(h // c1, c1, w // c1, c1).permute(0, 2, 1, 3)  # (nh, nw, c1, c1)
+    grid = grid.reshape(h // c1, w // c1, c1 // c2, c2, c1 // c2, c2).permute(0, 1, 2, 4, 3, 5)
+    return grid.reshape(-1)
+
+
+class TokenReorder:
+    """Forward hooks on the transformer: permute image tokens and their RoPE ids on the way in,
+    un-permute the output on the way out. Text tokens keep their order."""
+
+    def __init__(self, config: PatchifyConfig):
+        self.config = config
+        self.perm: torch.Tensor | None = None
+        self.inverse: torch.Tensor | None = None
+        self.key = None
+
+    def _order_for(self, img_ids: torch.Tensor, n: int) -> None:
+        h, w = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+        if (h, w, n, img_ids.device) == self.key:
+            return
+        c1 = self.config.chunk_size_1
+        if h * w != n or h % c1 or w % c1:
+            raise RuntimeError(f"Chipmunk token reorder: image grid {h}x{w} tokens ({n} tokens given) cannot be tiled "
+                               f"by {c1}x{c1} patches; use an image size that is a multiple of {c1} tokens per side")
+        perm = patch_order(h, w, c1, self.config.chunk_size_2).to(img_ids.device)
+        self.perm, self.inverse, self.key = perm, torch.argsort(perm), (h, w, n, img_ids.device)
+
+    def pre_hook(self, module, args, kwargs):
+        hidden, img_ids = kwargs["hidden_states"], kwargs["img_ids"]
+        ids2d = img_ids[0] if img_ids.ndim == 3 else img_ids
+        self._order_for(ids2d, hidden.shape[1])
+        kwargs = dict(kwargs, hidden_states=hidden[:, self.perm], img_ids=ids2d[self.perm])
+        return args, kwargs
+
+    def post_hook(self, module, args, kwargs, output):
+        if isinstance(output, tuple):
+            return (output[0][:, self.inverse], *output[1:])
+        output.sample = output.sample[:, self.inverse]
+        return output
+
+
+# --- PyTorch reference: attention ------------------------------------------------------------------
+
+def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, heads_per_chunk: int = 4) -> torch.Tensor:
+    """Per query group of `group` rows, the column sums of softmax(q k^T / sqrt(d)): (B, H, G, L_k) float32.
+    q, k: (B, L, H, D). Computed a few heads at a time to bound memory."""
+    B, Lq, H, D = q.shape
+    G = math.ceil(Lq / group)
+    out = torch.empty(B, H, G, k.shape[1], device=q.device, dtype=torch.float32)
+    for h0 in range(0, H, heads_per_chunk):
+        qh = q[:, :, h0:h0 + heads_per_chunk].transpose(1, 2).float()
+        kh = k[:, :, h0:h0 + heads_per_chunk].transpose(1, 2).float()
+        p = torch.softmax(qh @ kh.transpose(-1, -2) * D ** -0.5, dim=-1)
+        p = F.pad(p, (0, 0, 0, G * group - Lq))  # zero rows: the last group may be partial
+        out[:, h0:h0 + heads_per_chunk] = p.unflatten(2, (G, group)).sum(3)
+    return out
+
+
+def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
+                               group: int, o_cache: torch.Tensor | None = None) -> torch.Tensor:
+    """A_S: attention of each query group over its own key columns only (softmax renormalised within S),
+    plus `o_cache` when given. q, k, v, o_cache: (B, L, H, D); key_index: (B, H, G, K) int. Output q's dtype."""
+    B, Lq, H, D = q.shape
+    G, K = key_index.shape[2], key_index.shape[3]
+    qg = F.pad(q.transpose(1, 2).float(), (0, 0, 0, G * group - Lq)).unflatten(2, (G, group))  # B,H,G,group,D
+    flat = key_index.reshape(B, H, G * K, 1).long().expand(-1, -1, -1, D)
+    ks = torch.gather(k.transpose(1, 2).float(), 2, flat).view(B, H, G, K, D)
+    vs = torch.gather(v.transpose(1, 2).float(), 2, flat).view(B, H, G, K, D)
+    p = torch.softmax(qg @ ks.transpose(-1, -2) * D ** -0.5, dim=-1)
+    out = (p @ vs).flatten(2, 3)[:, :, :Lq].transpose(1, 2)  # B, L, H, D
+    if o_cache is not None:
+        out = out + o_cache.float()
+    return out.to(q.dtype)
+
+
+def select_key_columns(column_sums: torch.Tensor, count: int) -> torch.Tensor:
+    """Top-`count` key columns per (batch, head, group), sorted ascending (memory order): (B, H, G, count) int32."""
+    return column_sums.topk(count, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+
+
+# --- PyTorch reference: MLP ------------------------------------------------------------------------
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Mean over each block of `block` consecutive tokens (the last one may be partial): (B, nb, d) float32."""
+    B, L, d = x.shape
+    nb = math.ceil(L / block)
+    sums = F.pad(x.float(), (0, 0, 0, nb * block - L)).view(B, nb, block, d).sum(2)
+    counts = torch.full((nb,), float(block), device=x.device)
+    counts[-1] = L - (nb - 1) * block
+    return sums / counts[None, :, None]
+
+
+def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+                         neuron_index: torch.Tensor, act_cache: torch.Tensor, out_cache: torch.Tensor,
+                         block: int) -> torch.Tensor:
+    """One sparse MLP step, in place on the caches; returns the fc1 pre-activations of the selected
+    neurons, (B, nb, block, K) float32, for the caller's bookkeeping.
+
+    For each token block b with neuron set S_b:
+        act_S = gelu(x_b W1[S_b]^T + b1[S_b]);  out_cache_b += (act_S - act_cache_b[:, S_b]) W2[:, S_b]^T;
+        act_cache_b[:, S_b] = act_S.
+    x: (B, L, d); w1: (hidden, d); b1: (hidden,); w2: (out, hidden) (nn.Linear layouts);
+    neuron_index: (B, nb, K); act_cache: (B, L, hidden); out_cache: (B, L, out) float32.
+    """
+    B, L, d = x.shape
+    nb, K = neuron_index.shape[1], neuron_index.shape[2]
+    pad = nb * block - L
+    idx = neuron_index.long()
+    xb = F.pad(x.float(), (0, 0, 0, pad)).view(B, nb, block, d)
+    pre = xb @ w1.float()[idx].transpose(-1, -2) + b1.float()[idx][:, :, None, :]  # B, nb, block, K
+    # Rounded to the cache's dtype first, so that the deltas telescope: out_cache stays act_cache @ W2^T.
+    act = gelu_tanh(pre).to(act_cache.dtype)
+    cache_blocks = F.pad(act_cache, (0, 0, 0, pad)).view(B, nb, block, -1)
+    gather_idx = idx[:, :, None, :].expand(-1, -1, block, -1)
+    delta = act.float() - torch.gather(cache_blocks, 3, gather_idx).float()
+    w2s = w2.float().t()[idx]  # B, nb, K, out
+    out_cache += (delta @ w2s).flatten(1, 2)[:, :L]
+    cache_blocks.scatter_(3, gather_idx, act)
+    act_cache.copy_(cache_blocks.flatten(1, 2)[:, :L])
+    return pre
+
+
+# --- backends --------------------------------------------------------------------------------------
+
+def _triton_backend():
+    """utils.chipmunk_triton when it can serve CUDA tensors, else None (reference path)."""
+    if os.environ.get("CHIPMUNK_BACKEND", "").lower() == "reference":
+        return None
+    try:
+        from utils import chipmunk_triton
+    except Exception:  # noqa: BLE001 - reported by backend_status()
+        return None
+    return chipmunk_triton if chipmunk_triton.TRITON_AVAILABLE else None
+
+
+def backend_status(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "PyTorch reference (CPU)"
+    if os.environ.get("CHIPMUNK_BACKEND", "").lower() == "reference":
+        return "PyTorch reference (CHIPMUNK_BACKEND=reference)"
+    try:
+        from utils import chipmunk_triton
+    except Exception as e:  # noqa: BLE001
+        return f"PyTorch reference (SLOW: utils.chipmunk_triton failed to import: {type(e).__name__}: {e})"
+    if not chipmunk_triton.TRITON_AVAILABLE:
+        return f"PyTorch reference (SLOW: Triton unavailable: {chipmunk_triton.UNAVAILABLE_REASON})"
+    return "Triton kernels"
+
+
+# --- schedule --------------------------------------------------------------------------------------
+
+def attn_dense_step(step: int, config: AttnConfig) -> bool:
+    if config.full_step_schedule is not None:
+        return step in set(config.full_step_schedule)
+    return step < 2 or step % config.full_step_every == 0
+
+
+def mlp_dense_step(step: int, config: MlpConfig) -> bool:
+    return step % config.full_step_every == 0
+
+
+def mlp_reselect_step(step: int, config: MlpConfig) -> bool:
+    """The first sparse step after each dense step, then every `block_mask_cache` steps."""
+    since_dense = step % config.full_step_every
+    return since_dense >= 1 and (since_dense - 1) % config.block_mask_cache == 0
+
+
+def due_since(last_step: int | None, step: int, scheduled) -> bool:
+    """Whether `scheduled(t)` holds for a step t in (last_step, step]: a refresh that fell on a step this
+    layer did not compute (a feature-cache forecast step) is carried out on the next one it computes."""
+    if last_step is None:
+        return True
+    return any(scheduled(t) for t in range(last_step + 1, step + 1))
+
+
+class LayerState:
+    """One sparse layer's caches and its own record of the last step it computed (a step index from
+    the scheduler, never a call count). Reset at the first step of every generation."""
+
+    def __init__(self, name: str, index: int, clock: StepClock):
+        self.name, self.index, self.clock = name, index, clock
+        self.last_step: int | None = None
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.stats = {"dense": 0, "sparse": 0, "reselect": 0}
+
+    def begin(self, shape_key: tuple) -> tuple[int, int | None]:
+        """(step now, last step computed) after resetting on a new generation or a new shape."""
+        step = self.clock.step
+        if self.clock.at_first_step or self.tensors.get("_shape") != shape_key:
+            self.last_step, self.tensors = None, {"_shape": shape_key}
+        elif self.last_step is not None and step <= self.last_step:
+            raise RuntimeError(f"Chipmunk {self.name}: called twice at step {step} (true CFG / batched "
+                               f"conditioning runs are not supported with Chipmunk's per-step caches)")
+        return step, self.last_step
+
+
+_LAYERS: dict[int, "weakref.ReferenceType"] = {}
+
+
+def _register(layer) -> int:
+    layer_id = len(_LAYERS)
+    _LAYERS[layer_id] = weakref.ref(layer)
+    return layer_id
+
+
+def _layer(layer_id: int):
+    layer = _LAYERS[layer_id]()
+    if layer is None:
+        raise RuntimeError(f"Chipmunk layer {layer_id} was freed")
+    return layer
+
+
+# --- sparse attention layer ------------------------------------------------------------------------
+
+class SparseAttentionLayer:
+    def __init__(self, index: int, clock: StepClock, config: AttnConfig, dense_attention):
+        self.state = LayerState(f"attention layer {index}", index, clock)
+        self.config, self.dense_attention = config, dense_attention
+        self.id = _register(self)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s, cfg = self.state, self.config
+        step, last = s.begin((tuple(q.shape), q.dtype, q.device))
+        triton_ops = _triton_backend() if q.is_cuda else None
+        dense = due_since(last, step, lambda t: attn_dense_step(t, cfg))
+        if dense:
+            out = self.dense_attention(q, k, v)
+            if cfg.recompute_mask or "key_index" not in s.tensors:
+                count = rounded_count(cfg.top_keys, k.shape[1], cfg.counts_multiple_of)
+                colsums = (triton_ops.attention_column_sums(q, k, cfg.mbm) if triton_ops
+                           else attention_column_sums(q, k, cfg.mbm))
+                s.tensors["key_index"] = select_key_columns(colsums, count)
+            partial = self._sparse(triton_ops, q, k, v, None)
+            s.tensors["o_cache"] = out - partial  # in q's dtype, like the output it corrects
+            s.stats["dense"] += 1
+        else:
+            out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])
+            s.stats["sparse"] += 1
+        s.last_step = step
+        return out
+
+    def _sparse(self, triton_ops, q, k, v, o_cache):
+        index = self.state.tensors["key_index"]
+        if triton_ops:
+            return triton_ops.sparse_attention(q, k, v, index, self.config.mbm, o_cache)
+        return sparse_attention_reference(q, k, v, index, self.config.mbm, o_cache)
+
+
+@torch.library.custom_op("flux_harness::chipmunk_attention", mutates_args=())
+def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+    """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python."""
+    return _layer(layer_id)(q, k, v)
+
+
+@chipmunk_attention_op.register_fake
+def _(q, k, v, layer_id):
+    return torch.empty_like(q)
+
+
+class ChipmunkAttnProcessor:
+    """FLUX joint attention with Chipmunk's sparse deltas in place of the attention kernel; the
+    projections, QK norms, RoPE and output projections are those of diffusers' FluxAttnProcessor."""
+
+    def __init__(self, layer: SparseAttentionLayer):
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
+        from diffusers.models.embeddings import apply_rotary_emb
+        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
+
+        if attention_mask is not None:
+            raise NotImplementedError("Chipmunk attention does not take an attention mask (FLUX uses none)")
+        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
+            attn, hidden_states, encoder_hidden_states)
+        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
+        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
+        value = value.unflatten(-1, (-1, attn.head_dim))
+        if attn.added_kv_proj_dim is not None:
+            query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
+            key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
+            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
+        if image_rotary_emb is not None:
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+
+        hidden_states = chipmunk_attention_op(query.contiguous(), key.contiguous(), value.contiguous(),
+                                              self.layer.id).flatten(2, 3).to(query.dtype)
+        if encoder_hidden_states is not None:
+            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
+                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
+            return hidden_states, encoder_hidden_states
+        return hidden_states
+
+
+def _dense_attention_like(processor):
+    """The dense kernel the stack chose in step 2 (FA3, FA3 fp8, or SDPA), for Chipmunk's dense steps."""
+    from utils.attention import FA3FluxAttnProcessor, fa3_attention
+
+    if isinstance(processor, FA3FluxAttnProcessor):
+        fp8 = processor.fp8
+        return lambda q, k, v: fa3_attention(q, k, v, fp8)
+    return lambda q, k, v: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous()
+
+
+# --- sparse MLP layer ------------------------------------------------------------------------------
+
+class SparseMlpLayer:
+    """fc1 -> GELU(tanh) -> fc2 with Chipmunk's per-token-block neuron deltas. `b2` may be None (single
+    blocks, where linear2's bias is added once by the attention-output part)."""
+
+    def __init__(self, index: int, clock: StepClock, config: MlpConfig, w1: torch.Tensor, b1: torch.Tensor,
+                 w2: torch.Tensor, b2: torch.Tensor | None):
+        self.state = LayerState(f"MLP layer {index}", index, clock)
+        self.config, self.w1, self.b1, self.w2, self.b2 = config, w1, b1, w2, b2
+        self.w2_t: torch.Tensor | None = None  # (hidden, out) copy for the Triton kernel's row gathers
+        self.id = _register(self)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s, cfg = self.state, self.config
+        step, last = s.begin((tuple(x.shape), x.dtype, x.device))
+        triton_ops = _triton_backend() if x.is_cuda else None
+        hidden = self.w1.shape[0]
+        if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
+            pre = F.linear(x, self.w1, self.b1)
+            act = gelu_tanh(pre)
+            s.tensors["act_cache"] = act
+            s.tensors["out_cache"] = F.linear(act, self.w2, self.b2).float()
+            s.tensors["pre_mean"] = block_means(pre, cfg.bm)  # the reference the change is measured against
+            s.tensors.pop("neuron_index", None)
+            s.stats["dense"] += 1
+        else:
+            if "neuron_index" not in s.tensors or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)):
+                self._reselect(x, step, hidden)
+            index = s.tensors["neuron_index"]
+            if triton_ops:
+                if self.w2_t is None or self.w2_t.device != x.device:
+                    self.w2_t = self.w2.t().contiguous()
+                pre_means = triton_ops.sparse_mlp(x, self.w1, self.b1, self.w2_t, index, s.tensors["act_cache"],
+                                                  s.tensors["out_cache"], cfg.bm)
+            else:
+                pre = sparse_mlp_reference(x, self.w1, self.b1, self.w2, index, s.tensors["act_cache"],
+                                           s.tensors["out_cache"], cfg.bm)
+                pre_means = self._selected_block_means(pre, x.shape[1])
+            # The selected neurons' caches are fresh now: measure their next change from here.
+            s.tensors["pre_mean"].scatter_(2, index.long(), pre_means)
+            s.stats["sparse"] += 1
+        s.last_step = step
+        return s.tensors["out_cache"].to(x.dtype)
+
+    def _selected_block_means(self, pre: torch.Tensor, length: int) -> torch.Tensor:
+        B, nb, block, K = pre.shape
+        rows = torch.arange(nb * block, device=pre.device).view(nb, block) < length  # padded rows excluded
+        return (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None]
+
+    def _reselect(self, x: torch.Tensor, step: int, hidden: int) -> None:
+        """Per token block: the top_keys neurons whose fc1 pre-activation block mean moved most since their
+        cache was last refreshed, plus random_keys others. fc1 is linear, so the block mean of the
+        pre-activation is fc1 of the block mean of x: one small matmul instead of a dense fc1."""
+        s, cfg = self.state, self.config
+        now = F.linear(block_means(x, cfg.bm), self.w1.float(), self.b1.float())  # B, nb, hidden
+        change = (now - s.tensors["pre_mean"]).abs()
+        total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
+        top = min(total, int(round(cfg.top_keys * hidden)))
+        index = change.topk(top, dim=-1).indices
+        if total > top:
+            # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons.
+            gen = torch.Generator(device=x.device).manual_seed(1_000_003 * (s.index + 1) + step)
+            noise = torch.rand(change.shape, generator=gen, device=x.device)
+            noise.scatter_(-1, index, -1.0)
+            index = torch.cat([index, noise.topk(total - top, dim=-1).indices], dim=-1)
+        s.tensors["neuron_index"] = index.sort(dim=-1).values.to(torch.int32)
+        s.stats["reselect"] += 1
+
+
+@torch.library.custom_op("flux_harness::chipmunk_mlp", mutates_args=())
+def chipmunk_mlp_op(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+    """Opaque to torch.compile, like chipmunk_attention_op."""
+    return _layer(layer_id)(x)
+
+
+@chipmunk_mlp_op.register_fake
+def _(x, layer_id, out_features):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
+class ChipmunkFeedForward(torch.nn.Module):
+    """Replaces a double block's image `ff` (same name, same role: returns the MLP output with fc2's bias).
+    Holds the weights as its own parameters, so float8 quantization (which targets nn.Linear) leaves the
+    sparse gathers on bf16 weights."""
+
+    def __init__(self, ff: torch.nn.Module, layer: SparseMlpLayer):
+        super().__init__()
+        self.w1, self.b1 = ff.net[0].proj.weight, ff.net[0].proj.bias
+        self.w2, self.b2 = ff.net[2].weight, ff.net[2].bias
+        self.layer = layer
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return chipmunk_mlp_op(hidden_states, self.layer.id, self.w2.shape[0])
+
+
+class PassThrough(torch.nn.Module):
+    """Stands in for a single block's `proj_mlp` and `act_mlp`: the normalised input travels to `proj_out`
+    (through the block's own concat), which computes the sparse MLP from it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class ChipmunkSingleProjOut(torch.nn.Module):
+    """A single block's `proj_out` (linear2) split into the attention-output part and the MLP's fc2.
+    Input: cat([attention output (dim), normalised block input (dim)]); output: the block's pre-gate
+    feature = attn @ Wa^T + bias + MLP(x) with linear2's bias added ONCE (Chipmunk's reference adds it
+    in both halves)."""
+
+    def __init__(self, proj_out: torch.nn.Linear, proj_mlp: torch.nn.Linear, layer_index: int, clock: StepClock,
+                 config: MlpConfig):
+        super().__init__()
+        dim = proj_out.out_features
+        self.dim = dim
+        self.weight_attn = torch.nn.Parameter(proj_out.weight[:, :dim].detach(), requires_grad=False)
+        self.bias = proj_out.bias
+        self.w1, self.b1 = proj_mlp.weight, proj_mlp.bias
+        self.w2 = torch.nn.Parameter(proj_out.weight[:, dim:].detach(), requires_grad=False)
+        self.layer = SparseMlpLayer(layer_index, clock, config, self.w1, self.b1, self.w2, None)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        attn_output, x = hidden_states.split([self.dim, hidden_states.shape[-1] - self.dim], dim=-1)
+        mlp = chipmunk_mlp_op(x.contiguous(), self.layer.id, self.dim)
+        return F.linear(attn_output, self.weight_attn, self.bias) + mlp
+
+
+# --- applying it to a FLUX pipeline ----------------------------------------------------------------
+
+def apply_chipmunk(pipeline, args) -> str:
+    """Layer 3 of optimize(): sparse attention and MLP deltas on the FLUX transformer, token reorder hooks.
+    Returns the stack's status line."""
+    config = load_chipmunk_config(args.chipmunk_config, height=args.height, width=args.width,
+                                  pixels_per_token=getattr(pipeline, "vae_scale_factor", 8) * 2)
+    return apply_chipmunk_config(pipeline, config)
+
+
+def apply_chipmunk_config(pipeline, config: ChipmunkConfig) -> str:
+    transformer = pipeline.transformer
+    clock = StepClock(pipeline.scheduler)
+    doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
+    sparse_attn, sparse_mlp = 0, 0
+    for index, block in enumerate(doubles + singles):
+        is_double = index < len(doubles)
+        if config.attn.is_enabled and index >= config.attn.first_n_dense_layers:
+            layer = SparseAttentionLayer(index, clock, config.attn, _dense_attention_like(block.attn.processor))
+            block.attn.set_processor(ChipmunkAttnProcessor(layer))
+            sparse_attn += 1
+        if config.mlp.is_enabled and index >= config.mlp.first_n_dense_layers:
+            if is_double:  # image MLP sparse; the text MLP (ff_context) stays dense
+                ff = block.ff
+                block.ff = ChipmunkFeedForward(ff, SparseMlpLayer(index, clock, config.mlp, ff.net[0].proj.weight,
+                                                                  ff.net[0].proj.bias, ff.net[2].weight,
+                                                                  ff.net[2].bias))
+            else:
+                block.proj_out = ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, index, clock, config.mlp)
+                block.proj_mlp, block.act_mlp = PassThrough(), PassThrough()
+            sparse_mlp += 1
+    reorder = "off"
+    if config.patchify.is_enabled:
+        hooks = TokenReorder(config.patchify)
+        transformer.register_forward_pre_hook(hooks.pre_hook, with_kwargs=True)
+        transformer.register_forward_hook(hooks.post_hook, with_kwargs=True)
+        transformer.chipmunk_reorder = hooks
+        reorder = f"{config.patchify.chunk_size_1}x{config.patchify.chunk_size_1}/" \
+                  f"{config.patchify.chunk_size_2}x{config.patchify.chunk_size_2} patches"
+    a, m = config.attn, config.mlp
+    return (f"applied: attention top {a.top_keys:.3g} keys per {a.mbm}-query group on {sparse_attn} layers "
+            f"(dense every {a.full_step_every}); MLP top {m.top_keys:.3g}+{m.random_keys:.3g} random neurons per "
+            f"{m.bm}-token block on {sparse_mlp} layers (dense every {m.full_step_every}); token reorder {reorder}; "
+            f"kernels: {backend_status(transformer.device)}")
+
+
+def chipmunk_stats(pipeline) -> dict[str, dict[str, int]]:
+    """Dense/sparse/reselect counts per sparse layer (for tests and reports)."""
+    out = {}
+    for ref in _LAYERS.values():
+        layer = ref()
+        if layer is not None and layer.state.clock.scheduler is pipeline.scheduler:
+            out[layer.state.name] = dict(layer.state.stats)
+    return out

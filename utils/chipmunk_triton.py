@@ -1,0 +1,273 @@
+"""Triton kernels for Chipmunk's sparse deltas (written for H100; any Triton GPU runs them).
+
+The PyTorch reference in utils/chipmunk.py defines what each function must return; these compute
+the same thing faster. The module imports cleanly without Triton or a GPU: TRITON_AVAILABLE is then
+False, UNAVAILABLE_REASON says why, and utils.chipmunk uses its reference path (slowly, and says so
+in the stack's status line). With TRITON_INTERPRET=1 the kernels run on CPU tensors through
+Triton's interpreter (small shapes only), which is how the tests check them without a GPU.
+
+Kernels (q, k, v in FLUX's (batch, tokens, heads, head_dim) layout, any strides with head_dim
+contiguous):
+  * row log-sum-exp, then softmax column sums per query group (dense steps: picks the key set);
+  * sparse attention over gathered key indices with online softmax (FlashAttention-2 style loop,
+    but each query tile walks its group's index list instead of all keys), plus the cached delta;
+  * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh) + subtraction of the
+    activation cache (and its update), then fc2 on gathered rows of W2^T added into the output cache.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+try:
+    import triton
+    import triton.language as tl
+
+    _IMPORTED, UNAVAILABLE_REASON = True, ""
+except Exception as e:  # noqa: BLE001 - any import failure means: use the reference path
+    _IMPORTED, UNAVAILABLE_REASON = False, f"triton import failed: {type(e).__name__}: {e}"
+
+if _IMPORTED and not (torch.cuda.is_available() or INTERPRET):
+    UNAVAILABLE_REASON = "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on CPU, slowly)"
+TRITON_AVAILABLE = _IMPORTED and not UNAVAILABLE_REASON
+if _IMPORTED is False and torch.cuda.is_available():
+    print(f"[chipmunk] WARNING: Triton kernels unavailable ({UNAVAILABLE_REASON}); Chipmunk falls back to its "
+          f"PyTorch reference, which is SLOWER than dense attention")
+
+GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(2c (x + 0.044715 x^3))
+LOG2E = 1.4426950408889634
+
+
+def _configs(full: list[dict], interpreted: dict) -> list:
+    """Autotune candidates; a single small one under the interpreter (no timing there)."""
+    if INTERPRET:
+        return [triton.Config(interpreted, num_warps=4, num_stages=1)]
+    return [triton.Config({k: v for k, v in c.items() if k not in ("w", "s")}, num_warps=c["w"], num_stages=c["s"])
+            for c in full]
+
+
+def _row_tile(rows_per_group: int, cap: int) -> int:
+    """Largest power-of-two tile <= cap dividing the group, so that a tile never straddles two groups."""
+    for tile in (128, 64, 32, 16):
+        if tile <= cap and rows_per_group % tile == 0:
+            return tile
+    raise ValueError(f"Chipmunk Triton kernels need the group/block size ({rows_per_group}) to be a multiple of 16")
+
+
+if TRITON_AVAILABLE:
+
+    # --- attention: dense-step column sums ---------------------------------------------------------
+
+    @triton.jit
+    def _row_lse_kernel(Q, K, LSE, sqb, sql, sqh, skb, skl, skh, L, LK, H, scale_log2,
+                        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + d[None, :], mask=rows[:, None] < L, other=0.0)
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BLOCK_M], tl.float32)
+        for start in range(0, LK, BLOCK_N):
+            cols = start + tl.arange(0, BLOCK_N)
+            k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + d[None, :], mask=cols[:, None] < LK, other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(cols[None, :] < LK, s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            s_sum = s_sum * tl.exp2(m - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), 1)
+            m = m_new
+        tl.store(LSE + bh * L + rows, m + tl.log2(s_sum), mask=rows < L)  # log2 domain
+
+    @triton.autotune(configs=_configs([dict(BLOCK_N=128, w=4, s=3), dict(BLOCK_N=64, w=4, s=3),
+                                       dict(BLOCK_N=128, w=8, s=3)], dict(BLOCK_N=16)), key=["LK", "D", "GROUP"])
+    @triton.jit
+    def _column_sum_kernel(Q, K, LSE, OUT, sqb, sql, sqh, skb, skl, skh, L, LK, H, G, scale_log2,
+                           D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        pid_n, g, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        b, h = bh // H, bh % H
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        d = tl.arange(0, D)
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + d[None, :], mask=cols[:, None] < LK, other=0.0)
+        acc = tl.zeros([BLOCK_N], tl.float32)
+        for i in tl.static_range(0, GROUP, BLOCK_M):
+            rows = g * GROUP + i + tl.arange(0, BLOCK_M)
+            q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + d[None, :], mask=rows[:, None] < L, other=0.0)
+            lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))
+            p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+            acc += tl.sum(tl.where(rows[:, None] < L, p, 0.0), 0)
+        tl.store(OUT + (bh * G + g) * LK + cols, acc, mask=cols < LK)
+
+    # --- attention: sparse over gathered keys ------------------------------------------------------
+
+    @triton.autotune(configs=_configs([dict(BLOCK_N=64, w=4, s=3), dict(BLOCK_N=128, w=8, s=3),
+                                       dict(BLOCK_N=64, w=4, s=4), dict(BLOCK_N=128, w=4, s=2)],
+                                      dict(BLOCK_N=16)), key=["L", "NK", "D", "GROUP"])
+    @triton.jit
+    def _sparse_attention_kernel(Q, K, V, IDX, OC, O, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
+                                 L, H, G, NK, scale_log2, D: tl.constexpr, GROUP: tl.constexpr,
+                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr):
+        pid_m, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        g = (pid_m * BLOCK_M) // GROUP
+        d = tl.arange(0, D)
+        q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + d[None, :], mask=rows[:, None] < L, other=0.0)
+        index = IDX + (bh * G + g) * NK
+        k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+        m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        s_sum = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        for start in range(0, NK, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            valid = j < NK
+            key = tl.load(index + j, mask=valid, other=0)
+            k = tl.load(k_base + key[:, None] * skl + d[None, :])
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            s = tl.where(valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            v = tl.load(v_base + key[:, None] * svl + d[None, :])
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / s_sum[:, None]
+        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
+        if HAS_CACHE:
+            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
+
+    # --- MLP: fc1 on gathered neurons, fused bias + GELU + cache delta ------------------------------
+
+    @triton.autotune(configs=_configs([dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=4, s=4),
+                                       dict(BLOCK_K=128, BLOCK_D=32, w=4, s=4), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3)],
+                                      dict(BLOCK_K=16, BLOCK_D=16)),
+                     key=["L", "NK", "DM", "BLOCK_M"], restore_value=["ACT"], reset_to_zero=["PRESUM"])
+    @triton.jit
+    def _sparse_fc1_kernel(X, W1, B1, IDX, ACT, DELTA, PRESUM, sxb, sxl, sab, sal, sdb, sdl,
+                           L, DM, NK, NB, TOKENS_PER_BLOCK,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        pid_k, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
+        j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        jvalid = j < NK
+        neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=jvalid, other=0)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        for d0 in range(0, DM, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            x = tl.load(X + b * sxb + rows[:, None] * sxl + dd[None, :], mask=(rows[:, None] < L) & (dd[None, :] < DM),
+                        other=0.0)
+            w = tl.load(W1 + neuron[:, None] * DM + dd[None, :], mask=dd[None, :] < DM, other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        pre = acc + tl.load(B1 + neuron).to(tl.float32)[None, :]
+        z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # 2z, with 2 sqrt(2/pi) = GELU_TANH_2C
+        act = pre / (1.0 + tl.exp(-z2))  # gelu_tanh(x) = x * sigmoid(2z)
+        mask = (rows[:, None] < L) & jvalid[None, :]
+        act_ptr = ACT + b * sab + rows[:, None] * sal + neuron[None, :]
+        act_rounded = act.to(ACT.dtype.element_ty)  # deltas telescope in the cache's dtype
+        delta = act_rounded.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DELTA + b * sdb + rows[:, None] * sdl + j[None, :], delta.to(DELTA.dtype.element_ty), mask=mask)
+        tl.store(act_ptr, act_rounded, mask=mask)
+        tl.atomic_add(PRESUM + (b * NB + blk) * NK + j, tl.sum(tl.where(rows[:, None] < L, pre, 0.0), 0), mask=jvalid)
+
+    # --- MLP: fc2 on gathered rows of W2^T, added into the output cache -----------------------------
+
+    @triton.autotune(configs=_configs([dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+                                       dict(BLOCK_N=128, BLOCK_K=32, w=4, s=4), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3)],
+                                      dict(BLOCK_N=16, BLOCK_K=16)),
+                     key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
+    @triton.jit
+    def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, sdb, sdl, sob, sol, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        pid_n, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, NK, BLOCK_K):
+            j = k0 + tl.arange(0, BLOCK_K)
+            jvalid = j < NK
+            neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=jvalid, other=0)
+            delta = tl.load(DELTA + b * sdb + rows[:, None] * sdl + j[None, :],
+                            mask=(rows[:, None] < L) & jvalid[None, :], other=0.0)
+            w = tl.load(W2T + neuron[:, None] * NOUT + cols[None, :], mask=jvalid[:, None] & (cols[None, :] < NOUT),
+                        other=0.0)
+            acc += tl.dot(delta, w)
+        mask = (rows[:, None] < L) & (cols[None, :] < NOUT)
+        out_ptr = OUT + b * sob + rows[:, None] * sol + cols[None, :]
+        tl.store(out_ptr, tl.load(out_ptr, mask=mask, other=0.0) + acc, mask=mask)
+
+
+def _check_head_dim(q: torch.Tensor) -> int:
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1) or q.stride(-1) != 1:
+        raise ValueError(f"Chipmunk attention kernels need a power-of-two head dim >= 16, contiguous (got {D})")
+    return D
+
+
+def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int) -> torch.Tensor:
+    """Same as utils.chipmunk.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group."""
+    B, L, H, D = q.shape
+    _check_head_dim(q)
+    LK, G = k.shape[1], math.ceil(L / group)
+    block_m = _row_tile(group, 64)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    scale_log2 = D ** -0.5 * LOG2E
+    _row_lse_kernel[(triton.cdiv(L, block_m), B * H)](
+        q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), L, LK, H, scale_log2,
+        D=D, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64, num_warps=4)
+    out = torch.empty(B, H, G, LK, device=q.device, dtype=torch.float32)
+    grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), G, B * H)  # noqa: E731
+    _column_sum_kernel[grid](q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+                             k.stride(2), L, LK, H, G, scale_log2, D=D, GROUP=group, BLOCK_M=block_m)
+    return out
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
+                     o_cache: torch.Tensor | None = None) -> torch.Tensor:
+    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), (B, L, H, D) in q's dtype."""
+    B, L, H, D = q.shape
+    _check_head_dim(q)
+    G, NK = key_index.shape[2], key_index.shape[3]
+    index = key_index.to(torch.int32).contiguous()
+    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    cache = o_cache.contiguous() if o_cache is not None else out  # unread when HAS_CACHE is False
+    block_m = _row_tile(group, 64)
+    grid = (triton.cdiv(L, block_m), B * H)
+    _sparse_attention_kernel[grid](q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                                   k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
+                                   out.stride(1), out.stride(2), L, H, G, NK, D ** -0.5 * LOG2E, D=D, GROUP=group,
+                                   BLOCK_M=block_m, HAS_CACHE=o_cache is not None)
+    return out
+
+
+def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
+               act_cache: torch.Tensor, out_cache: torch.Tensor, block: int) -> torch.Tensor:
+    """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
+    w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows.
+    Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
+    B, L, DM = x.shape
+    NB, NK = neuron_index.shape[1], neuron_index.shape[2]
+    NOUT = w2_t.shape[1]
+    if x.stride(-1) != 1 or act_cache.stride(-1) != 1 or out_cache.stride(-1) != 1 or out_cache.dtype != torch.float32:
+        raise ValueError("sparse_mlp needs x, act_cache (last dim contiguous) and a float32 out_cache")
+    w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
+    index = neuron_index.to(torch.int32).contiguous()
+    block_m = _row_tile(block, 128)
+    delta = torch.empty(B, L, NK, device=x.device, dtype=w2_t.dtype)
+    pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
+    grid1 = lambda meta: (triton.cdiv(NK, meta["BLOCK_K"]), triton.cdiv(L, block_m), B)  # noqa: E731
+    _sparse_fc1_kernel[grid1](x, w1, b1, index, act_cache, delta, pre_sum, x.stride(0), x.stride(1),
+                              act_cache.stride(0), act_cache.stride(1), delta.stride(0), delta.stride(1),
+                              L, DM, NK, NB, block, BLOCK_M=block_m)
+    grid2 = lambda meta: (triton.cdiv(NOUT, meta["BLOCK_N"]), triton.cdiv(L, block_m), B)  # noqa: E731
+    _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
+                              out_cache.stride(1), L, NK, NOUT, NB, block, BLOCK_M=block_m)
+    counts = torch.full((NB,), float(block), device=x.device)
+    counts[-1] = L - (NB - 1) * block
+    return pre_sum / counts[None, :, None]
