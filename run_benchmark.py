@@ -34,6 +34,13 @@ def run_once(pipeline, args):
 def main(argv=None):
     parser = create_parser()
     args = resolved_defaults(parser.parse_args(argv))
+    if args.check == "interval1":
+        from utils.interval1_check import main as interval1_main
+
+        try:
+            raise SystemExit(interval1_main(args))
+        except StackError as e:
+            parser.error(str(e))
     try:
         validate_args(args)
     except StackError as e:
