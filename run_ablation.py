@@ -1,0 +1,180 @@
+"""Run an ablation sweep from a YAML config: every variant over every (prompt, seed), timed, with
+quality metrics against the baseline variant, and paper tables and plots under the output_dir.
+
+    python run_ablation.py --config configs/ablations/smoke.yaml                 # see it work (CPU, < 60 s)
+    torchrun --nproc-per-node 8 run_ablation.py --config configs/ablations/hicache_flux_dev.yaml
+    python run_ablation.py --config CFG --shard 3/16     # one Slurm array task (SLURM_ARRAY_TASK_ID/16)
+    python run_ablation.py --config CFG --merge          # after all shards: merge, metrics, reports
+    python run_ablation.py --download-metric-weights DIR # on a machine with internet
+
+Rerunning the same command after a kill resumes: finished images are kept, the rest is generated.
+Under torchrun, or with --shard, every worker must see the same output_dir (a shared filesystem
+across nodes): rank 0, or --merge, reads every shard's records and images from it.
+"""
+
+import time
+
+START = time.perf_counter()  # the sweep's wall time includes imports
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from utils import reports, sweep  # noqa: E402
+
+
+def create_ablation_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="configs/ablations/NAME.yaml")
+    parser.add_argument("--output_dir", default=None, help="instead of the config's output_dir")
+    parser.add_argument("--base", action="append", default=[], metavar="FLAG=VALUE",
+                        help="override one base flag of the config, e.g. --base num_inference_steps=8 (repeatable)")
+    parser.add_argument("--variants", default=None, metavar="A,B,...",
+                        help="only these variants of the config (the baseline is always kept)")
+    parser.add_argument("--limit_prompts", type=int, default=None, help="only the first N prompts of the set")
+    parser.add_argument("--seeds_per_prompt", type=int, default=None, help="instead of the config's")
+    parser.add_argument("--shard", default=None, metavar="I/N", help="generate shard I of N (0-based) and stop; "
+                        "run --merge when every shard is done")
+    parser.add_argument("--merge", action="store_true", help="no generation: merge the shards' records, compute "
+                        "metrics and write the reports")
+    parser.add_argument("--no_metrics", action="store_true", help="skip quality metrics (tables keep speed columns)")
+    parser.add_argument("--metrics_weights_dir", default=None, help="instead of the config's metrics_weights_dir")
+    parser.add_argument("--metrics_random_init", action="store_true",
+                        help="random-init metric models (no weights needed; values are meaningless)")
+    parser.add_argument("--download-metric-weights", dest="download_metric_weights", metavar="DIR", default=None,
+                        help="fetch every metric model's weights into DIR and exit (needs internet)")
+    parser.add_argument("--dry_run", action="store_true", help="validate the config, print the work list and exit")
+    return parser
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under torchrun, else (0, 1, 0)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, 0
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local)
+    # Ranks only meet at the end of generation; a long timeout lets the slowest finish its share.
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=12))
+    return dist.get_rank(), dist.get_world_size(), local
+
+
+def print_plan(config: sweep.SweepConfig, num_prompts: int) -> None:
+    print(f"[sweep] {config.name}: {len(config.variants)} variants x {num_prompts} prompts x {len(config.seeds)} "
+          f"seeds = {len(config.variants) * num_prompts * len(config.seeds)} images -> {config.output_dir}")
+    for v in config.variants:
+        mark = " (baseline)" if v.name == config.baseline else ""
+        print(f"  {v.name}{mark}: {' '.join(v.argv)}")
+        if v.stack_error:
+            print(f"    will be recorded as FAILED on this machine: {v.stack_error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = create_ablation_parser()
+    opts = parser.parse_args(argv)
+    if opts.download_metric_weights:
+        from utils.metrics import download_metric_weights
+
+        download_metric_weights(opts.download_metric_weights)
+        print(f"metric weights are in {opts.download_metric_weights}; pass --metrics_weights_dir "
+              f"{opts.download_metric_weights} (or set metrics_weights_dir in the config)")
+        return 0
+    if not opts.config:
+        parser.error("--config is required (or --download-metric-weights DIR)")
+    if opts.shard and opts.merge:
+        parser.error("--shard generates, --merge reports: run them as separate commands")
+    try:
+        config = sweep.load_config(opts.config, base_overrides=opts.base, output_dir=opts.output_dir,
+                                   prompt_limit=opts.limit_prompts, seeds_per_prompt=opts.seeds_per_prompt,
+                                   only_variants=opts.variants.split(",") if opts.variants else None)
+        config.metrics_random_init = config.metrics_random_init or opts.metrics_random_init
+        prompts = sweep.load_sweep_prompts(config)
+        shard = sweep.parse_shard(opts.shard) if opts.shard else (0, 1)
+    except (sweep.ConfigError, ValueError) as e:
+        parser.error(str(e))
+
+    rank, world, local_rank = distributed_rank()
+    if world > 1:
+        if opts.shard:
+            parser.error("--shard and torchrun both split the work: use one of them")
+        shard = (rank, world)
+    if rank == 0:
+        print_plan(config, len(prompts))
+    if opts.dry_run:
+        return 0
+    config.output_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0 and shard[0] == 0:
+        sweep.write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(
+            {**config.raw, "output_dir": str(config.output_dir), "command": " ".join(sys.argv)}, sort_keys=False))
+
+    device = f"cuda:{local_rank}" if torch.cuda.is_available() else None
+    generation = sweep.GenerationTiming()
+    if not opts.merge:
+        generation = sweep.run_generation(config, prompts, shard, device=device, show_progress=rank == 0)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        if rank != 0:
+            dist.destroy_process_group()
+            return 0
+    if opts.shard:
+        print(f"[sweep] shard {opts.shard} done ({generation.images} images in {generation.wall_s:.1f} s); when "
+              f"every shard is done: python run_ablation.py --config {opts.config} --merge")
+        return 0
+
+    merged = sweep.merge_records(config, prompts)
+    metrics_started = time.perf_counter()
+    per_image, per_set = {}, {}
+    if config.metrics and not opts.no_metrics:
+        per_image, per_set = sweep.compute_sweep_metrics(config, merged, device or "cpu", opts.metrics_weights_dir)
+    metrics_s = time.perf_counter() - metrics_started
+
+    interval1 = None
+    if config.interval1_check is not None:
+        interval1 = sweep.run_interval1_check(config.interval1_check, config.base_argv)
+
+    wall_s = time.perf_counter() - START
+    timing = {
+        "wall_s": wall_s,
+        "setup_s (load, compile, warm-up)": generation.setup_s,
+        "metrics_s": metrics_s,
+        "images generated now": generation.images,
+        "sum_image_latency_s": generation.sum_latency_s,
+        "wall / sum of latencies": wall_s / generation.sum_latency_s if generation.sum_latency_s else None,
+        "(wall - setup) / sum of latencies": ((wall_s - generation.setup_s) / generation.sum_latency_s
+                                              if generation.sum_latency_s else None),
+    }
+    if world > 1:
+        timing["ranks"] = world
+    written = reports.write_report(
+        config.output_dir, config.name, config.description, merged.records, [v.name for v in config.variants],
+        config.baseline, merged.status, config.metrics if not opts.no_metrics else [], per_image, per_set,
+        pareto_metrics=None if opts.no_metrics else config.report.get("pareto_metrics"),
+        grid_rows=config.report.get("grid_prompts", 3), timing=timing, interval1=interval1)
+    timing["wall_s_with_report"] = time.perf_counter() - START
+    sweep.write_text_atomic(config.output_dir / "timing.json", json.dumps(timing, indent=2))
+
+    print((config.output_dir / "summary.md").read_text().split("\n## Plots")[0])
+    print(f"[sweep] wrote {', '.join(sorted(p.name for p in written.values()))} in {config.output_dir}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    if interval1 is not None and interval1.get("status") != "PASS":
+        print(f"[sweep] interval=1 three-way check: {interval1.get('status')}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
