@@ -98,7 +98,7 @@ def forecast_coefficients(mode: str, x: float, num_orders: int, hicache_scale: f
     raise ValueError(f"no forecast for mode {mode!r}")
 
 
-def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tensor, distance: int,
+def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tensor, distance: int | torch.Tensor,
                        max_order: int) -> list[torch.Tensor]:
     """Finite differences over full steps: D0 = F, D_{i+1} = (D_i - D_i_prev) / d where D_i_prev exists."""
     orders = [feature]
@@ -106,6 +106,13 @@ def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tenso
         for i in range(min(max_order, len(previous))):
             orders.append((orders[i] - previous[i]) / distance)
     return orders
+
+
+def update_all_differences(previous: list[list[list[torch.Tensor]]], captured: list[list[torch.Tensor]],
+                           distance: torch.Tensor, max_order: int) -> list[list[list[torch.Tensor]]]:
+    """update_differences for every block and cached sub-module of a full step."""
+    return [[update_differences(old, new, distance, max_order) for old, new in zip(old_block, new_block)]
+            for old_block, new_block in zip(previous, captured)]
 
 
 def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -177,6 +184,7 @@ class HarnessCache:
     # -- per generation --
     def reset(self) -> None:
         self.features: list[list[list[torch.Tensor]] | None] = [None] * self.num_blocks  # per block, per gate, orders
+        self.pending: list[list[torch.Tensor] | None] = [None] * self.num_blocks  # this full step's captures
         self.last_full: int | None = None
         self.full_steps = self.forecast_steps = 0
         self.step_kinds: list[str] = []
@@ -234,11 +242,9 @@ class HarnessCache:
         txt, img = block(**kwargs)
         captured = self._captured(index, block, text_len)
         if self.mode in SCHEDULED_MODES:
-            max_order = 0 if self.mode == "fora" else self.max_order
-            # Reference quirk kept: differences only once step > fe - 2 (with fe=3 the first uses d=1).
-            previous = self.features[index] if self.clock.step > self.first_enhance - 2 else None
-            self.features[index] = [self._update(previous[g] if previous else None, f, max_order)
-                                    for g, f in enumerate(captured)]
+            self.pending[index] = captured
+            if index == self.num_blocks - 1:
+                self._update_all_features()
         elif self.mode == "fbcache":
             img = self._fbcache(index, hidden_in, img)
         return txt, img
@@ -248,9 +254,18 @@ class HarnessCache:
             return [_take(block.attn)[0], _take(block.ff)]
         return [_take(block.proj_out)[:, text_len:]]  # the image rows of concat(txt, img)
 
-    def _update(self, previous, feature, max_order):
-        update = self._maybe_compiled("update", update_differences)
-        return update(previous, feature, self.distance, max_order)
+    def _update_all_features(self) -> None:
+        """After the last block of a full step: new finite differences for every cached feature at once
+        (one compiled graph on GPU instead of one small kernel per feature and order)."""
+        captured, self.pending = self.pending, [None] * self.num_blocks
+        max_order = 0 if self.mode == "fora" else self.max_order
+        # Reference quirk kept: differences only once step > fe - 2, so with fe=3 the first one uses d=1.
+        if self.features[0] is None or max_order == 0 or self.clock.step <= self.first_enhance - 2:
+            self.features = [[[f] for f in block] for block in captured]
+            return
+        distance = torch.tensor(float(self.distance), device=captured[0][0].device)  # a tensor: no recompile per d
+        update = self._maybe_compiled("update", update_all_differences)
+        self.features = update(self.features, captured, distance, max_order)
 
     def _coefficients(self, mode: str, num_orders: int, like: torch.Tensor) -> torch.Tensor:
         x = self.clock.step - self.last_full
@@ -305,7 +320,7 @@ class HarnessCache:
         return dict(mode=self.mode, interval=self.interval, max_order=self.max_order, first_enhance=self.first_enhance,
                     hicache_scale=self.hicache_scale, fbcache_threshold=self.fbcache_threshold,
                     fbcache_taylor=self.fbcache_taylor, full_steps=self.full_steps,
-                    forecast_steps=self.forecast_steps, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds)  # F full, c cached,
+                    forecast_steps=self.forecast_steps, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds),  # F full, c cached
                     flops_full_step=full_flops, flops_forecast_step=forecast_flops,
                     flops_speedup=(dense / actual) if actual else None, cache_memory_bytes=self.cache_memory_bytes)
 
@@ -448,9 +463,7 @@ class CacheDitStats:
     def stats(self) -> dict[str, Any]:
         import cache_dit
 
-        summaries = cache_dit.summary(self.pipeline, details=False)
-        summary = summaries[0] if isinstance(summaries, (list, tuple)) and summaries else summaries
-        cached = list(getattr(summary, "cached_steps", None) or [])
+        cached = list(cache_dit.summary(self.pipeline, logging=False)[-1].cached_steps or [])
         total = len(self.pipeline.scheduler.timesteps)
         return dict(mode="cache_dit", full_steps=total - len(cached), forecast_steps=len(cached),
                     flops_full_step=None, flops_forecast_step=None, flops_speedup=None, cache_memory_bytes=None,

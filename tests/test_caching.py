@@ -1,0 +1,272 @@
+"""Feature caching on the tiny pipeline (CPU, fp32): the six groups of issue 5, plus interval > 1, batch 2,
+stats(), regional compile and cache-dit."""
+
+import math
+import sys
+
+import pytest
+import torch
+
+from utils import caching
+from utils.benchmark_utils import pipeline_call_kwargs
+from utils.caching import (attach_cache, forecast_coefficients, hermite, is_full_step, predict, update_differences,
+                           validate_cache_args)
+from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+
+TINY_HIDDEN, TINY_IMAGE_TOKENS, TINY_TEXT_TOKENS = 32, 256, 32
+
+
+def generate(make_args, *flags, steps=6, prompt="a red cat", batch=1, pipe=None):
+    args = validate_args(make_args("--disable_bf16", "--num_inference_steps", str(steps), "--prompt", prompt, *flags))
+    if pipe is None:
+        pipe = optimize(load_pipeline(args), args)
+    images = pipe(**pipeline_call_kwargs(args), num_images_per_prompt=batch, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images
+    return pipe, images
+
+
+# --- 1. interval=1 equals no caching, bitwise ---------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["taylor", "hicache"])
+def test_interval_one_is_bitwise_identical_to_no_cache(make_args, mode):
+    _, reference = generate(make_args, "--cache_mode", "none")
+    pipe, cached = generate(make_args, "--cache_mode", mode, "--interval", "1")
+    assert torch.equal(reference, cached)
+    stats = pipe.transformer.harness_cache.stats()
+    assert (stats["full_steps"], stats["forecast_steps"]) == (6, 0)
+
+
+# --- 2. schedule ----------------------------------------------------------------------------------
+
+def expected_full_steps(num_steps, interval, first_enhance):  # ALGORITHMS.md 1, written out independently
+    return sorted(set(range(first_enhance)) | set(range(first_enhance - 1, num_steps, interval)))
+
+
+def test_schedule_50_steps_first_enhance_3(make_args):
+    pipe, _ = generate(make_args, "--cache_mode", "taylor", steps=1)  # one pipeline; parameters switched below
+    for interval, count in ((5, 12), (6, 10), (7, 9)):
+        attach_cache(pipe, "taylor", interval=interval)
+        generate(make_args, steps=50, pipe=pipe)
+        stats = pipe.transformer.harness_cache.stats()
+        full = [i for i, kind in enumerate(stats["step_kinds"]) if kind == "F"]
+        assert full == expected_full_steps(50, interval, 3) and len(full) == count
+        assert (stats["full_steps"], stats["forecast_steps"]) == (count, 50 - count)
+        # the pure rule agrees
+        last, pure = None, []
+        for s in range(50):
+            if is_full_step(s, last, interval, 3):
+                pure.append(s)
+                last = s
+        assert pure == full
+
+
+# --- 3. forecasts against an independent fp64 oracle ----------------------------------------------
+
+def oracle_run(feature_at, full_steps, forecast_step, max_order, first_enhance, mode, scale=0.6):
+    """TaylorSeer/HiCache reference style: dict of factors, quirk `step > fe - 2`, explicit sums."""
+    factors, activated = {}, []
+    for s in full_steps:
+        activated.append(s)
+        d = activated[-1] - activated[-2] if len(activated) > 1 else 1
+        new = {0: feature_at(s)}
+        for i in range(max_order):
+            if factors.get(i) is not None and s > first_enhance - 2:
+                new[i + 1] = (new[i] - factors[i]) / d
+            else:
+                break
+        factors = new
+    x = forecast_step - activated[-1]
+    if mode == "taylor":
+        return sum(factors[i] * x ** i / math.factorial(i) for i in factors), factors
+    herm = {0: lambda y: 1.0, 1: lambda y: 2 * y, 2: lambda y: 4 * y * y - 2, 3: lambda y: 8 * y ** 3 - 12 * y}
+    return factors[0] + sum(factors[i] * herm[i](scale * x) * scale ** i / math.factorial(i)
+                            for i in factors if i > 0), factors
+
+
+def harness_run(feature_at, full_steps, forecast_step, max_order, first_enhance, mode, scale=0.6):
+    orders, last = None, None
+    for s in full_steps:
+        previous = orders if s > first_enhance - 2 else None
+        orders = update_differences(previous, feature_at(s), s - last if last is not None else 1, max_order)
+        last = s
+    coeffs = torch.tensor(forecast_coefficients(mode, forecast_step - last, len(orders), scale), dtype=torch.float64)
+    return predict(orders, coeffs), orders
+
+
+def random_polynomial(degree, seed):
+    g = torch.Generator().manual_seed(seed)
+    coefficients = [torch.randn(3, 7, dtype=torch.float64, generator=g) for _ in range(degree + 1)]
+    return coefficients, lambda s: sum(c * float(s) ** j for j, c in enumerate(coefficients))
+
+
+@pytest.mark.parametrize("mode", ["taylor", "hicache"])
+def test_harness_recurrence_matches_oracle_with_reference_quirk(mode):
+    _, feature_at = random_polynomial(4, seed=1)
+    full = expected_full_steps(50, 5, 3)[:6]  # 0, 1, 2, 7, 12, 17: d = 1 then 5 (the quirk)
+    for step in (18, 19, 21):
+        ours, _ = harness_run(feature_at, full, step, 2, 3, mode)
+        oracle, _ = oracle_run(feature_at, full, step, 2, 3, mode)
+        torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-9)
+
+
+def test_taylor_order_one_is_exact_on_linear_features():
+    _, feature_at = random_polynomial(1, seed=2)
+    full = expected_full_steps(50, 6, 3)[:5]
+    for step in range(full[-1] + 1, full[-1] + 6):
+        forecast, orders = harness_run(feature_at, full, step, 1, 3, "taylor")
+        assert len(orders) == 2
+        torch.testing.assert_close(forecast, feature_at(step), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_kth_difference_of_degree_k_polynomial_is_its_kth_derivative(degree):
+    coefficients, feature_at = random_polynomial(degree, seed=3 + degree)
+    d = 4
+    full = [10 + d * i for i in range(degree + 2)]  # evenly spaced, past first_enhance
+    _, orders = harness_run(feature_at, full, full[-1] + 1, degree, 0, "taylor")
+    torch.testing.assert_close(orders[degree], math.factorial(degree) * coefficients[degree], rtol=1e-10, atol=1e-10)
+
+
+def test_naive_taylor_on_quadratic_lags_by_half_a_step_as_published():
+    coefficients, feature_at = random_polynomial(2, seed=7)
+    d = 5
+    full = [10, 10 + d, 10 + 2 * d]
+    for x in (1, 2, 4):
+        forecast, orders = harness_run(feature_at, full, full[-1] + x, 2, 0, "taylor")
+        second = 2 * coefficients[2]
+        torch.testing.assert_close(orders[2], second, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(forecast, feature_at(full[-1] + x) - second * d * x / 2, rtol=1e-10, atol=1e-9)
+        assert not torch.allclose(forecast, feature_at(full[-1] + x))  # not exact: that is the method
+
+
+def test_hicache_order_one_with_scale_inverse_sqrt2_equals_taylor_order_one():
+    _, feature_at = random_polynomial(3, seed=11)
+    full = expected_full_steps(50, 7, 3)[:4]
+    for step in (full[-1] + 1, full[-1] + 3, full[-1] + 6):
+        taylor, _ = harness_run(feature_at, full, step, 1, 3, "taylor")
+        hicache, _ = harness_run(feature_at, full, step, 1, 3, "hicache", scale=1 / math.sqrt(2))
+        torch.testing.assert_close(hicache, taylor, rtol=1e-12, atol=1e-12)
+    s, x = 0.6, 3.0  # order 2 has the constant term -sigma^2 that Taylor lacks
+    assert forecast_coefficients("hicache", x, 3, s)[2] == pytest.approx(2 * s ** 4 * x ** 2 - s ** 2, rel=1e-12)
+
+
+def test_hermite_recurrence_matches_closed_forms():
+    closed = [lambda y: 1.0, lambda y: 2 * y, lambda y: 4 * y ** 2 - 2, lambda y: 8 * y ** 3 - 12 * y,
+              lambda y: 16 * y ** 4 - 48 * y ** 2 + 12]
+    for y in torch.randn(20, dtype=torch.float64, generator=torch.Generator().manual_seed(5)).tolist():
+        for n, h in enumerate(closed):
+            assert hermite(n, y) == pytest.approx(h(y), rel=1e-12, abs=1e-12)
+
+
+# --- 4. reset -------------------------------------------------------------------------------------
+
+def test_second_prompt_does_not_forecast_from_the_first(make_args):
+    flags = ("--cache_mode", "hicache", "--interval", "3")
+    pipe, _ = generate(make_args, *flags, steps=8, prompt="a red cat")
+    _, b_after_a = generate(make_args, *flags, steps=8, prompt="a blue dog", pipe=pipe)
+    _, b_alone = generate(make_args, *flags, steps=8, prompt="a blue dog")
+    assert torch.equal(b_after_a, b_alone)
+
+
+# --- 5. FBCache -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("taylor", [False, True])
+def test_fbcache_threshold_zero_never_skips_huge_threshold_skips_after_warmup(make_args, taylor):
+    extra = ("--fbcache_taylor",) if taylor else ()
+    _, reference = generate(make_args, "--cache_mode", "none", steps=8)
+    pipe, never = generate(make_args, "--cache_mode", "fbcache", "--fbcache_threshold", "0", *extra, steps=8)
+    assert pipe.transformer.harness_cache.stats()["step_kinds"] == "F" * 8
+    assert torch.equal(never, reference)
+    pipe, always = generate(make_args, "--cache_mode", "fbcache", "--fbcache_threshold", "1e9", *extra, steps=8)
+    stats = pipe.transformer.harness_cache.stats()
+    assert stats["step_kinds"] == "F" + "c" * 7 and stats["forecast_steps"] == 7
+    assert stats["flops_forecast_step"] < stats["flops_full_step"] / 2  # block 0 only, of 6
+    assert torch.isfinite(always).all() and not torch.equal(always, reference)
+
+
+# --- 6. bad input ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("flags, fix", [
+    (("--interval", "0"), "--interval must be >= 1"),
+    (("--max_order", "-1"), "--max_order must be >= 0"),
+    (("--fbcache_threshold", "-0.1"), "--fbcache_threshold must be >= 0"),
+    (("--hicache_scale", "0"), "--hicache_scale must be > 0"),
+    (("--first_enhance", "-1"), "--first_enhance must be >= 0"),
+])
+def test_bad_values_name_the_fix(make_args, flags, fix):
+    with pytest.raises(StackError, match=fix):
+        validate_args(make_args("--cache_mode", "taylor", *flags))
+
+
+def test_unknown_mode_and_missing_cache_dit_inputs_are_refused(make_args, monkeypatch, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        make_args("--cache_mode", "teacache")
+    assert "invalid choice" in capsys.readouterr().err
+    pipe = load_pipeline(make_args("--disable_bf16"))
+    with pytest.raises(StackError, match="unknown cache mode"):
+        attach_cache(pipe, "teacache")
+    with pytest.raises(StackError, match="does not exist"):
+        validate_cache_args(make_args("--cache_dit_config", str(tmp_path / "missing.yaml")))
+    config = tmp_path / "c.yaml"
+    config.write_text("cache_config: {}\n")
+    monkeypatch.setitem(sys.modules, "cache_dit", None)  # as if not installed
+    with pytest.raises(StackError, match="pip install cache-dit"):
+        validate_cache_args(make_args("--cache_dit_config", str(config)))
+
+
+# --- beyond the six: forecasting is useful, batching, stats, compile, cache-dit -------------------
+
+def test_interval_above_one_changes_the_image_but_stays_close(make_args):
+    _, reference = generate(make_args, "--cache_mode", "none", steps=12)
+    for mode in ("fora", "taylor", "hicache"):
+        pipe, cached = generate(make_args, "--cache_mode", mode, "--interval", "3", steps=12)
+        assert pipe.transformer.harness_cache.stats()["forecast_steps"] == 6
+        error = (cached - reference).abs().mean().item()
+        assert 0 < error < 0.02, (mode, error)  # images in [0, 1]
+
+
+def test_batch_two_and_stats(make_args):
+    _, reference = generate(make_args, "--cache_mode", "none", batch=2, steps=8)
+    _, exact = generate(make_args, "--cache_mode", "taylor", "--interval", "1", batch=2, steps=8)
+    assert torch.equal(exact, reference)
+    pipe, cached = generate(make_args, "--cache_mode", "taylor", "--interval", "3", batch=2, steps=8)
+    assert cached.shape == reference.shape == (2, 3, 64, 64)
+    assert (cached - reference).abs().mean() < 0.02
+    stats = pipe.transformer.harness_cache.stats()
+    assert stats["step_kinds"] == "FFFccFcc" and (stats["full_steps"], stats["forecast_steps"]) == (4, 4)
+    dense = 8 * stats["flops_full_step"]
+    actual = 4 * stats["flops_full_step"] + 4 * stats["flops_forecast_step"]
+    assert 0 < stats["flops_forecast_step"] < stats["flops_full_step"] / 10
+    assert stats["flops_speedup"] == pytest.approx(dense / actual)
+    # 3 orders of 2 double x 2 + 4 single image features; single blocks' D0 is a view of the (text+image) rows
+    image = 3 * (2 * 2 + 4) * TINY_IMAGE_TOKENS
+    single_d0_text_rows = 4 * TINY_TEXT_TOKENS
+    assert stats["cache_memory_bytes"] == 2 * (image + single_d0_text_rows) * TINY_HIDDEN * 4
+
+
+def test_regionally_compiled_blocks_match_eager(make_args):
+    flags = ("--cache_mode", "taylor", "--interval", "3")
+    _, eager = generate(make_args, *flags, steps=6)
+    args = validate_args(make_args("--disable_bf16", *flags))
+    pipe = optimize(load_pipeline(args), args)
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+    for _ in range(2):  # second run: no recompiles needed, state reset
+        _, compiled = generate(make_args, *flags, steps=6, pipe=pipe)
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
+    cache = pipe.transformer.harness_cache
+    assert cache.forecast_backend == "aot_eager" and set(cache._compiled) == {"update", "forecast"}
+    assert cache.stats()["step_kinds"] == "FFFccF"
+
+
+def test_cache_dit_runs_through_its_public_api(make_args, tmp_path):
+    pytest.importorskip("cache_dit")
+    config = tmp_path / "skip_all.yaml"  # cache-dit's own format; a huge threshold to see cached steps here
+    config.write_text("cache_config:\n  max_warmup_steps: 2\n  max_continuous_cached_steps: -1\n"
+                      "  Fn_compute_blocks: 1\n  Bn_compute_blocks: 0\n  residual_diff_threshold: 1.0e+9\n"
+                      "  enable_taylorseer: true\n  taylorseer_order: 1\n")
+    pipe, images = generate(make_args, "--cache_dit_config", str(config), steps=8)
+    stats = pipe.transformer.harness_cache.stats()
+    assert stats["mode"] == "cache_dit" and stats["forecast_steps"] > 0
+    assert stats["full_steps"] + stats["forecast_steps"] == 8 and torch.isfinite(images).all()
+    _, shipped = generate(make_args, "--cache_dit_config", "configs/cache_dit.yaml", steps=4)
+    assert torch.isfinite(shipped).all()
