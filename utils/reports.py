@@ -27,7 +27,7 @@ def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: 
     """One row per variant, numeric (the CSV): mean and std where per-image values exist."""
     df = pd.DataFrame(records)
     if per_image:
-        df = df.join(pd.DataFrame.from_dict(per_image, orient="index"), on="key", rsuffix="_metric")
+        df = df.join(pd.DataFrame.from_dict(per_image, orient="index"), on="key")
     rows = []
     for name in variants:
         sub = df[df["variant"] == name] if len(df) else df
@@ -109,6 +109,13 @@ def _save(fig, output_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def pareto_front(points: pd.DataFrame, column: str, direction: str) -> list[str]:
+    """Variants that no other variant beats: none is at least as fast and strictly better in `column`."""
+    better = (lambda a, b: a < b) if direction == "lower" else (lambda a, b: a > b)
+    return [p["variant"] for _, p in points.iterrows()
+            if not any(o["speedup"] >= p["speedup"] and better(o[column], p[column]) for _, o in points.iterrows())]
+
+
 def pareto_plot(table: pd.DataFrame, metric: str, baseline: str, output_dir: Path) -> list[Path]:
     """Speedup (x) against one quality metric (y); the Pareto-optimal variants are joined by a line."""
     direction, label = QUALITY_METRICS[metric]
@@ -119,11 +126,7 @@ def pareto_plot(table: pd.DataFrame, metric: str, baseline: str, output_dir: Pat
     ax.scatter(points["speedup"], points[column], color="tab:blue", zorder=3)
     for _, p in points.iterrows():
         ax.annotate(p["variant"], (p["speedup"], p[column]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    # A variant is on the frontier when no other is at least as fast and strictly better in quality.
-    better = (lambda a, b: a < b) if direction == "lower" else (lambda a, b: a > b)
-    frontier = points.sort_values("speedup")
-    frontier = frontier[[not any(o["speedup"] >= p["speedup"] and better(o[column], p[column])
-                                 for _, o in points.iterrows()) for _, p in frontier.iterrows()]]
+    frontier = points[points["variant"].isin(pareto_front(points, column, direction))].sort_values("speedup")
     if len(frontier) > 1:
         ax.plot(frontier["speedup"], frontier[column], color="tab:red", lw=1, label="Pareto front", zorder=2)
     ax.set_xlabel("speedup over the baseline (latency)")
@@ -219,9 +222,11 @@ def write_report(output_dir: Path, title: str, description: str, records: list[d
         md += ["\n## interval=1 three-way check: " + interval1.get("status", "?") + "\n"]
         if interval1.get("reason"):
             md.append(interval1["reason"] + "\n")
-        if interval1.get("rows"):
+        if interval1.get("table_md"):
+            md.append(interval1["table_md"] + "\n")
+        elif interval1.get("rows"):
             md.append(markdown_table(pd.DataFrame(interval1["rows"])))
-        extra = {k: v for k, v in interval1.items() if k not in ("rows", "status", "reason", "passed")}
+        extra = {k: v for k, v in interval1.items() if k not in ("rows", "table_md", "status", "reason", "passed")}
         if extra:
             md.append("\n```json\n" + json.dumps(extra, indent=2, default=str) + "\n```\n")
     md += ["\n## Plots\n"] + [f"![{p.stem}]({p.name})\n" for p in plots if p.suffix == ".png"]

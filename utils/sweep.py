@@ -64,7 +64,9 @@ REPORT_KEYS = ("pareto_metrics", "grid_prompts")
 SWEEP_OWNED_FLAGS = {"prompt": "prompts come from `prompts:`", "seed": "seeds come from `seed:` and `seeds_per_prompt:`",
                      "output_file": "images go under output_dir", "image": "Kontext editing sweeps are not supported",
                      "num_runs": "every (prompt, seed) is timed once", "warmup_runs": "use the top-level `warmup_runs:`",
-                     "results_dir": "records go under output_dir", "trace_file": "use run_benchmark.py for traces"}
+                     "results_dir": "records go under output_dir", "trace_file": "use run_benchmark.py for traces",
+                     "check": "use the config's interval1_check: section",
+                     "check_tolerance": "use interval1_check: {tolerance: ...}"}
 # Layers of optimize() that change the transformer module in place (see the module docstring).
 MUTATING_LAYERS = ("qkv_fusion", "attention", "chipmunk", "feature_cache", "float8_quant", "compile_export")
 VARIANT_NAME = re.compile(r"^[A-Za-z0-9_.=+-]+$")
@@ -253,8 +255,9 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
         if m not in metrics or m not in known_metrics:
             raise ConfigError(f"{path}: report.pareto_metrics: {m!r} is not among the config's metrics")
     interval1 = raw.get("interval1_check")
-    if interval1 is not None and not isinstance(interval1, dict):
-        raise ConfigError(f"{path}: interval1_check must be a mapping (use {{}} for the defaults)")
+    if interval1 is not None:
+        _check_keys(interval1, INTERVAL1_KEYS, f"{path}: interval1_check")
+        flags_to_argv(interval1.get("flags") or {}, f"{path}: interval1_check.flags")
 
     return SweepConfig(
         name=str(raw.get("name") or path.stem), path=str(path), description=str(raw.get("description") or ""),
@@ -704,15 +707,20 @@ def _plain(value):
 
 # --- the interval=1 three-way check ----------------------------------------------------------------
 
+INTERVAL1_KEYS = ("tolerance", "flags")
+
+
 def run_interval1_check(section: dict[str, Any], base_argv: list[str]) -> dict[str, Any]:
-    """Hook for the Chipmunk layer's interval=1 three-way check (issue 3): dense vs dense+HiCache(1),
-    Chipmunk vs Chipmunk+HiCache(1). Expects `utils.chipmunk.interval1_check(args, **section)` to return
-    {"passed": bool, "rows": [{...}, ...], ...}; until it exists the section says NOT RUN."""
-    try:
-        from utils.chipmunk import interval1_check
-    except ImportError as e:
-        return {"passed": None, "status": "NOT RUN", "reason": f"utils.chipmunk.interval1_check is not available ({e})"}
-    args = parse_variant_args(base_argv, "interval1_check")
-    result = dict(interval1_check(args, **section))
-    result["status"] = "PASS" if result.get("passed") else "FAIL"
-    return result
+    """The Chipmunk layer's interval=1 three-way check (utils/interval1_check.py) on the config's base
+    flags plus `section["flags"]`: A dense, B dense + HiCache(1), C Chipmunk, D Chipmunk + HiCache(1);
+    B must equal A bitwise and D equal C within `tolerance` (relative L2 error of the final latents)."""
+    from utils.interval1_check import DEFAULT_TOLERANCE, format_table
+    from utils.interval1_check import run_interval1_check as three_way_check
+
+    argv = base_argv + flags_to_argv(section.get("flags") or {}, "interval1_check.flags")
+    args = parse_variant_args(argv, "interval1_check")
+    tolerance = float(section.get("tolerance", DEFAULT_TOLERANCE))
+    rows, passed = three_way_check(args, tolerance)
+    return {"status": "PASS" if passed else "FAIL", "passed": passed, "rows": rows, "table_md": format_table(rows),
+            "tolerance": tolerance,
+            "command": f"python run_benchmark.py --check interval1 --check_tolerance {tolerance} " + " ".join(argv)}
