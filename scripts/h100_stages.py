@@ -46,12 +46,14 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"comma list from {STAGES}")
     parser.add_argument("--compile_scope", default="regional", choices=("regional", "full"))
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode (default: inductor's default)")
-    parser.add_argument("--quant_granularity", default="tensor", choices=("tensor", "row"))
+    parser.add_argument("--quant_granularity", default="row", choices=("tensor", "row"))
     parser.add_argument("--step_runs", type=int, default=10)
     parser.add_argument("--e2e_runs", type=int, default=2)
     parser.add_argument("--cache-dir", dest="cache_dir", default="/tmp/flux-harness-aoti")
     parser.add_argument("--out", default="results/h100")
     parser.add_argument("--device", default="cuda", help="cpu only for a dry run with --ckpt tiny")
+    parser.add_argument("--deadline_s", type=float, default=None,
+                        help="skip the remaining stages once this many seconds have passed (results so far are kept)")
     opts = parser.parse_args()
     stages = opts.stages.split(",")
     unknown = set(stages) - set(STAGES)
@@ -89,6 +91,11 @@ def main() -> None:
         compile_utils.compile_transformer(transformer, opts.compile_scope, opts.compile_mode)
 
     for stage in stages:
+        if opts.deadline_s and time.perf_counter() - t0 > opts.deadline_s:
+            print(f"[stage] deadline of {opts.deadline_s:.0f} s reached: {stage} and later stages not run", flush=True)
+            record["not_run"] = stages[stages.index(stage):]
+            (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+            break
         note = ""
         t_apply = time.perf_counter()
         if stage == "compile":
@@ -125,7 +132,8 @@ def main() -> None:
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         e2e_s = median_ms(run, opts.e2e_runs, opts.device) / 1e3
-        row = {"stage": stage, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        row = {"stage": stage, "dynamo_graphs_so_far": graphs, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "note": note}
         record["rows"].append(row)
         eager = record["rows"][0]

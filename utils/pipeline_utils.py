@@ -168,7 +168,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         reason = fa3_unavailable_reason()
         if reason is None:
             transformer.set_attn_processor(FA3FluxAttnProcessor(fp8=args.fa3_fp8))
-            _report(report, "attention", "applied: FA3 " + ("fp8 e4m3 (per-head scales)" if args.fa3_fp8 else "bf16"))
+            _report(report, "attention", "applied: FA3 " + ("fp8 e4m3 q/k/v" if args.fa3_fp8 else "bf16"))
         else:
             _report(report, "attention", f"unavailable ({reason}): falling back to SDPA (cuDNN on GPU)")
 
