@@ -1,0 +1,257 @@
+"""Chipmunk (utils/chipmunk.py): config, token reorder, reference deltas, FLUX mapping, schedule, and the
+interval=1 three-way check, on the tiny pipeline with the PyTorch reference (CPU, float32). The Triton
+kernels are checked against the reference through Triton's CPU interpreter (small shapes)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from utils import chipmunk
+from utils.benchmark_utils import pipeline_call_kwargs
+from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "configs/chipmunk-tiny.yml")
+STEPS = 6  # tiny config, full_step_every 4: attention dense 0,1,4; MLP dense 0,4, reselect 1,3,5
+
+
+def rel(x, ref):
+    return float((x - ref).norm() / ref.norm())
+
+
+def latents(make_args, *extra, steps=STEPS):
+    args = make_args("--disable_bf16", "--num_inference_steps", str(steps), *extra)
+    validate_args(args)
+    pipe = load_pipeline(args)
+    optimize(pipe, args)
+    out = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(args.seed), output_type="latent").images
+    return out, pipe
+
+
+@pytest.fixture(scope="module")
+def dense_latents():
+    from conftest import tiny_args
+
+    return latents(tiny_args)[0]
+
+
+def write_config(tmp_path, **sections):
+    cfg = yaml.safe_load(Path(TINY_CONFIG).read_text())
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path = tmp_path / "chipmunk.yml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sections, message", [
+    ({"mlp": {"top_k": 0.3}}, "unknown key mlp.top_k"),
+    ({"attention": {"top_keys": 0.2}}, "unknown section 'attention'"),
+    ({"attn": {"top_keys": 0.0}}, "attn.top_keys must be a fraction in (0, 1]"),
+    ({"mlp": {"top_keys": 1.5}}, "mlp.top_keys must be a fraction in (0, 1]"),
+    ({"mlp": {"top_keys": "dd"}}, "mlp.top_keys must be a fraction in (0, 1]"),
+])
+def test_bad_config_is_refused_with_the_fix(make_args, tmp_path, sections, message):
+    path = write_config(tmp_path, **sections)
+    with pytest.raises(StackError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        validate_args(make_args("--chipmunk_config", path))
+
+
+def test_image_size_not_tiled_by_patches_is_refused(make_args):
+    flux = str(ROOT / "configs/chipmunk-flux.yml")
+    with pytest.raises(StackError, match=r"multiples of 128 px; got 1008x1024\. Use e\.g\. --height 896 or 1024"):
+        validate_args(make_args("--chipmunk_config", flux, "--height", "1008", "--width", "1024"))
+    with pytest.raises(StackError, match="no such file"):
+        validate_args(make_args("--chipmunk_config", "nope.yml"))
+
+
+def test_published_flux_config_values():
+    cfg = chipmunk.load_chipmunk_config(ROOT / "configs/chipmunk-flux.yml", height=768, width=1280)
+    assert (cfg.mlp.top_keys, cfg.mlp.random_keys, cfg.mlp.full_step_every, cfg.mlp.block_mask_cache) == (0.3, 0.05, 10, 2)
+    assert (cfg.attn.top_keys, cfg.attn.full_step_every, cfg.attn.mbm, cfg.mlp.bm) == (0.165, 10, 192, 128)
+    assert (cfg.patchify.chunk_size_1, cfg.patchify.chunk_size_2) == (8, 4)
+    assert chipmunk.rounded_count(0.165, 512 + 48 * 80, 128) == 768  # keys per query group at 1280x768
+    assert chipmunk.rounded_count(0.35, 12288, 256) == 4352  # neurons per token block
+
+
+# --- token reorder ----------------------------------------------------------------------------------
+
+def test_patch_order_groups_local_tokens_and_is_a_permutation():
+    h, w = 8, 16
+    perm = chipmunk.patch_order(h, w, 4, 2)
+    assert torch.equal(perm.sort().values, torch.arange(h * w))
+    rows, cols = perm // w, perm % w
+    assert rows[:4].tolist() == [0, 0, 1, 1] and cols[:4].tolist() == [0, 1, 0, 1]  # first 2x2 sub-patch
+    assert rows[:16].max() == 3 and cols[:16].max() == 3  # first 4x4 patch before anything else
+    assert rows[16:32].tolist() == rows[:16].tolist() and (cols[16:32] - 4).tolist() == cols[:16].tolist()
+
+
+def test_token_reorder_alone_keeps_the_dense_output(make_args, tmp_path, dense_latents):
+    path = write_config(tmp_path, attn={"is_enabled": False}, mlp={"is_enabled": False})
+    out, _ = latents(make_args, "--chipmunk_config", path)
+    assert rel(out, dense_latents) < 1e-5  # only the attention summation order changes
+
+
+# --- reference kernels ------------------------------------------------------------------------------
+
+def test_reference_attention_over_all_keys_is_dense_attention_and_delta_restores_it():
+    torch.manual_seed(1)
+    B, L, H, D, group = 2, 100, 3, 16, 32
+    q, k, v = (torch.randn(B, L, H, D) for _ in range(3))
+    dense = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    sums = chipmunk.attention_column_sums(q, k, group)
+    assert sums.shape == (B, H, 4, L)
+    torch.testing.assert_close(sums.sum(-1)[..., :3], torch.full((B, H, 3), float(group)), rtol=1e-5, atol=1e-4)
+    everything = chipmunk.select_key_columns(sums, L)
+    torch.testing.assert_close(chipmunk.sparse_attention_reference(q, k, v, everything, group), dense,
+                               rtol=1e-5, atol=1e-5)
+    some = chipmunk.select_key_columns(sums, 32)
+    partial = chipmunk.sparse_attention_reference(q, k, v, some, group)
+    assert rel(partial, dense) > 1e-2  # really sparse
+    torch.testing.assert_close(chipmunk.sparse_attention_reference(q, k, v, some, group, dense - partial), dense,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_reference_mlp_delta_with_all_neurons_tracks_the_dense_mlp():
+    torch.manual_seed(2)
+    B, L, d, hidden, out, block = 1, 70, 24, 64, 16, 32
+    w1, b1, w2 = torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / hidden ** 0.5
+    x_old, x_new = torch.randn(B, L, d), torch.randn(B, L, d)
+    act = F.gelu(F.linear(x_old, w1, b1), approximate="tanh")
+    out_cache = F.linear(act, w2).float()
+    everything = torch.arange(hidden, dtype=torch.int32).expand(B, 3, hidden).contiguous()
+    chipmunk.sparse_mlp_reference(x_new, w1, b1, w2, everything, act, out_cache, block)
+    expected_act = F.gelu(F.linear(x_new, w1, b1), approximate="tanh")
+    torch.testing.assert_close(act, expected_act, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cache, F.linear(expected_act, w2), rtol=1e-5, atol=1e-5)
+
+
+def test_single_block_proj_out_adds_linear2_bias_once():
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    from utils.step_clock import StepClock
+    from utils.flux_builders import build_tiny_pipeline
+
+    torch.manual_seed(3)
+    block = FluxSingleTransformerBlock(dim=32, num_attention_heads=2, attention_head_dim=16)
+    torch.nn.init.normal_(block.proj_out.bias, std=1.0)  # a bias large enough to see twice
+    attn_out, x = torch.randn(1, 40, 32), torch.randn(1, 40, 32)
+    expected = block.proj_out(torch.cat([attn_out, block.act_mlp(block.proj_mlp(x))], dim=2))
+    clock = StepClock(build_tiny_pipeline().scheduler)  # step_index None: the first step, dense
+    split = chipmunk.ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, 7, clock, chipmunk.MlpConfig(bm=16))
+    torch.testing.assert_close(split(torch.cat([attn_out, x], dim=2)), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- the layer in the pipeline ----------------------------------------------------------------------
+
+def test_sparsity_off_equals_the_dense_model(make_args, tmp_path, dense_latents):
+    path = write_config(tmp_path, attn={"top_keys": 1.0}, mlp={"top_keys": 1.0, "random_keys": 0.0})
+    out, pipe = latents(make_args, "--chipmunk_config", path)
+    stats = chipmunk.chipmunk_stats(pipe)
+    assert stats["attention layer 2"]["sparse"] == 3 and stats["MLP layer 5"]["sparse"] == 4  # sparse path ran
+    assert rel(out, dense_latents) < 1e-5
+
+
+def test_schedule_comes_from_the_step_index_and_resets_per_generation(make_args, dense_latents):
+    out, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
+    stats = chipmunk.chipmunk_stats(pipe)
+    assert "attention layer 0" not in stats and "MLP layer 0" not in stats  # first_n_dense_layers: 1
+    assert len(stats) == 10  # layers 1..5: one attention + one MLP each
+    for index in range(1, 6):
+        assert stats[f"attention layer {index}"] == {"dense": 3, "sparse": 3, "reselect": 0}  # 0,1,4 | 2,3,5
+        assert stats[f"MLP layer {index}"] == {"dense": 2, "sparse": 4, "reselect": 3}  # 0,4 | 1,2,3,5 | 1,3,5
+    assert torch.isfinite(out).all() and 1e-4 < rel(out, dense_latents) < 0.05  # sparse, and close to dense
+    pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", "3")), generator=torch.manual_seed(0),
+         output_type="latent")  # a second generation resets every layer at its first step
+    assert chipmunk.chipmunk_stats(pipe)["MLP layer 1"] == {"dense": 3, "sparse": 6, "reselect": 4}  # + 0 | 1,2 | 1
+
+
+def test_deferred_dense_rule():
+    due = chipmunk.due_since
+    dense = lambda t: chipmunk.attn_dense_step(t, chipmunk.AttnConfig(full_step_every=10))  # noqa: E731
+    assert due(None, 5, dense)  # nothing cached yet
+    assert [due(t - 1, t, dense) for t in range(12)] == [t in (0, 1, 10) for t in range(12)]  # every step computed
+    assert due(8, 15, dense) and not due(15, 19, dense) and due(15, 22, dense)  # 10 -> 15, 20 -> 22
+
+
+def test_hicache_interval3_on_chipmunk_defers_refreshes_and_gives_an_image(make_args):
+    chip, _ = latents(make_args, "--chipmunk_config", TINY_CONFIG, steps=10)
+    both, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG, "--cache_mode", "hicache", "--interval", "3",
+                         steps=10)
+    # full steps 0,1,2,5,8; attention dense on 0,1,4->5,8; MLP dense on 0,4->5,8, reselect on 1
+    stats = chipmunk.chipmunk_stats(pipe)
+    assert stats["attention layer 3"] == {"dense": 4, "sparse": 1, "reselect": 0}
+    assert stats["MLP layer 3"] == {"dense": 3, "sparse": 2, "reselect": 1}
+    assert torch.isfinite(both).all() and rel(both, chip) < 0.05  # an image near Chipmunk's, not noise
+
+
+def test_interval1_three_way_check(make_args):
+    pytest.importorskip("utils.caching")
+    from utils.interval1_check import run_interval1_check
+
+    rows, passed = run_interval1_check(make_args("--disable_bf16", "--num_inference_steps", str(STEPS),
+                                                 "--chipmunk_config", TINY_CONFIG), tolerance=1e-6)
+    by_pair = {r["pair"]: r for r in rows}
+    assert by_pair["B vs A"]["bitwise_equal"], by_pair["B vs A"]
+    assert by_pair["D vs C"]["rel_error"] <= 1e-6, by_pair["D vs C"]
+    assert by_pair["D vs B"]["rel_error"] > 1e-4  # Chipmunk really changed something
+    assert passed
+
+
+def test_chipmunk_blocks_compile_without_graph_breaks(make_args):
+    args = make_args("--disable_bf16", "--chipmunk_config", TINY_CONFIG)
+    pipe = load_pipeline(args)
+    chipmunk.apply_chipmunk(pipe, args)
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")  # fullgraph: a break would raise
+    out = pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", "3")), generator=torch.manual_seed(0),
+               output_type="latent").images
+    assert torch.isfinite(out).all()
+    assert chipmunk.chipmunk_stats(pipe)["attention layer 5"] == {"dense": 2, "sparse": 1, "reselect": 0}
+
+
+# --- Triton kernels, through the CPU interpreter ------------------------------------------------------
+
+KERNEL_CHECK = r"""
+import torch
+from utils import chipmunk as C, chipmunk_triton as T
+assert T.TRITON_AVAILABLE, T.UNAVAILABLE_REASON
+torch.manual_seed(4)
+B, L, H, D, group = 1, 80, 2, 16, 32
+q, k, v, o_cache = (torch.randn(B, L, H, D) for _ in range(4))
+sums = C.attention_column_sums(q, k, group)
+torch.testing.assert_close(T.attention_column_sums(q, k, group), sums, rtol=1e-5, atol=1e-5)
+index = C.select_key_columns(sums, 24)
+for cache in (None, o_cache):
+    torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),
+                               C.sparse_attention_reference(q, k, v, index, group, cache), rtol=1e-5, atol=1e-5)
+d, hidden, out, block, K = 32, 64, 24, 32, 20
+x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
+index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
+act, out_cache = torch.randn(B, L, hidden), torch.randn(B, L, out)
+act_ref, out_ref = act.clone(), out_cache.clone()
+pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
+means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, block)
+torch.testing.assert_close(act, act_ref, rtol=1e-5, atol=1e-5)
+torch.testing.assert_close(out_cache, out_ref, rtol=1e-5, atol=1e-5)
+assert (out_cache - out_ref).abs().max() < 1e-4 and not torch.equal(out_ref, torch.randn(B, L, out))
+rows = (torch.arange(3 * block) < L).view(3, block)
+torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
+print("kernels match the reference")
+"""
+
+
+def test_triton_kernels_match_the_reference_in_the_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "kernels match the reference" in result.stdout
