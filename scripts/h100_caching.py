@@ -1,0 +1,193 @@
+"""Feature caching on the H100: none vs fora / taylor / hicache at intervals 5, 6, 7, one compiled pipeline.
+
+random:flux-dev (full-size, random weights: real cost, meaningless images), 1024^2, 50 steps, the core's best
+dense stack (fused QKV + FA3 + float8 + regional compile). The cache is installed once by optimize() and its
+mode/interval switched per variant (`attach_cache`), so the blocks compile once for all variants. "none" is the
+same compiled pipeline with the cache in mode none: the capture hooks stay in the compiled blocks (their outputs
+are matmul outputs that are materialized anyway), so the baseline carries the same blocks.
+
+Per variant: one warm-up generation, then --runs timed ones (CUDA events around the denoising loop, from the
+first transformer call to the end of the last), medians; full/forecast step counts, FLOPs speedup (FlopCounterMode,
+see utils/caching.py), measured speedup over none, peak memory, and the median time of a forecast step vs a full
+step. Writes <out>/caching.json (after every variant, so a cut-off run keeps what it measured), caching.md and,
+unless --no_profile, the top CUDA kernels of one profiled generation of the last variant.
+
+    python scripts/h100_caching.py --out results/h100                      # H100
+    python scripts/h100_caching.py --out /tmp/dry --ckpt tiny --steps 8 --intervals 2 3   # CPU dry run
+Extra flags are passed to the core parser (e.g. --compile_mode default, --disable_quant).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils.benchmark_utils import (command_line, create_parser, environment_record, pipeline_call_kwargs,  # noqa: E402
+                                   resolved_defaults, stack_flags)
+from utils.caching import attach_cache, describe  # noqa: E402
+from utils.pipeline_utils import load_pipeline, optimize, validate_args  # noqa: E402
+
+START = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[h100_caching {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+
+
+class StepTimer:
+    """Times every transformer call (CUDA events on GPU, wall clock on CPU); kind from the cache's decision."""
+
+    def __init__(self, transformer, cuda: bool):
+        self.cuda, self.calls = cuda, []
+        self.cache = transformer.harness_cache
+        transformer.register_forward_pre_hook(self._start)
+        transformer.register_forward_hook(self._end)
+
+    def _stamp(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def _start(self, module, args):
+        self.calls.append([self._stamp(), None, None])
+
+    def _end(self, module, args, output):
+        self.calls[-1][1] = self._stamp()
+        self.calls[-1][2] = "full" if self.cache.full else "forecast"
+
+    def collect(self) -> tuple[float, dict[str, list[float]]]:
+        """(seconds from the first call's start to the last call's end, per-kind call seconds); clears."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            span = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731
+        else:
+            span = lambda a, b: b - a  # noqa: E731
+        total = span(self.calls[0][0], self.calls[-1][1])
+        per_kind: dict[str, list[float]] = {}
+        for start, end, kind in self.calls:
+            per_kind.setdefault(kind, []).append(span(start, end))
+        self.calls = []
+        return total, per_kind
+
+
+def main() -> None:
+    own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    own.add_argument("--out", required=True, help="directory for caching.json / caching.md")
+    own.add_argument("--steps", type=int, default=50)
+    own.add_argument("--size", type=int, default=None, help="image side; default 1024 (64 for tiny)")
+    own.add_argument("--modes", nargs="+", default=["fora", "taylor", "hicache"])
+    own.add_argument("--intervals", nargs="+", type=int, default=[5, 6, 7])
+    own.add_argument("--runs", type=int, default=2, help="timed generations per variant (after one warm-up)")
+    own.add_argument("--budget_s", type=float, default=450, help="skip remaining variants past this many seconds")
+    own.add_argument("--no_profile", action="store_true")
+    mine, core_flags = own.parse_known_args()
+    if "--ckpt" not in core_flags:
+        core_flags = ["--ckpt", "random:flux-dev", *core_flags]
+    # Install the cache through the core (taylor), so optimize() picks regional compile; modes switch below.
+    args = create_parser().parse_args([*core_flags, "--cache_mode", "taylor", "--num_inference_steps", str(mine.steps)])
+    if mine.size:
+        args.height = args.width = mine.size
+    args = validate_args(resolved_defaults(args))
+    out = Path(mine.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cuda = args.device.startswith("cuda")
+
+    log(f"loading {args.ckpt} ({args.height}x{args.width}, {args.num_inference_steps} steps)")
+    pipe = optimize(load_pipeline(args), args)
+    timer = StepTimer(pipe.transformer, cuda)
+    call = dict(pipeline_call_kwargs(args), output_type="latent")
+
+    def generate():
+        pipe(**call, generator=torch.Generator(device="cpu").manual_seed(args.seed))
+
+    record = dict(script="scripts/h100_caching.py", command=command_line(), environment=environment_record(args.device),
+                  stack=dict(getattr(pipe, "harness_stack", {})), stack_flags=stack_flags(args),
+                  steps=args.num_inference_steps, size=[args.height, args.width], runs_per_variant=mine.runs,
+                  variants=[], skipped=[])
+    variants = [("none", None)] + [(m, n) for m in mine.modes for n in mine.intervals]
+    for mode, interval in variants:
+        if time.perf_counter() - START > mine.budget_s:
+            record["skipped"].append(f"{mode} N={interval}: past --budget_s {mine.budget_s}")
+            log(f"skipping {mode} N={interval}: budget spent")
+            continue
+        cache = attach_cache(pipe, mode, **({} if interval is None else {"interval": interval}))
+        label = describe(cache)
+        t0 = time.perf_counter()
+        generate()  # warm-up: compiles (first variant: the blocks; first of a mode: the cheap paths), counts FLOPs
+        timer.collect()
+        log(f"{label}: warm-up {time.perf_counter() - t0:.1f}s")
+        totals, kinds, peaks = [], {}, []
+        for _ in range(mine.runs):
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            generate()
+            total, per_kind = timer.collect()
+            totals.append(total)
+            for k, v in per_kind.items():
+                kinds.setdefault(k, []).extend(v)
+            peaks.append(torch.cuda.max_memory_allocated() if cuda else None)
+        stats = cache.stats()
+        row = dict(variant=label, mode=mode, interval=interval, denoise_s_median=statistics.median(totals),
+                   denoise_s_all=totals, full_steps=stats["full_steps"], forecast_steps=stats["forecast_steps"],
+                   step_kinds=stats["step_kinds"], flops_full_step=stats["flops_full_step"],
+                   flops_forecast_step=stats["flops_forecast_step"], flops_speedup=stats["flops_speedup"],
+                   cache_memory_gb=stats["cache_memory_bytes"] / 1e9, peak_memory_gb=(peaks[-1] or 0) / 1e9,
+                   full_step_ms_median=1e3 * statistics.median(kinds["full"]) if "full" in kinds else None,
+                   forecast_step_ms_median=1e3 * statistics.median(kinds["forecast"]) if "forecast" in kinds else None)
+        if row["forecast_step_ms_median"] and row["full_step_ms_median"]:
+            row["forecast_over_full"] = row["forecast_step_ms_median"] / row["full_step_ms_median"]
+        base = record["variants"][0]["denoise_s_median"] if record["variants"] else None
+        row["measured_speedup"] = base / row["denoise_s_median"] if base else 1.0
+        record["variants"].append(row)
+        log(f"{label}: {row['denoise_s_median']:.3f}s, {row['full_steps']} full / {row['forecast_steps']} forecast, "
+            f"measured {row['measured_speedup']:.2f}x, FLOPs {row['flops_speedup'] or 1:.2f}x")
+        (out / "caching.json").write_text(json.dumps(record, indent=2, default=str))
+
+    if not mine.no_profile and len(record["variants"]) > 1 and time.perf_counter() - START < mine.budget_s + 30:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            generate()
+        timer.collect()
+        sort = "cuda_time_total" if cuda else "cpu_time_total"
+        record["profile_variant"] = record["variants"][-1]["variant"]
+        (out / "caching_profile.txt").write_text(f"{record['profile_variant']}, one generation\n" +
+                                                 prof.key_averages().table(sort_by=sort, row_limit=30))
+        log("profile written")
+
+    (out / "caching.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / "caching.md").write_text(markdown(record))
+    print(markdown(record))
+    log("done")
+
+
+def markdown(record: dict) -> str:
+    env = record["environment"]
+    lines = [f"# Feature caching, {env.get('gpu') or env.get('cpu')}: {record['steps']} steps, "
+             f"{record['size'][0]}x{record['size'][1]}", "",
+             "Stack: " + "; ".join(f"{k}: {v}" for k, v in record["stack"].items()), "",
+             "| variant | denoise s (median) | full / forecast steps | FLOPs speedup | measured speedup | "
+             "full step ms | forecast step ms | forecast / full | cache GB | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for r in record["variants"]:
+        lines.append(f"| {r['variant']} | {r['denoise_s_median']:.3f} | {r['full_steps']} / {r['forecast_steps']} | "
+                     f"{fmt(r['flops_speedup'], '.2f')} | {r['measured_speedup']:.2f} | "
+                     f"{fmt(r['full_step_ms_median'], '.1f')} | {fmt(r['forecast_step_ms_median'], '.2f')} | "
+                     f"{fmt(r.get('forecast_over_full'), '.1%')} | {r['cache_memory_gb']:.2f} | {r['peak_memory_gb']:.1f} |")
+    if record["skipped"]:
+        lines += ["", "Skipped: " + "; ".join(record["skipped"])]
+    lines += ["", f"Command: `{record['command']}`", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
