@@ -546,7 +546,7 @@ class SparseMlpLayer:
         cache was last refreshed, plus random_keys others. fc1 is linear, so the block mean of the
         pre-activation is fc1 of the block mean of x: one small matmul instead of a dense fc1."""
         s, cfg = self.state, self.config
-        now = F.linear(block_means(x, cfg.bm), self.w1.float(), self.b1.float())  # B, nb, hidden
+        now = F.linear(block_means(x, cfg.bm).to(self.w1.dtype), self.w1, self.b1).float()  # B, nb, hidden
         change = (now - s.tensors["pre_mean"]).abs()
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))

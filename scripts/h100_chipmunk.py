@@ -1,0 +1,367 @@
+"""Chipmunk on an H100: kernel correctness, kernel speed, the interval=1 check and end to end.
+
+Parts (--parts, comma-separated, run in this order; default all):
+  kernels    Triton vs the PyTorch reference on fresh random bf16 inputs at FLUX shapes (4608 tokens,
+             24 heads, head dim 128; MLP 3072 -> 12288 on 4608 tokens): softmax column sums, sparse
+             attention (+ o_cache), sparse MLP (act cache, out cache, pre-activation means). Relative error
+             must be within bf16 tolerance (2e-2); NaN fails.
+  speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
+             MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity.
+  interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
+  e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps: dense stack, Chipmunk (published
+             config), Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6), all with regional
+             torch.compile and no float8 (the same stack but for the layer under test).
+Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_h100.{json,md}.
+
+    python scripts/h100_chipmunk.py --out results/h100                 # all parts, ~7-8 min on an H100
+    python scripts/h100_chipmunk.py --out results/h100 --parts kernels,speed
+    TRITON_INTERPRET=1 python scripts/h100_chipmunk.py --dry-run --out /tmp/chipmunk_dry   # CPU, small shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from utils import chipmunk as C  # noqa: E402
+from utils import chipmunk_triton as T  # noqa: E402
+from utils.benchmark_utils import command_line, environment_record  # noqa: E402
+
+BF16_TOLERANCE = 2e-2
+FLUX = dict(tokens=4608, heads=24, head_dim=128, group=192, dim=3072, hidden=12288, block=128)
+SMALL = dict(tokens=320, heads=2, head_dim=32, group=64, dim=64, hidden=256, block=64)  # --dry-run
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out = out.double()
+    if not torch.isfinite(out).all():
+        return float("nan")
+    return float((out - ref.double()).norm() / ref.double().norm())
+
+
+def passed(err: float) -> bool:
+    return err == err and err <= BF16_TOLERANCE  # NaN fails
+
+
+def bench_ms(fn, dry: bool) -> float:
+    if dry:
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def attention_inputs(s: dict, device: str, dtype: torch.dtype):
+    shape = (1, s["tokens"], s["heads"], s["head_dim"])
+    return tuple(torch.randn(shape, device=device, dtype=dtype) for _ in range(4))
+
+
+def mlp_inputs(s: dict, device: str, dtype: torch.dtype, count: int):
+    d, hidden, tokens, block = s["dim"], s["hidden"], s["tokens"], s["block"]
+    x = torch.randn(1, tokens, d, device=device, dtype=dtype)
+    w1 = (torch.randn(hidden, d, device=device) / d ** 0.5).to(dtype)
+    b1 = (0.1 * torch.randn(hidden, device=device)).to(dtype)
+    w2 = (torch.randn(d, hidden, device=device) / hidden ** 0.5).to(dtype)
+    b2 = (0.1 * torch.randn(d, device=device)).to(dtype)
+    blocks = -(-tokens // block)
+    index = torch.rand(1, blocks, hidden, device=device).topk(count, dim=-1).indices.sort(dim=-1).values.int()
+    act = F.gelu(torch.randn(1, tokens, hidden, device=device), approximate="tanh").to(dtype)
+    out_cache = torch.randn(1, tokens, d, device=device, dtype=torch.float32)
+    return x, w1, b1, w2, b2, index, act, out_cache
+
+
+# --- part 1: kernel correctness ----------------------------------------------------------------------
+
+def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> dict:
+    torch.manual_seed(0)
+    rows = []
+    q, k, v, o_cache = attention_inputs(s, device, dtype)
+    ref_sums = C.attention_column_sums(q, k, s["group"])
+    keys = C.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
+    ref_index = C.select_key_columns(ref_sums, keys)
+    ref_attn = C.sparse_attention_reference(q, k, v, ref_index, s["group"], o_cache)
+    if not use_triton:
+        return {"skipped": f"Triton kernels unavailable ({T.UNAVAILABLE_REASON})", "rows": []}
+    sums = T.attention_column_sums(q, k, s["group"])
+    rows.append({"check": "softmax column sums per query group", "rel_err": rel_err(sums, ref_sums)})
+    index = C.select_key_columns(sums, keys)
+    overlap = float((index[..., :, None] == ref_index[..., None, :]).any(-1).float().mean())
+    rows.append({"check": "selected key sets, overlap with reference (info)", "rel_err": None, "value": overlap})
+    rows.append({"check": f"sparse attention + o_cache ({keys}/{s['tokens']} keys)",
+                 "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"], o_cache), ref_attn)})
+    plain_ref = C.sparse_attention_reference(q, k, v, ref_index, s["group"])
+    rows.append({"check": "sparse attention, no cache",
+                 "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"]), plain_ref)})
+    del q, k, v, o_cache, ref_sums, sums
+
+    count = C.rounded_count(0.35, s["hidden"], 16 if s is SMALL else 256)
+    x, w1, b1, w2, b2, index, act, out_cache = mlp_inputs(s, device, dtype, count)
+    act_ref, out_ref = act.clone(), out_cache.clone()
+    pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, s["block"])
+    means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, s["block"])
+    layer = C.SparseMlpLayer.__new__(C.SparseMlpLayer)  # only for its block-mean helper
+    ref_means = C.SparseMlpLayer._selected_block_means(layer, pre, s["tokens"])
+    rows.append({"check": f"sparse MLP: activation cache ({count}/{s['hidden']} neurons)",
+                 "rel_err": rel_err(act, act_ref)})
+    rows.append({"check": "sparse MLP: output cache", "rel_err": rel_err(out_cache, out_ref)})
+    rows.append({"check": "sparse MLP: fc1 pre-activation block means", "rel_err": rel_err(means, ref_means)})
+    for r in rows:
+        r["passed"] = None if r["rel_err"] is None else passed(r["rel_err"])
+    return {"rows": rows, "passed": all(r["passed"] for r in rows if r["passed"] is not None)}
+
+
+# --- part 2: kernel speed ----------------------------------------------------------------------------
+
+def dense_attention_fn(q, k, v, dry: bool):
+    qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # cuDNN's preferred layout
+    if dry:
+        return lambda: F.scaled_dot_product_attention(qt, kt, vt)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def run():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return F.scaled_dot_product_attention(qt, kt, vt)
+    return run
+
+
+def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: bool) -> dict:
+    torch.manual_seed(1)
+    sparse_attention = T.sparse_attention if use_triton else C.sparse_attention_reference
+    sparse_mlp = T.sparse_mlp if use_triton else None
+    multiple_k, multiple_n = (16, 16) if s is SMALL else (128, 128)
+    q, k, v, o_cache = attention_inputs(s, device, dtype)
+    dense_ms = bench_ms(dense_attention_fn(q, k, v, dry), dry)
+    sums = C.attention_column_sums(q, k, s["group"])
+    attn_rows = []
+    for fraction in (0.05, 0.1, 0.165, 0.25, 0.5, 1.0):
+        keys = C.rounded_count(fraction, s["tokens"], multiple_k)
+        index = C.select_key_columns(sums, keys)
+        ms = bench_ms(lambda: sparse_attention(q, k, v, index, s["group"], o_cache), dry)
+        attn_rows.append({"top_keys": fraction, "keys": keys, "ms": ms, "speedup_vs_dense": dense_ms / ms})
+    colsum_ms = bench_ms(lambda: (T.attention_column_sums if use_triton else C.attention_column_sums)(q, k, s["group"]),
+                         dry)
+    del q, k, v, o_cache, sums
+
+    mlp_rows, dense_mlp_ms = [], None
+    x, w1, b1, w2, b2, _, act, out_cache = mlp_inputs(s, device, dtype, 16)
+    dense_mlp_ms = bench_ms(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), dry)
+    w2_t = w2.t().contiguous()
+    blocks = -(-s["tokens"] // s["block"])
+    for fraction in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
+        count = C.rounded_count(fraction, s["hidden"], multiple_n)
+        index = torch.rand(1, blocks, s["hidden"], device=device).topk(count, -1).indices.sort(-1).values.int()
+        if sparse_mlp is None:
+            fn = lambda: C.sparse_mlp_reference(x, w1, b1, w2, index, act, out_cache, s["block"])  # noqa: E731
+        else:
+            fn = lambda: sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"])  # noqa: E731
+        ms = bench_ms(fn, dry)
+        mlp_rows.append({"top_keys": fraction, "neurons": count, "ms": ms, "speedup_vs_dense": dense_mlp_ms / ms})
+    attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
+    mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3)
+    return {
+        "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
+        "column_sums_ms (dense steps only)": colsum_ms, "attention": attn_rows,
+        "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows,
+        "targets": {"attention_16.5%_>=3x": attn_target["speedup_vs_dense"] >= 3.0,
+                    "mlp_30%_>=2x": mlp_target["speedup_vs_dense"] >= 2.0},
+    }
+
+
+# --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
+
+def run_child(cmd: list[str], timeout: float) -> tuple[int, str]:
+    print("[h100_chipmunk] $", " ".join(cmd), flush=True)
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired as e:
+        return 124, f"timed out after {timeout:.0f} s\n{(e.stdout or '')[-2000:] if isinstance(e.stdout, str) else ''}"
+    tail = (proc.stdout + proc.stderr)[-4000:]
+    print(tail[-1500:], flush=True)
+    return proc.returncode, tail
+
+
+def model_args(dry: bool) -> list[str]:
+    if dry:
+        return ["--ckpt", "tiny", "--disable_bf16"]
+    return ["--ckpt", "random:flux-dev", "--height", "768", "--width", "1280"]
+
+
+def part_interval1(out: Path, dry: bool, steps: int, timeout: float) -> dict:
+    config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
+    cmd = [sys.executable, "run_benchmark.py", "--check", "interval1", *model_args(dry), "--num_inference_steps",
+           str(steps), "--chipmunk_config", config, "--results_dir", str(out / "interval1")]
+    rc, tail = run_child(cmd, timeout)
+    records = sorted((out / "interval1").glob("interval1_*.json"))
+    record = json.loads(records[-1].read_text()) if records and rc in (0, 1) else None
+    return {"command": " ".join(cmd[1:]), "exit_code": rc, "passed": rc == 0,
+            "rows": record["rows"] if record else None, "log_tail": None if record else tail}
+
+
+def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
+    common = [*model_args(dry), "--num_inference_steps", str(steps), "--num_runs", str(runs), "--warmup_runs", "1",
+              "--disable_quant", "--results_dir", str(out / "e2e")]
+    common += ["--compile_export_mode", "disabled"] if dry else ["--compile_export_mode", "compile",
+                                                                  "--compile_scope", "regional"]
+    config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
+    variants = {
+        "dense stack": [],
+        "chipmunk": ["--chipmunk_config", config],
+        "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ["--chipmunk_config", config, "--cache_mode", "hicache",
+                                                               "--interval", "5", "--max_order", "2",
+                                                               "--first_enhance", "3", "--hicache_scale", "0.6"],
+    }
+    rows = []
+    for name, extra in variants.items():
+        left = deadline - time.time()
+        if left < 60 and not dry:
+            rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
+            continue
+        before = set((out / "e2e").glob("bench_*.json")) if (out / "e2e").exists() else set()
+        rc, tail = run_child([sys.executable, "run_benchmark.py", *common, *extra], left if not dry else 600)
+        new = sorted(set((out / "e2e").glob("bench_*.json")) - before) if (out / "e2e").exists() else []
+        if rc != 0 or not new:
+            rows.append({"variant": name, "exit_code": rc, "log_tail": tail})
+            continue
+        record = json.loads(new[-1].read_text())
+        rows.append({"variant": name, "median_s": record["latency_s"]["median"],
+                     "step_ms": 1e3 * record["stages_s"]["denoising_step"]["median"], "stack": record["stack"],
+                     "record": new[-1].name})
+    dense = next((r.get("median_s") for r in rows if r["variant"] == "dense stack"), None)
+    for r in rows:
+        if dense and r.get("median_s"):
+            r["speedup_vs_dense"] = dense / r["median_s"]
+    return {"steps": steps, "runs": runs, "rows": rows}
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+def markdown(record: dict) -> str:
+    lines = [f"# Chipmunk on {record['environment'].get('gpu') or 'CPU (dry run)'}", "", f"`{record['command']}`", ""]
+    k = record.get("kernels")
+    if k:
+        lines += [f"## Kernel correctness (Triton vs PyTorch reference, {'float32, interpreter' if record['dry_run'] else 'bf16'} inputs)", ""]
+        if k.get("skipped"):
+            lines.append(f"skipped: {k['skipped']}")
+        else:
+            lines += ["| check | rel. error | result |", "|---|---|---|"]
+            for r in k["rows"]:
+                if r["rel_err"] is None:
+                    lines.append(f"| {r['check']} | {r['value']:.4f} | info |")
+                else:
+                    lines.append(f"| {r['check']} | {r['rel_err']:.2e} | {'PASS' if r['passed'] else 'FAIL'} |")
+        lines.append("")
+    sp = record.get("speed")
+    if sp:
+        lines += ["## Kernel speed (median ms)", "",
+                  f"dense attention ({sp['dense_attention']}): {sp['dense_attention_ms']:.3f} ms; softmax column sums "
+                  f"(dense steps only): {sp['column_sums_ms (dense steps only)']:.3f} ms; dense MLP: "
+                  f"{sp['dense_mlp_ms']:.3f} ms", "",
+                  "| attention top_keys | keys | ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['top_keys']} | {r['keys']} | {r['ms']:.3f} | {r['speedup_vs_dense']:.2f}x |" for r in sp["attention"]]
+        lines += ["", "| MLP top_keys | neurons | ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['top_keys']} | {r['neurons']} | {r['ms']:.3f} | {r['speedup_vs_dense']:.2f}x |" for r in sp["mlp"]]
+        lines += ["", f"targets: {sp['targets']}", ""]
+    i1 = record.get("interval1")
+    if i1:
+        lines += ["## interval=1 three-way check", "", f"`{i1['command']}` -> exit {i1['exit_code']}", ""]
+        if i1.get("rows"):
+            from utils.interval1_check import format_table
+
+            lines += [format_table(i1["rows"]), ""]
+    e2e = record.get("e2e")
+    if e2e:
+        lines += [f"## End to end ({e2e['steps']} steps, median of {e2e['runs']})", "",
+                  "| variant | median s | step ms | speedup vs dense |", "|---|---|---|---|"]
+        for r in e2e["rows"]:
+            if "median_s" in r:
+                lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['step_ms']:.1f} | "
+                             f"{r.get('speedup_vs_dense', float('nan')):.2f}x |")
+            else:
+                lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | |")
+        lines.append("")
+    for name, seconds in record["part_seconds"].items():
+        lines.append(f"- {name}: {seconds:.1f} s")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="results/h100")
+    parser.add_argument("--parts", default="kernels,speed,interval1,e2e")
+    parser.add_argument("--dry-run", dest="dry_run", action="store_true",
+                        help="CPU, small shapes, tiny pipeline (Triton via TRITON_INTERPRET=1 when set)")
+    parser.add_argument("--budget_s", type=float, default=460, help="skip parts that would start after this")
+    parser.add_argument("--interval1_steps", type=int, default=12)
+    parser.add_argument("--e2e_steps", type=int, default=50)
+    parser.add_argument("--e2e_runs", type=int, default=2)
+    args = parser.parse_args()
+    t_start = time.time()
+    deadline = t_start + args.budget_s
+    dry = args.dry_run
+    device = "cpu" if dry else "cuda"
+    if not dry and not torch.cuda.is_available():
+        parser.error("no CUDA device: use --dry-run on CPU")
+    dtype = torch.float32 if dry else torch.bfloat16
+    shapes = SMALL if dry else FLUX
+    use_triton = T.TRITON_AVAILABLE
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    record = {"kind": "h100_chipmunk", "command": command_line(), "environment": environment_record(device),
+              "dry_run": dry, "shapes": shapes, "triton": use_triton, "triton_unavailable": T.UNAVAILABLE_REASON,
+              "bf16_tolerance": BF16_TOLERANCE, "part_seconds": {}}
+    name = "chipmunk_dryrun" if dry else "chipmunk_h100"
+
+    def save():
+        (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+        (out / f"{name}.md").write_text(markdown(record))
+
+    ok = True
+    for part in parts:
+        t0 = time.time()
+        if t0 > deadline:
+            record[part] = {"skipped": f"budget {args.budget_s:.0f} s spent"}
+            print(f"[h100_chipmunk] {part}: skipped (budget)")
+            continue
+        print(f"[h100_chipmunk] part {part} ...", flush=True)
+        if part == "kernels":
+            record["kernels"] = part_kernels(shapes, device, dtype, use_triton)
+            ok &= record["kernels"].get("passed", True)
+        elif part == "speed":
+            record["speed"] = part_speed(shapes, device, dtype, use_triton, dry)
+        elif part == "interval1":
+            record["interval1"] = part_interval1(out, dry, 6 if dry else args.interval1_steps, deadline - t0)
+            ok &= record["interval1"]["passed"]
+        elif part == "e2e":
+            record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline)
+        else:
+            parser.error(f"unknown part {part!r}")
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        record["part_seconds"][part] = time.time() - t0
+        save()
+        print(f"[h100_chipmunk] part {part} done in {time.time() - t0:.1f} s", flush=True)
+    save()
+    print(markdown(record))
+    print(f"[h100_chipmunk] {'OK' if ok else 'FAILED'} in {time.time() - t_start:.0f} s; records {out / name}.json/.md")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
