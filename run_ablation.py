@@ -38,6 +38,7 @@ def create_ablation_parser() -> argparse.ArgumentParser:
                         help="only these variants of the config (the baseline is always kept)")
     parser.add_argument("--limit_prompts", type=int, default=None, help="only the first N prompts of the set")
     parser.add_argument("--seeds_per_prompt", type=int, default=None, help="instead of the config's")
+    parser.add_argument("--warmup_runs", type=int, default=None, help="instead of the config's warmup_runs")
     parser.add_argument("--shard", default=None, metavar="I/N", help="generate shard I of N (0-based) and stop; "
                         "run --merge when every shard is done")
     parser.add_argument("--merge", action="store_true", help="no generation: merge the shards' records, compute "
@@ -97,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                    prompt_limit=opts.limit_prompts, seeds_per_prompt=opts.seeds_per_prompt,
                                    only_variants=opts.variants.split(",") if opts.variants else None)
         config.metrics_random_init = config.metrics_random_init or opts.metrics_random_init
+        if opts.warmup_runs is not None:
+            config.warmup_runs = opts.warmup_runs
         prompts = sweep.load_sweep_prompts(config)
         shard = sweep.parse_shard(opts.shard) if opts.shard else (0, 1)
     except (sweep.ConfigError, ValueError) as e:
@@ -144,15 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         interval1 = sweep.run_interval1_check(config.interval1_check, config.base_argv)
 
     wall_s = time.perf_counter() - START
-    timing = {
+    latency_sum = generation.sum_latency_s or None
+    timing = {  # this process's run; under torchrun rank 0's own share
         "wall_s": wall_s,
+        "generation_s": generation.wall_s,
         "setup_s (load, compile, warm-up)": generation.setup_s,
         "metrics_s": metrics_s,
         "images generated now": generation.images,
         "sum_image_latency_s": generation.sum_latency_s,
-        "wall / sum of latencies": wall_s / generation.sum_latency_s if generation.sum_latency_s else None,
-        "(wall - setup) / sum of latencies": ((wall_s - generation.setup_s) / generation.sum_latency_s
-                                              if generation.sum_latency_s else None),
+        "wall / sum of latencies": wall_s / latency_sum if latency_sum else None,
+        # per-image overhead of the loop itself (records, PNGs, progress), without setup, imports, metrics
+        "(generation - setup) / sum of latencies": ((generation.wall_s - generation.setup_s) / latency_sum
+                                                    if latency_sum else None),
     }
     if world > 1:
         timing["ranks"] = world

@@ -126,3 +126,11 @@ def test_flop_counts_come_from_the_caching_layer_when_present():
     FakeTransformer.harness_cache = None
     counts = sweep.cache_counts(FakePipeline(), args, dense_forward_flops=10)
     assert (counts["full_steps"], counts["forecast_steps"], counts["flops"], counts["flops_speedup"]) == (50, 0, 500, 1.0)
+
+
+def test_resume_refuses_a_variant_whose_flags_changed(tmp_path):
+    config = sweep.load_config(write_config(tmp_path))
+    old = {"key": "taylor/p0000_s0", "status": "ok", "variant": "taylor", "argv": ["--ckpt", "tiny", "--cache_mode", "fora"]}
+    with pytest.raises(sweep.ConfigError, match="variant 'taylor' was generated .* with flags '--ckpt tiny --cache_mode fora'"):
+        sweep.check_flags_unchanged(config, [old])
+    sweep.check_flags_unchanged(config, [{**old, "argv": config.variant("taylor").argv}])  # same flags: resumes

@@ -516,7 +516,7 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                 continue
             bar.set_postfix_str(variant.name)
             setup_started = time.perf_counter()
-            generated = 0
+            generated, pipeline = 0, None
             try:
                 args = parse_variant_args(variant.argv, variant.name)
                 if device is not None and args.device.startswith("cuda"):
@@ -547,7 +547,8 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                         timing.sum_latency_s += record["latency_s"]
                         generated += 1
                         bar.update(1)
-            except Exception as e:  # noqa: BLE001 - OOM, StackError, a layer's bug: record it and go on
+            except (Exception, SystemExit) as e:  # noqa: BLE001 - OOM, StackError, a missing package (the core
+                # exits with a message then): record it and go on
                 message = f"{type(e).__name__}: {e}"
                 print(f"[sweep] variant {variant.name} FAILED: {message}")
                 writer.submit_record({"key": f"{variant.name}/failed", "status": "failed", "variant": variant.name,
@@ -555,10 +556,12 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                                       "argv": variant.argv, "shard": f"{shard[0]}/{shard[1]}",
                                       "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
                 e.__traceback__ = None  # let go of the frames that hold GPU tensors
-                release(loaded)
+                pipeline = None
+                release(loaded)  # the failure may have left the transformer half-optimized
                 bar.update(len(variant_todo) - generated)
             finally:
                 STAGE_TIMER.enabled = False
+                pipeline = None  # only `loaded` may keep it: a reload must not hold two copies in GPU memory
     finally:
         writer.close()
         bar.close()
