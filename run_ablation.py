@@ -105,6 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     except (sweep.ConfigError, ValueError) as e:
         parser.error(str(e))
 
+    weights_dir = opts.metrics_weights_dir or config.metrics_weights_dir
+    if config.metrics and not opts.no_metrics and not config.metrics_random_init:
+        # Fail now, not after hours of generation (utils/metric_models.py checks each file at load time).
+        if not weights_dir:
+            parser.error(f"the config's metrics need weights: pass --metrics_weights_dir DIR (fill it with `python "
+                         f"run_ablation.py --download-metric-weights DIR` on a machine with internet), or "
+                         f"--metrics_random_init for a smoke run, or --no_metrics")
+        if not os.path.isdir(weights_dir):
+            parser.error(f"--metrics_weights_dir {weights_dir}: no such folder (fill it with `python run_ablation.py "
+                         f"--download-metric-weights {weights_dir}` on a machine with internet)")
+
     rank, world, local_rank = distributed_rank()
     if world > 1:
         if opts.shard:
@@ -139,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_started = time.perf_counter()
     per_image, per_set = {}, {}
     if config.metrics and not opts.no_metrics:
-        per_image, per_set = sweep.compute_sweep_metrics(config, merged, device or "cpu", opts.metrics_weights_dir)
+        per_image, per_set = sweep.compute_sweep_metrics(config, merged, device or "cpu", weights_dir)
     metrics_s = time.perf_counter() - metrics_started
 
     interval1 = None

@@ -184,3 +184,17 @@ def test_bad_config_stops_before_any_image(tmp_path, capsys):
     assert err.value.code == 2
     assert "variant 'x': unknown flag 'disable_fa33' (did you mean 'disable_fa3'?)" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_metric_weights_download_flag_and_missing_weights_error(tmp_path, monkeypatch, capsys):
+    from utils import metrics
+
+    fetched = []
+    monkeypatch.setattr(metrics, "download_metric_weights", fetched.append)
+    assert run_ablation.main(["--download-metric-weights", str(tmp_path / "w")]) == 0
+    assert fetched == [str(tmp_path / "w")]
+    config = small_config(tmp_path, metrics=["lpips"])  # real weights wanted, none given
+    with pytest.raises(SystemExit):
+        run_ablation.main(["--config", str(config)])
+    assert "--download-metric-weights DIR" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
