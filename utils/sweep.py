@@ -389,9 +389,10 @@ class RecordWriter:
 
     def submit(self, image, record: dict[str, Any]) -> None:
         self.pending.append(self.pool.submit(self._save, image, record))
-        for f in [f for f in self.pending if f.done()]:
+        finished = [f for f in self.pending if f.done()]
+        self.pending = [f for f in self.pending if f not in finished]
+        for f in finished:
             f.result()  # surface a failed write now, not at the end of the sweep
-        self.pending = [f for f in self.pending if not f.done()]
 
     def submit_record(self, record: dict[str, Any]) -> None:
         self.pending.append(self.pool.submit(self.append, record))
