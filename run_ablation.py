@@ -106,10 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
 
     weights_dir = opts.metrics_weights_dir or config.metrics_weights_dir
-    if config.metrics and not opts.no_metrics and not config.metrics_random_init:
+    from utils.metric_models import BUILDERS  # the metrics with a model (PSNR and SSIM need none)
+
+    needs_weights = [m for m in config.metrics if m in BUILDERS]
+    if needs_weights and not opts.no_metrics and not config.metrics_random_init:
         # Fail now, not after hours of generation (utils/metric_models.py checks each file at load time).
         if not weights_dir:
-            parser.error(f"the config's metrics need weights: pass --metrics_weights_dir DIR (fill it with `python "
+            parser.error(f"metrics {', '.join(needs_weights)} need weights: pass --metrics_weights_dir DIR (fill it with `python "
                          f"run_ablation.py --download-metric-weights DIR` on a machine with internet), or "
                          f"--metrics_random_init for a smoke run, or --no_metrics")
         if not os.path.isdir(weights_dir):
