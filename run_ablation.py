@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     from utils.metric_models import BUILDERS  # the metrics with a model (PSNR and SSIM need none)
 
     needs_weights = [m for m in config.metrics if m in BUILDERS]
-    if needs_weights and not opts.no_metrics and not config.metrics_random_init:
+    if needs_weights and not (opts.no_metrics or opts.shard or config.metrics_random_init):
         # Fail now, not after hours of generation (utils/metric_models.py checks each file at load time).
         if not weights_dir:
-            parser.error(f"metrics {', '.join(needs_weights)} need weights: pass --metrics_weights_dir DIR (fill it with `python "
-                         f"run_ablation.py --download-metric-weights DIR` on a machine with internet), or "
-                         f"--metrics_random_init for a smoke run, or --no_metrics")
+            parser.error(f"metrics {', '.join(needs_weights)} need weights: pass --metrics_weights_dir DIR (fill it "
+                         f"with `python run_ablation.py --download-metric-weights DIR` on a machine with internet), "
+                         f"or --metrics_random_init for a smoke run, or --no_metrics")
         if not os.path.isdir(weights_dir):
             parser.error(f"--metrics_weights_dir {weights_dir}: no such folder (fill it with `python run_ablation.py "
                          f"--download-metric-weights {weights_dir}` on a machine with internet)")
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     config.output_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 and shard[0] == 0:
         sweep.write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(
-            {**config.raw, "output_dir": str(config.output_dir), "command": " ".join(sys.argv)}, sort_keys=False))
+            {**config.raw, "output_dir": str(config.output_dir), "command": " ".join(["run_ablation.py", *(sys.argv[1:] if argv is None else argv)])}, sort_keys=False))
 
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else None
     generation = sweep.GenerationTiming()
