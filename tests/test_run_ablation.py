@@ -95,9 +95,9 @@ def test_shards_then_merge(tmp_path):
 def test_torchrun_two_ranks_split_the_work_and_rank0_reports(tmp_path):
     config = small_config(tmp_path, prompts=2)
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                             "29517", str(ROOT / "run_ablation.py"), "--config", str(config)], cwd=ROOT, env=ENV,
-                            capture_output=True, text=True, timeout=240)
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(ROOT / "run_ablation.py"), "--config", str(config)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=240)  # --standalone: a free port
     assert result.returncode == 0, result.stderr[-3000:]
     per_rank = [[r["key"] for r in sweep.read_jsonl(out / f"records/shard-{i}-of-2.jsonl")] for i in range(2)]
     assert sorted(per_rank[0]) == ["none/p0000_s0", "taylor/p0000_s0"]
