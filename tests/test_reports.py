@@ -71,4 +71,5 @@ def test_write_report_writes_tables_plots_and_check_section(tmp_path):
     assert csv.loc[1, "clip_mean"] == pytest.approx(26.0)
     md = (tmp_path / "summary.md").read_text()
     assert "## interval=1 three-way check: FAIL" in md and "| B vs A | FAIL |" in md and "## Sweep time" in md
-    assert "\\begin{tabular}" in (tmp_path / "summary.tex").read_text()
+    tex = (tmp_path / "summary.tex").read_text()
+    assert "\\begin{tabular}" in tex and "$\\pm$" in tex and "±" not in tex  # pdflatex-safe

@@ -98,6 +98,21 @@ def markdown_table(df: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latex_table(df: pd.DataFrame, caption: str, label: str) -> str:
+    """pandas' LaTeX with math-mode symbols, so that pdflatex needs no unicode setup."""
+    symbols = {"±": "@PM@", "×": "@TIMES@", "—": "@DASH@"}  # survive escape=True, then become LaTeX
+    ascii_df = df.map(lambda v: _replace_all(str(v), symbols))
+    tex = ascii_df.to_latex(index=False, escape=True, caption=_replace_all(caption, symbols).replace("_", "\\_"),
+                            label=label)
+    return _replace_all(tex, {"@PM@": "$\\pm$", "@TIMES@": "$\\times$", "@DASH@": "--"})
+
+
+def _replace_all(text: str, mapping: dict[str, str]) -> str:
+    for old, new in mapping.items():
+        text = text.replace(old, new)
+    return text
+
+
 # --- plots -----------------------------------------------------------------------------------------
 
 def _save(fig, output_dir: Path, stem: str) -> list[Path]:
@@ -199,8 +214,8 @@ def write_report(output_dir: Path, title: str, description: str, records: list[d
     human = formatted_table(table, metrics)
     written = {"csv": output_dir / "summary.csv", "md": output_dir / "summary.md", "tex": output_dir / "summary.tex"}
     table.to_csv(written["csv"], index=False)
-    written["tex"].write_text(human.to_latex(index=False, escape=True, caption=f"{title}: speed and quality "
-                                             f"against {baseline}", label=f"tab:{title}"))
+    written["tex"].write_text(latex_table(human, caption=f"{title}: speed and quality against {baseline}",
+                                          label=f"tab:{title}"))
 
     plots = []
     for m in pareto_metrics if pareto_metrics is not None else [m for m in metrics if m in QUALITY_METRICS]:
