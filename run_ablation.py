@@ -130,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config.output_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 and shard[0] == 0:
-        sweep.write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(
-            {**config.raw, "output_dir": str(config.output_dir), "command": " ".join(["run_ablation.py", *(sys.argv[1:] if argv is None else argv)])}, sort_keys=False))
+        command = " ".join(["run_ablation.py", *(sys.argv[1:] if argv is None else argv)])
+        resolved = {**config.raw, "output_dir": str(config.output_dir), "command": command}
+        sweep.write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else None
     generation = sweep.GenerationTiming()

@@ -33,22 +33,20 @@ def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: 
         sub = df[df["variant"] == name] if len(df) else df
         row: dict[str, Any] = {"variant": name, "status": status.get(name, "missing"), "images": len(sub)}
         for col in ("latency_s", "denoise_s"):
-            values = pd.to_numeric(sub[col], errors="coerce") if col in sub else pd.Series(dtype=float)
+            values = _numeric(sub, col)
             row[f"{col}_mean"], row[f"{col}_std"] = values.mean(), values.std(ddof=1)  # sample std, as utils.metrics
         for col in ("full_steps", "forecast_steps"):
-            row[col] = pd.to_numeric(sub[col], errors="coerce").mean() if col in sub else math.nan
-        row["tflops_per_image"] = pd.to_numeric(sub["flops"], errors="coerce").mean() / 1e12 if "flops" in sub else math.nan
-        row["peak_memory_gb"] = pd.to_numeric(sub["peak_memory_gb"], errors="coerce").max() if "peak_memory_gb" in sub else math.nan
+            row[col] = _numeric(sub, col).mean()
+        row["tflops_per_image"] = _numeric(sub, "flops").mean() / 1e12
+        row["peak_memory_gb"] = _numeric(sub, "peak_memory_gb").max()
         for m in metrics:
             if m == "fid":
                 row["fid"] = per_set.get(name, {}).get("fid", math.nan)
                 if any("fid_reference" in v for v in per_set.values()):  # vs real images, when configured
                     row["fid_reference"] = per_set.get(name, {}).get("fid_reference", math.nan)
-            elif m in sub:
-                values = pd.to_numeric(sub[m], errors="coerce").dropna()
-                row[f"{m}_mean"], row[f"{m}_std"] = (values.mean(), values.std(ddof=1)) if len(values) else (math.nan, math.nan)
             else:
-                row[f"{m}_mean"], row[f"{m}_std"] = math.nan, math.nan
+                values = _numeric(sub, m).dropna()
+                row[f"{m}_mean"], row[f"{m}_std"] = values.mean(), values.std(ddof=1)
         rows.append(row)
     table = pd.DataFrame(rows)
     base = table.loc[table["variant"] == baseline].iloc[0]
@@ -57,6 +55,11 @@ def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: 
     first = ["variant", "status", "images", "latency_s_mean", "latency_s_std", "speedup", "flops_speedup",
              "denoise_s_mean", "denoise_s_std", "full_steps", "forecast_steps", "tflops_per_image"]
     return table[first + [c for c in table.columns if c not in first]]
+
+
+def _numeric(df: pd.DataFrame, column: str) -> pd.Series:
+    """The column as floats (None -> NaN); an all-NaN series when no record has it."""
+    return pd.to_numeric(df[column], errors="coerce") if column in df else pd.Series(dtype=float)
 
 
 def _mean_std(mean: float, std: float, digits: int) -> str:

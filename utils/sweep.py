@@ -220,7 +220,8 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
 
     baseline = raw["baseline"]
     if baseline not in [v.name for v in variants]:
-        raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants ({', '.join(v.name for v in variants)})")
+        names = ", ".join(v.name for v in variants)
+        raise ConfigError(f"{path}: baseline {baseline!r} is not one of the variants ({names})")
     if only_variants:
         unknown = [n for n in only_variants if n not in [v.name for v in variants]]
         if unknown:
