@@ -377,26 +377,10 @@ def _before_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) 
         missing = (cache.mode, "full" if cache.full else "forecast", shapes) not in cache.flops
     cache._counting = None
     if missing:
-        _register_fa3_flops()
         stance = torch.compiler.set_stance("force_eager")  # compiled kernels would bypass the counter
         counter = FlopCounterMode(display=False)
         counter.__enter__()
         cache._counting = (counter, stance, shapes)
-
-
-def _register_fa3_flops() -> None:
-    """The core's FA3 custom op is opaque to FlopCounterMode: give it the attention formula (2 matmuls)."""
-    op = getattr(getattr(torch.ops, "flux_harness", None), "fa3_attention", None)
-    if op is None or getattr(_register_fa3_flops, "done", False):
-        return
-    from torch.utils.flop_counter import register_flop_formula
-
-    @register_flop_formula(op)
-    def _fa3_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
-        batch, q_len, heads, head_dim = q_shape  # (b, s, h, d) as the core's op takes them
-        return 4 * batch * heads * q_len * k_shape[1] * head_dim
-
-    _register_fa3_flops.done = True
 
 
 def _after_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> None:

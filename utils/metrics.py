@@ -48,9 +48,11 @@ def load_metric_models(
         )
     weights_dir = Path(weights_dir) if weights_dir is not None else None
     models = {"device": device, "names": names}
-    for name in names:
-        if name in BUILDERS:
-            models[name] = BUILDERS[name](weights_dir, random_init, device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # random-init models: the same weights every run, whatever ran before
+        for name in names:
+            if name in BUILDERS:
+                models[name] = BUILDERS[name](weights_dir, random_init, device)
     if fid_reference_dir is not None:
         if "fid" not in models:
             raise ValueError("fid_reference_dir needs the 'fid' metric")
