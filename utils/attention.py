@@ -83,19 +83,18 @@ def _fa3_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> in
     return 4 * batch * heads * q_len * k_shape[1] * head_dim
 
 
-class FA3FluxAttnProcessor:
-    """FLUX joint attention (fused or unfused QKV projections) with FA3 as the attention kernel.
+class FluxKernelAttnProcessor:
+    """FLUX joint attention (fused or unfused QKV projections) with a swappable attention kernel: the
+    projections, QK norms, RoPE and output projections are those of diffusers' `FluxAttnProcessor`;
+    subclasses define `attend(q, k, v)` on (batch, seq, heads, head_dim) tensors."""
 
-    Same math as diffusers' `FluxAttnProcessor`; only the attention call differs.
-    """
-
-    def __init__(self, fp8: bool = False):
-        self.fp8 = fp8
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
         if attention_mask is not None:
-            raise NotImplementedError("FA3FluxAttnProcessor does not take an attention mask (FLUX uses none)")
+            raise NotImplementedError(f"{type(self).__name__} takes no attention mask (FLUX uses none)")
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -112,7 +111,7 @@ class FA3FluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = fa3_attention(query, key, value, self.fp8).flatten(2, 3).to(query.dtype)
+        hidden_states = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -121,3 +120,13 @@ class FA3FluxAttnProcessor:
             encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
             return hidden_states, encoder_hidden_states
         return hidden_states
+
+
+class FA3FluxAttnProcessor(FluxKernelAttnProcessor):
+    """FLUX attention through the FA3 custom op (bf16, or fp8 q/k/v)."""
+
+    def __init__(self, fp8: bool = False):
+        self.fp8 = fp8
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return fa3_attention(q, k, v, self.fp8)

@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from utils.attention import FA3FluxAttnProcessor, FluxKernelAttnProcessor, fa3_attention
 from utils.step_clock import StepClock
 
 FLUX_PIXELS_PER_TOKEN = 16  # VAE downsamples 8x, then 2x2 latent patches are packed into one token
@@ -442,48 +443,18 @@ def _(q, k, v, layer_id):
     return torch.empty_like(q)
 
 
-class ChipmunkAttnProcessor:
-    """FLUX joint attention with Chipmunk's sparse deltas in place of the attention kernel; the
-    projections, QK norms, RoPE and output projections are those of diffusers' FluxAttnProcessor."""
+class ChipmunkAttnProcessor(FluxKernelAttnProcessor):
+    """FLUX joint attention with Chipmunk's sparse deltas in place of the attention kernel."""
 
     def __init__(self, layer: SparseAttentionLayer):
         self.layer = layer
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
-        from diffusers.models.embeddings import apply_rotary_emb
-        from diffusers.models.transformers.transformer_flux import _get_qkv_projections
-
-        if attention_mask is not None:
-            raise NotImplementedError("Chipmunk attention does not take an attention mask (FLUX uses none)")
-        query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
-            attn, hidden_states, encoder_hidden_states)
-        query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
-        key = attn.norm_k(key.unflatten(-1, (-1, attn.head_dim)))
-        value = value.unflatten(-1, (-1, attn.head_dim))
-        if attn.added_kv_proj_dim is not None:
-            query = torch.cat([attn.norm_added_q(encoder_query.unflatten(-1, (-1, attn.head_dim))), query], dim=1)
-            key = torch.cat([attn.norm_added_k(encoder_key.unflatten(-1, (-1, attn.head_dim))), key], dim=1)
-            value = torch.cat([encoder_value.unflatten(-1, (-1, attn.head_dim)), value], dim=1)
-        if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
-
-        hidden_states = chipmunk_attention_op(query.contiguous(), key.contiguous(), value.contiguous(),
-                                              self.layer.id).flatten(2, 3).to(query.dtype)
-        if encoder_hidden_states is not None:
-            encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
-                [encoder_hidden_states.shape[1], hidden_states.shape[1] - encoder_hidden_states.shape[1]], dim=1)
-            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states.contiguous()))
-            encoder_hidden_states = attn.to_add_out(encoder_hidden_states.contiguous())
-            return hidden_states, encoder_hidden_states
-        return hidden_states
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return chipmunk_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), self.layer.id)
 
 
 def _dense_attention_like(processor):
     """The dense kernel the stack chose in step 2 (FA3, FA3 fp8, or SDPA), for Chipmunk's dense steps."""
-    from utils.attention import FA3FluxAttnProcessor, fa3_attention
-
     if isinstance(processor, FA3FluxAttnProcessor):
         fp8 = processor.fp8
         return lambda q, k, v: fa3_attention(q, k, v, fp8)
