@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch.utils._pytree import tree_map
 
 
@@ -112,8 +113,12 @@ def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, t
         meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
         status = "built"
     loaded = torch._inductor.aoti_load_package(str(path))
-    loaded.load_constants(transformer.state_dict(), check_full_update=True, user_managed=True)
-    return loaded, status
+    # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
+    wanted = set(loaded.get_constant_fqns())
+    weights = {k: v for k, v in {**dict(transformer.named_parameters()), **dict(transformer.named_buffers())}.items()
+               if k in wanted}
+    loaded.load_constants(weights, check_full_update=True, user_managed=True)
+    return (lambda **tensors: loaded(**tensors, return_dict=False)), status
 
 
 def cudagraph(fn: Callable) -> Callable:
@@ -154,7 +159,7 @@ def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable) -
                              "exported graph; use --compile_export_mode compile")
         out = compiled(**tensors)
         out = out[0] if isinstance(out, (list, tuple)) else out
-        return (out,) if not return_dict else {"sample": out}
+        return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     forward.eager_forward = eager_forward
     forward.is_aoti = True
