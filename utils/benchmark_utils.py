@@ -76,7 +76,7 @@ def create_parser() -> argparse.ArgumentParser:
                             "decisions stay in Python, between compiled blocks)")
     stack.add_argument("--compile_mode", default="default",
                        help="torch.compile mode. 'max-autotune' variants autotune every GEMM shape: measured ~85-105 s "
-                            "per float8 shape on an H200 (results/README.md), many minutes cold for FLUX")
+                            "per float8 shape on an H200 (results/NOTES.md), many minutes cold for FLUX")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
                        help="where export_aoti keeps its compiled packages")
     stack.add_argument("--use-cached-model", dest="use_cached_model", action="store_true",
