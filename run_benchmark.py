@@ -81,7 +81,7 @@ def main(argv=None):
     breakdown["denoising_total"] = summarize([sum(run) for run in stages["denoising_step"]])
     record = {
         "kind": "run_benchmark",
-        "command": command_line(),
+        "command": command_line(argv, "run_benchmark.py"),
         "environment": environment_record(args.device),
         "random_weights": pipeline.harness_random_weights,
         "ckpt": args.ckpt,

@@ -136,3 +136,15 @@ def test_missing_checkpoint_offline_is_a_clear_error(make_args, monkeypatch, tmp
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(SystemExit, match="(?s)not available offline.*huggingface-cli download.*--local-dir"):
         load_pipeline(make_args("--ckpt", "black-forest-labs/FLUX.1-dev"))
+
+
+@pytest.mark.parametrize("flag, layer", [
+    ("--disable_fused_projections", "qkv_fusion"), ("--disable_fa3", "attention"),
+    ("--disable_chipmunk", "chipmunk"), ("--disable_cache", "feature_cache"), ("--disable_quant", "float8_quant"),
+    ("--disable_inductor_tuning_flags", "inductor_flags"),
+])
+def test_every_disable_flag_reports_its_layer_skipped(make_args, flag, layer):
+    pipe, _ = _optimized(make_args, flag, "--cache_mode", "taylor", "--chipmunk_config", "configs/chipmunk-tiny.yml")
+    assert pipe.harness_stack[layer].startswith(f"skipped ({flag})")
+    others = {k: v for k, v in pipe.harness_stack.items() if k not in (layer, "compile_export")}
+    assert not any(v.startswith(f"skipped ({flag})") for v in others.values())

@@ -256,8 +256,11 @@ def environment_record(device: str) -> dict[str, Any]:
     return env
 
 
-def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])
+def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
+    """The command that made a record: this process's, or `script` with `argv` when called as a function."""
+    if argv is None:
+        script, argv = Path(sys.argv[0]).name, sys.argv[1:]
+    return " ".join(shlex.quote(a) for a in [script or Path(sys.argv[0]).name, *argv])
 
 
 def write_record(record: dict[str, Any], results_dir: str | Path, name: str, table_row: dict[str, Any]) -> Path:

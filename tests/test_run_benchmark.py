@@ -1,0 +1,57 @@
+"""run_benchmark.py and gen_image.py end to end on the tiny pipeline (CPU)."""
+
+import gzip
+import json
+
+import pytest
+from PIL import Image
+
+import gen_image
+import run_benchmark
+
+
+def test_benchmark_record_has_its_fields(tmp_path):
+    trace = tmp_path / "trace.json.gz"
+    record = run_benchmark.main(["--ckpt", "tiny", "--device", "cpu", "--disable_bf16", "--num_runs", "2",
+                                 "--warmup_runs", "1", "--num_inference_steps", "3", "--results_dir", str(tmp_path),
+                                 "--trace-file", str(trace)])
+    [path] = tmp_path.glob("bench_tiny_*.json")
+    assert json.loads(path.read_text()) == json.loads(json.dumps(record, default=str))
+    env = record["environment"]
+    for key in ("torch", "diffusers", "transformers", "torchao", "gpu", "device", "timestamp_utc", "python"):
+        assert key in env
+    assert env["device"] == "cpu" and env["diffusers"]
+    assert record["random_weights"] is True and record["command"].startswith("run_benchmark.py --ckpt tiny")
+    assert record["shapes"] == {"height": 64, "width": 64, "steps": 3, "max_sequence_length": 32, "batch": 1,
+                                "guidance_scale": 3.5}
+    assert record["stack_flags"]["disable_fa3"] is False and record["stack"]["qkv_fusion"] == "applied"
+    latency = record["latency_s"]
+    assert latency["n"] == 2 and 0 < latency["min"] <= latency["median"] <= latency["max"]
+    stages = record["stages_s"]
+    assert {"prompt_encoding", "denoising_step", "denoising_total", "decoding", "postprocessing"} <= set(stages)
+    assert stages["denoising_step"]["n"] == 2 * 3  # every step of every timed run
+    assert stages["denoising_total"]["median"] < latency["median"]
+    assert record["transformer_flops_per_forward"] > 1e6
+    table = (tmp_path / "benchmarks.md").read_text().splitlines()
+    assert table[0].startswith("| ckpt |") and "tiny (random weights)" in table[2] and path.name in table[2]
+    events = json.loads(gzip.open(trace).read())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"prompt_encoding", "denoising_step", "decoding"} <= names
+
+
+def test_benchmark_refuses_bad_run_counts():
+    with pytest.raises(SystemExit):
+        run_benchmark.main(["--ckpt", "tiny", "--device", "cpu", "--num_runs", "0"])
+
+
+def test_gen_image_writes_png_with_its_settings(tmp_path):
+    out = tmp_path / "cat.png"
+    gen_image.main(["--ckpt", "tiny", "--device", "cpu", "--disable_bf16", "--prompt", "a red cat", "--seed", "3",
+                    "--num_inference_steps", "2", "--output-file", str(out), "--disable_fused_projections"])
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    meta = image.text
+    assert meta["prompt"] == "a red cat" and meta["seed"] == "3" and meta["num_inference_steps"] == "2"
+    assert (meta["height"], meta["width"]) == ("64", "64")
+    assert json.loads(meta["stack_flags"])["disable_fused_projections"] is True
+    assert json.loads(meta["stack"])["qkv_fusion"].startswith("skipped")
