@@ -155,8 +155,8 @@ def cast_like_from_pretrained(pipe: FluxPipeline, dtype: torch.dtype) -> FluxPip
     embeddings at random, and the image differs from the reloaded (eval-mode) pipeline's even for the
     same seed. (bf16/fp32 only: for fp16, `from_pretrained` would also keep T5's `wo` in float32.)
     """
-    pipe.to(dtype=dtype)
     for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
-            module.eval()
+            # nn.Module.to, not ModelMixin.to: the latter warns about fp32-kept modules even when there are none.
+            torch.nn.Module.to(module, dtype=dtype).eval()
     return pipe
