@@ -10,6 +10,7 @@ package built for other conditions is rebuilt, never used. Weights are not baked
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -115,10 +116,28 @@ def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, t
     loaded = torch._inductor.aoti_load_package(str(path))
     # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
     wanted = set(loaded.get_constant_fqns())
-    weights = {k: v for k, v in {**dict(transformer.named_parameters()), **dict(transformer.named_buffers())}.items()
-               if k in wanted}
+    weights = {k: v for k, v in export_constants(transformer).items() if k in wanted}
     loaded.load_constants(weights, check_full_update=True, user_managed=True)
     return (lambda **tensors: loaded(**tensors, return_dict=False)), status
+
+
+def export_constants(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The module's tensors under the names an exported package knows them by. Tensor-subclass weights
+    (torchao float8) are exported as their plain inner tensors, named `<owner>.parametrizations.<name>.
+    original<i>`, in the order torch's own unwrapping produces them."""
+    from torch._functorch._aot_autograd.subclass_parametrization import UnwrapTensorSubclass
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    constants = {}
+    for name, tensor in itertools.chain(module.named_parameters(), module.named_buffers()):
+        if is_traceable_wrapper_subclass(tensor):
+            owner, _, attr = name.rpartition(".")
+            prefix = f"{owner}.parametrizations.{attr}" if owner else f"parametrizations.{attr}"
+            for i, inner in enumerate(UnwrapTensorSubclass().right_inverse(tensor)):
+                constants[f"{prefix}.original{i}"] = inner
+        else:
+            constants[name] = tensor
+    return constants
 
 
 def cudagraph(fn: Callable) -> Callable:
