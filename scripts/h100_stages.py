@@ -117,8 +117,9 @@ def main() -> None:
                 block._compiled_call_impl = None  # export the plain modules, not the compiled wrappers
             key = compile_utils.export_cache_key(pipe, example, {"stages": stages, "quant": opts.quant_granularity})
             aoti, status = compile_utils.load_or_build_aoti(transformer, example, key, opts.cache_dir)
-            compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti))
-            note = f"AOTI package {status}"
+            cuda = opts.device.startswith("cuda")
+            compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
+            note = f"AOTI package {status}" + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)")
         if compiled and stage != "export_aoti":
             recompile()
         with torch.no_grad():
