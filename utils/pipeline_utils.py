@@ -122,13 +122,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
                          "bake in: use --compile_scope regional (the default with them)")
     if args.use_cached_model and args.compile_export_mode != "export_aoti":
         raise StackError("--use-cached-model only applies to --compile_export_mode export_aoti")
-    if args.cache_mode == "cache_dit" and not args.disable_cache:
-        if not args.cache_dit_config:
-            raise StackError("--cache_mode cache_dit needs --cache_dit_config PATH (see configs/cache_dit.yaml)")
-        if "schnell" in args.ckpt.lower():
-            raise StackError("cache-dit is not for FLUX.1-schnell (4 distilled steps leave nothing to cache); "
-                             "drop --cache_dit_config")
-    if cache_on:
+    if args.cache_mode == "cache_dit" and not args.disable_cache and "schnell" in args.ckpt.lower():
+        raise StackError("cache-dit is not for FLUX.1-schnell (4 distilled steps leave nothing to cache); "
+                         "drop --cache_dit_config")
+    if cache_on:  # the caching layer's own checks: values in range, cache-dit YAML and package present
         from utils.caching import validate_cache_args
 
         validate_cache_args(args)
