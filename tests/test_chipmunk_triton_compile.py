@@ -1,0 +1,130 @@
+"""Chipmunk's Triton kernels compiled ahead of time for the H100 (sm_90) on a CPU-only machine: every autotune
+config, at FLUX.1 shapes, must get through ptxas without spilling and fit in the H100's shared memory.
+The interpreter test in test_chipmunk.py checks what the kernels compute; this checks that they build for the
+GPU (the interpreter never runs the compiler: layouts, wgmma, shared memory, registers)."""
+
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    pytest.skip("TRITON_INTERPRET=1 turns the kernels into interpreted functions, which cannot be compiled",
+                allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource, make_backend  # noqa: E402
+from triton.runtime.jit import create_function_from_signature  # noqa: E402
+
+from utils import chipmunk, chipmunk_triton as ct  # noqa: E402
+
+H100 = GPUTarget("cuda", 90, 32)
+H100_MAX_SHARED = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+# FLUX.1 at 1024x1024: 4096 image + 512 text tokens, 24 heads of 128, MLP 3072 -> 12288; the launch code's rules
+# (utils/chipmunk.py defaults, utils/chipmunk_triton.py tiles) give the counts and tiles.
+B, L, HEADS, HEAD_DIM, DM, HIDDEN = 1, 4608, 24, 128, 3072, 12288
+ATTN, MLP = chipmunk.AttnConfig(), chipmunk.MlpConfig()
+GROUP, MLP_BLOCK = ATTN.mbm, MLP.bm
+NK_ATTN = chipmunk.rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
+NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
+G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
+ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
+
+
+def meta(*shape, dtype=torch.bfloat16):
+    """Stands in for a launch argument: the binder only reads dtype and alignment (meta data_ptr is 0)."""
+    return torch.empty(*shape, dtype=dtype, device="meta")
+
+
+def kernel_args():
+    """name -> (kernel, fixed launch configs or None for the autotuner's list, arguments) as the launch code passes."""
+    q, x, act, delta = meta(B, L, HEADS, HEAD_DIM), meta(B, L, DM), meta(B, L, HIDDEN), meta(B, L, NK_MLP)
+    out, lse = meta(B, L, DM, dtype=torch.float32), meta(B, HEADS, L, dtype=torch.float32)
+    s = q.stride()
+    qk = dict(Q=q, K=q, sqb=s[0], sql=s[1], sqh=s[2], skb=s[0], skl=s[1], skh=s[2], H=HEADS, D=HEAD_DIM,
+              scale_log2=0.1)
+    attn = dict(qk, V=q, IDX=meta(B, HEADS, G, NK_ATTN, dtype=torch.int32), OC=q, O=q, svb=s[0], svl=s[1],
+                svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M)
+    mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
+    return {
+        "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
+                    dict(qk, LSE=lse, L=L, LK=L, BLOCK_M=ATTN_BLOCK_M)),
+        "column_sum": (ct._column_sum_kernel, None,
+                       dict(qk, LSE=lse, OUT=meta(B, HEADS, G, L, dtype=torch.float32), L=L, LK=L, G=G, GROUP=GROUP,
+                            BLOCK_M=ATTN_BLOCK_M)),
+        "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False)),
+        "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True)),
+        "sparse_fc1": (ct._sparse_fc1_kernel, None,
+                       dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, ACT=act, DELTA=delta,
+                            PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1),
+                            sab=act.stride(0), sal=act.stride(1), sdb=delta.stride(0), sdl=delta.stride(1), L=L,
+                            DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+        "sparse_fc2": (ct._sparse_fc2_kernel, None,
+                       dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, sdb=delta.stride(0),
+                            sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), L=L, NK=NK_MLP, NOUT=DM, NB=NB,
+                            TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+    }
+
+
+def compile_for_h100(fn, args: dict, num_warps: int, num_stages: int):
+    """Specializes the arguments with the JIT's own binder (16-divisibility, constexprs), as a launch would."""
+    backend = make_backend(H100)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, opts = binder(**args, num_warps=num_warps, num_stages=num_stages)
+    options, signature, constexprs, attrs = fn._pack_args(backend, opts, bound, spec, opts)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=H100, options=options.__dict__)
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """ptxas's REG / STACK / LOCAL for the kernel; the driver reports STACK + LOCAL as Triton's n_spills."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        usage = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return {key: int(value) for key, value in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage)}
+
+
+@pytest.fixture(scope="module")
+def can_target_h100():
+    """Skips (with the error) only if this Triton cannot build sm_90 code at all here; kernel errors still fail."""
+    @triton.jit
+    def probe(X):
+        triton.language.store(X, 1.0)
+
+    try:
+        compile_for_h100(probe, dict(X=meta(1, dtype=torch.float32)), 4, 1)
+    except Exception as e:  # noqa: BLE001 - any failure here is the toolchain's, not Chipmunk's
+        pytest.skip(f"triton {triton.__version__} cannot compile for cuda sm_90 without a GPU: "
+                    f"{type(e).__name__}: {str(e).strip()[-500:]}")
+    if not CUOBJDUMP.exists():
+        pytest.skip(f"no cuobjdump at {CUOBJDUMP} to read registers and spills from the cubin")
+
+
+@pytest.mark.parametrize("name", list(kernel_args()))
+def test_kernel_compiles_for_h100_without_spills(name, can_target_h100):
+    kernel, fixed, args = kernel_args()[name]
+    configs = fixed or [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernel.configs]
+    fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
+    problems, report = [], []
+    for config in configs:
+        config = dict(config)
+        num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+        label = f"{name} {config} warps={num_warps} stages={num_stages}"
+        compiled = compile_for_h100(fn, dict(args, **config), num_warps, num_stages)
+        usage, shared = resource_usage(compiled.asm["cubin"]), compiled.metadata.shared
+        spills = usage["STACK"] + usage["LOCAL"]
+        report.append(f"{label}: {usage['REG']} regs, {shared} B shared, {spills} B spilled")
+        if spills or shared > H100_MAX_SHARED:
+            problems.append(report[-1])
+        if not re.search(r"\bwgmma\.mma_async", compiled.asm["ptx"]):
+            problems.append(f"{label}: tl.dot did not lower to wgmma (Hopper tensor cores)")
+    print("\n".join(report))
+    assert not problems, "\n".join(problems)
