@@ -148,7 +148,8 @@ def annotate_pipeline(pipeline):
 
     def wrap(obj, name, label):
         fn = getattr(obj, name)
-        originals[(obj, name)] = fn
+        # An instance attribute (e.g. export_aoti's installed forward) is put back on exit; a method is uncovered.
+        originals[(obj, name)] = vars(obj).get(name)
 
         def wrapped(*a, **kw):
             with torch.profiler.record_function(label), STAGE_TIMER.stage(label):
@@ -162,9 +163,11 @@ def annotate_pipeline(pipeline):
     try:
         yield
     finally:
-        for (obj, name), fn in originals.items():
-            if name in vars(obj):
+        for (obj, name), original in originals.items():
+            if original is None:
                 delattr(obj, name)
+            else:
+                setattr(obj, name, original)
 
 
 class StageTimer:
