@@ -259,7 +259,7 @@ def test_regionally_compiled_blocks_match_eager(make_args):
 
 
 def test_cache_dit_runs_through_its_public_api(make_args, tmp_path):
-    pytest.importorskip("cache_dit")
+    pytest.importorskip("cache_dit", reason="cache-dit is in requirements.txt; without it --cache_mode cache_dit is refused (tested above)")
     config = tmp_path / "skip_all.yaml"  # cache-dit's own format; a huge threshold to see cached steps here
     config.write_text("cache_config:\n  max_warmup_steps: 2\n  max_continuous_cached_steps: -1\n"
                       "  Fn_compute_blocks: 1\n  Bn_compute_blocks: 0\n  residual_diff_threshold: 1.0e+9\n"

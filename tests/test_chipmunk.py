@@ -194,7 +194,6 @@ def test_hicache_interval3_on_chipmunk_defers_refreshes_and_gives_an_image(make_
 
 
 def test_interval1_three_way_check(make_args):
-    pytest.importorskip("utils.caching")
     from utils.interval1_check import run_interval1_check
 
     rows, passed = run_interval1_check(make_args("--disable_bf16", "--num_inference_steps", str(STEPS),
