@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from utils import reports, sweep  # noqa: E402
+from utils.benchmark_utils import command_line  # noqa: E402
 
 
 def create_ablation_parser() -> argparse.ArgumentParser:
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config.output_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 and shard[0] == 0:
-        command = " ".join(["run_ablation.py", *(sys.argv[1:] if argv is None else argv)])
+        command = command_line(argv, "run_ablation.py")
         resolved = {**config.raw, "output_dir": str(config.output_dir), "command": command}
         sweep.write_text_atomic(config.output_dir / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-triton = pytest.importorskip("triton")
+triton = pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
 if os.environ.get("TRITON_INTERPRET", "0") == "1":
     pytest.skip("TRITON_INTERPRET=1 turns the kernels into interpreted functions, which cannot be compiled",
                 allow_module_level=True)

@@ -88,7 +88,7 @@ def test_float8_weights_reach_the_package_as_their_inner_tensors(tmp_path, monke
     # torchao float8 weights are tensor subclasses; the package knows them as plain inner tensors named
     # `<owner>.parametrizations.weight.original<i>`. torchao refuses to quantize without an sm_89+ GPU, a
     # check bypassed here so the naming can be tested on CPU (torch has CPU _scaled_mm kernels).
-    torchao_quant = pytest.importorskip("torchao.quantization")
+    torchao_quant = pytest.importorskip("torchao.quantization", reason="torchao is in requirements.txt")
     import torchao.float8.inference as float8_inference
     from torchao.quantization import quant_api
 

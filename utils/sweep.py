@@ -36,7 +36,7 @@ import torch
 import yaml
 
 from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, create_parser, environment_record,
-                                   resolved_defaults, stack_flags)
+                                   pipeline_call_kwargs, resolved_defaults, stack_flags)
 
 CONFIG_KEYS = {
     "name": "a label for the report (default: the config file's stem)",
@@ -245,7 +245,8 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
         raise ConfigError(f"{path}: prompts.limit must be an integer >= 1 (got {limit!r})")
 
     metrics = list(raw.get("metrics") or [])
-    known_metrics = ("psnr", "ssim", "lpips", "fid", "clip", "image_reward")  # utils.metrics.METRIC_NAMES
+    from utils.metrics import METRIC_NAMES as known_metrics
+
     for m in metrics:
         if m not in known_metrics:
             raise ConfigError(f"{path}: unknown metric {m!r} (choose from {', '.join(known_metrics)})")
@@ -468,9 +469,8 @@ def cache_counts(pipeline, args: argparse.Namespace, dense_forward_flops: int) -
 
 def generate_image(pipeline, args: argparse.Namespace, prompt: str, seed: int):
     # torch.manual_seed(seed) as in gen_image.py, so that a record's `reproduce` command gives its image.
-    return pipeline(prompt=prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                    guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length,
-                    generator=torch.manual_seed(seed), output_type="pil").images[0]
+    kwargs = {**pipeline_call_kwargs(args), "prompt": prompt}
+    return pipeline(**kwargs, generator=torch.manual_seed(seed), output_type="pil").images[0]
 
 
 def reproduce_command(variant: Variant, prompt: str, seed: int) -> str:
