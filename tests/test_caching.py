@@ -9,8 +9,8 @@ import torch
 
 from utils import caching
 from utils.benchmark_utils import pipeline_call_kwargs
-from utils.caching import (attach_cache, forecast_coefficients, hermite, is_full_step, predict, update_differences,
-                           validate_cache_args)
+from utils.caching import (attach_cache, forecast_coefficients, forecast_image_stream, hermite, is_full_step, predict,
+                           update_differences, validate_cache_args)
 from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
 
 TINY_HIDDEN, TINY_IMAGE_TOKENS, TINY_TEXT_TOKENS = 32, 256, 32
@@ -238,10 +238,36 @@ def test_batch_two_and_stats(make_args):
     actual = 4 * stats["flops_full_step"] + 4 * stats["flops_forecast_step"]
     assert 0 < stats["flops_forecast_step"] < stats["flops_full_step"] / 10
     assert stats["flops_speedup"] == pytest.approx(dense / actual)
-    # 3 orders of 2 double x 2 + 4 single image features; single blocks' D0 is a view of the (text+image) rows
-    image = 3 * (2 * 2 + 4) * TINY_IMAGE_TOKENS
-    single_d0_text_rows = 4 * TINY_TEXT_TOKENS
-    assert stats["cache_memory_bytes"] == 2 * (image + single_d0_text_rows) * TINY_HIDDEN * 4
+    # 3 stacked orders of 2 double x 2 + 4 single image features (batch 2), plus the stacked gate rows (+ bias)
+    slots = 2 * 2 + 4
+    features = 3 * slots * 2 * TINY_IMAGE_TOKENS * TINY_HIDDEN
+    gates = slots * TINY_HIDDEN * (TINY_HIDDEN + 1)
+    assert stats["cache_memory_bytes"] == (features + gates) * 4
+
+
+def test_stacked_forecast_equals_the_blocks_applied_one_by_one(make_args):
+    """Oracle: each block, in order, computes its full modulation and adds gate * forecast (fp64, fresh random
+    features and temb); the harness's one-sum form with stacked gate rows must agree."""
+    args = validate_args(make_args("--disable_bf16", "--cache_mode", "hicache", "--interval", "3"))
+    pipe = optimize(load_pipeline(args), args)
+    pipe.transformer.double()
+    cache = pipe.transformer.harness_cache
+    g = torch.Generator().manual_seed(7)
+    hidden = torch.randn(2, TINY_IMAGE_TOKENS, TINY_HIDDEN, dtype=torch.float64, generator=g)
+    temb = torch.randn(2, TINY_HIDDEN, dtype=torch.float64, generator=g)
+    slots = sum(len(ids) for _, ids in cache.gate_slots)
+    orders = [torch.randn(slots, 2, TINY_IMAGE_TOKENS, TINY_HIDDEN, dtype=torch.float64, generator=g) for _ in range(3)]
+    coeffs = torch.tensor(forecast_coefficients("hicache", 2, 3, 0.6), dtype=torch.float64)
+    expected, slot = hidden.clone(), 0
+    for norm, (num_chunks, gate_ids) in zip(cache.norms, cache.gate_slots):
+        modulation = norm.linear(torch.nn.functional.silu(temb)).chunk(num_chunks, dim=1)
+        for gate_id in gate_ids:
+            expected = expected + modulation[gate_id].unsqueeze(1) * predict([o[slot] for o in orders], coeffs)
+            slot += 1
+    with torch.no_grad():
+        got = forecast_image_stream(hidden, temb, coeffs, *cache._gate_rows(torch.float64), orders)
+    assert slot == slots == 8
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
 
 
 def test_regionally_compiled_blocks_match_eager(make_args):

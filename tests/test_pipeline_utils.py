@@ -148,3 +148,23 @@ def test_every_disable_flag_reports_its_layer_skipped(make_args, flag, layer):
     assert pipe.harness_stack[layer].startswith(f"skipped ({flag})")
     others = {k: v for k, v in pipe.harness_stack.items() if k not in (layer, "compile_export")}
     assert not any(v.startswith(f"skipped ({flag})") for v in others.values())
+
+
+def test_float8_quantizes_only_the_blocks_linears(make_args, monkeypatch):
+    """The embedders and output layer run eagerly outside the compiled blocks: they stay bf16 (see in_blocks)."""
+    pytest.importorskip("torchao.quantization", reason="torchao is in requirements.txt")
+    import torchao.float8.inference as float8_inference
+    from torchao.quantization import quant_api
+
+    from utils.pipeline_utils import quantize_float8
+    for mod in (float8_inference, quant_api):  # float8 needs sm_89+; quantizing the weights works on CPU
+        if hasattr(mod, "_check_hardware_support"):
+            monkeypatch.setattr(mod, "_check_hardware_support", lambda *a, **k: None)
+    transformer = load_pipeline(validate_args(make_args())).transformer.to(torch.bfloat16)
+    quantize_float8(transformer, "row")
+    linears = {name: type(m.weight) for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    in_blocks = {n: t for n, t in linears.items() if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    outside = {n: t for n, t in linears.items() if n not in in_blocks}
+    assert "x_embedder" in outside and "proj_out" in outside and "transformer_blocks.0.ff.net.2" in in_blocks
+    assert all(t is torch.nn.Parameter for t in outside.values()), outside
+    assert all(t is not torch.nn.Parameter and "Float8" in t.__name__ for t in in_blocks.values()), in_blocks

@@ -108,11 +108,11 @@ def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tenso
     return orders
 
 
-def update_all_differences(previous: list[list[list[torch.Tensor]]], captured: list[list[torch.Tensor]],
-                           distance: torch.Tensor, max_order: int) -> list[list[list[torch.Tensor]]]:
-    """update_differences for every block and cached sub-module of a full step."""
-    return [[update_differences(old, new, distance, max_order) for old, new in zip(old_block, new_block)]
-            for old_block, new_block in zip(previous, captured)]
+def update_stacked_differences(previous: list[torch.Tensor], captured: list[torch.Tensor], distance: torch.Tensor,
+                               max_order: int) -> list[torch.Tensor]:
+    """update_differences for every cached feature of a full step at once: the features are stacked along a new
+    leading slot dimension (one tensor per order instead of one per feature and order)."""
+    return update_differences(previous, torch.stack(captured), distance, max_order)
 
 
 def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -124,17 +124,22 @@ def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Ten
 
 
 def forecast_image_stream(hidden_states: torch.Tensor, temb: torch.Tensor, coefficients: torch.Tensor,
-                          norms: list[nn.Module], gate_slots: list[tuple[int, tuple[int, ...]]],
-                          features: list[list[list[torch.Tensor]]]) -> torch.Tensor:
-    """A whole forecast step's block stack, image rows only: for each block in order, its modulation gives the
-    current gates, then `img += gate * forecast` per cached sub-module. The blocks' outputs feed nothing else on
-    a forecast step (no attention runs), so the whole stack is one function: one compiled graph, no per-block
-    Python or guard overhead."""
-    for norm, (num_chunks, gate_ids), block_features in zip(norms, gate_slots, features):
-        modulation = norm.linear(norm.silu(temb)).chunk(num_chunks, dim=1)
-        for gate_id, orders in zip(gate_ids, block_features):
-            hidden_states = hidden_states + modulation[gate_id].unsqueeze(1) * predict(orders, coefficients)
-    return hidden_states
+                          gate_weight: torch.Tensor, gate_bias: torch.Tensor, orders: list[torch.Tensor]) -> torch.Tensor:
+    """A whole forecast step's block stack, image rows only. On a forecast step no attention runs and every block
+    only adds `gate * forecast` to the image stream, so the stack collapses to one sum over the cached slots:
+
+        img + sum_s gate_s(temb) * sum_k c_k D_k[s]
+
+    gates: every block's modulation, gate rows only, as one GEMV (`gate_weight` stacks those rows). The sum is
+    accumulated in (at least) float32 (the blocks add one bf16 rounding per slot; this rounds once). Compiled, it is one
+    GEMV and one reduction kernel that reads each cached tensor once, with a handful of inputs: per-feature
+    tensors and per-block modules made the step CPU-bound on the H100 (results/h100/caching_profile.txt)."""
+    num_slots, batch = orders[0].shape[0], temb.shape[0]
+    gates = nn.functional.linear(nn.functional.silu(temb), gate_weight, gate_bias)  # [B, S * D]
+    gates = gates.view(batch, num_slots, 1, -1).transpose(0, 1)  # [S, B, 1, D]
+    accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+    contribution = (gates * predict(orders, coefficients)).sum(0, dtype=accumulate)
+    return (hidden_states.to(accumulate) + contribution).to(hidden_states.dtype)
 
 
 # --- capture hooks ---------------------------------------------------------------------------------
@@ -176,6 +181,7 @@ class HarnessCache:
         for block in self.single_blocks:
             self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
         self.forecast_backend: str | None = None  # set on first use: None = eager
+        self._gates: tuple[torch.Tensor, torch.Tensor] | None = None  # gate rows of every modulation, stacked
         self._compiled: dict[str, Any] = {}
         self.flops: dict[tuple, int] = {}
         self._counting = None
@@ -183,7 +189,7 @@ class HarnessCache:
 
     # -- per generation --
     def reset(self) -> None:
-        self.features: list[list[list[torch.Tensor]] | None] = [None] * self.num_blocks  # per block, per gate, orders
+        self.features: list[torch.Tensor] | None = None  # per order: [slot, batch, image tokens, dim]
         self.pending: list[list[torch.Tensor] | None] = [None] * self.num_blocks  # this full step's captures
         self.last_full: int | None = None
         self.full_steps = self.forecast_steps = 0
@@ -224,7 +230,7 @@ class HarnessCache:
 
     def _cache_bytes(self) -> int:
         storages = {}
-        tensors = [t for block in self.features if block for gate in block for t in gate]
+        tensors = list(self.features or []) + (list(self._gates) if self._gates and self.features else [])
         tensors += (self.residual or []) + [t for t in (self.first_residual_ref, self.after_first_block) if t is not None]
         for t in tensors:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -257,14 +263,14 @@ class HarnessCache:
     def _update_all_features(self) -> None:
         """After the last block of a full step: new finite differences for every cached feature at once
         (one compiled graph on GPU instead of one small kernel per feature and order)."""
-        captured, self.pending = self.pending, [None] * self.num_blocks
+        captured, self.pending = [f for block in self.pending for f in block], [None] * self.num_blocks
         max_order = 0 if self.mode == "fora" else self.max_order
         # Reference quirk kept: differences only once step > fe - 2, so with fe=3 the first one uses d=1.
-        if self.features[0] is None or max_order == 0 or self.clock.step <= self.first_enhance - 2:
-            self.features = [[[f] for f in block] for block in captured]
+        if self.features is None or max_order == 0 or self.clock.step <= self.first_enhance - 2:
+            self.features = [torch.stack(captured)]
             return
-        distance = torch.tensor(float(self.distance), device=captured[0][0].device)  # a tensor: no recompile per d
-        update = self._maybe_compiled("update", update_all_differences)
+        distance = torch.tensor(float(self.distance), device=captured[0].device)  # a tensor: no recompile per d
+        update = self._maybe_compiled("update", update_stacked_differences)
         self.features = update(self.features, captured, distance, max_order)
 
     def _coefficients(self, mode: str, num_orders: int, like: torch.Tensor) -> torch.Tensor:
@@ -273,10 +279,24 @@ class HarnessCache:
         return torch.tensor(coeffs, dtype=torch.float32).to(like.device, non_blocking=True)
 
     def _forecast(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        num_orders = len(self.features[0][0])
-        coeffs = self._coefficients(self.mode, num_orders, hidden_states)
+        coeffs = self._coefficients(self.mode, len(self.features), hidden_states)
         forecast = self._maybe_compiled("forecast", forecast_image_stream)
-        return forecast(hidden_states, temb, coeffs, self.norms, self.gate_slots, self.features)
+        return forecast(hidden_states, temb, coeffs, *self._gate_rows(temb.dtype), self.features)
+
+    def _gate_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gate rows of every block's modulation linear, in slot order, as one weight and bias (built on first
+        use, after any float8 quantization: torchao weights are dequantized; the GEMV is memory-bound either
+        way). Costs num_slots * dim^2 elements (FLUX.1-dev: 1.4 GB bf16, counted in the cache memory)."""
+        if self._gates is None or self._gates[0].dtype != dtype:
+            weights, biases = [], []
+            for norm, (num_chunks, gate_ids) in zip(self.norms, self.gate_slots):
+                weight, bias = norm.linear.weight.detach(), norm.linear.bias.detach()
+                weight = weight.dequantize() if type(weight) is not torch.Tensor else weight  # torchao subclass
+                rows = weight.shape[0] // num_chunks
+                weights += [weight[g * rows:(g + 1) * rows] for g in gate_ids]
+                biases += [bias[g * rows:(g + 1) * rows] for g in gate_ids]
+            self._gates = torch.cat(weights).to(dtype), torch.cat(biases).to(dtype)
+        return self._gates
 
     def _fbcache(self, index: int, hidden_in: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
         """First-block residual criterion (ALGORITHMS.md 2), image stream."""
