@@ -2,7 +2,7 @@
 # The ablation harness on one H100 (or more), without the real weights: stack_flux_dev.yaml with
 # --ckpt random:flux-dev (full-size FLUX.1-dev architecture, random weights: timings are real, images
 # are noise, so the quality columns only show that the metrics run). Budget < 6 minutes:
-#   * 2 prompts, 1 seed, 10 denoising steps instead of 28 (stated in the summary's command line);
+#   * $PROMPTS prompts (default 2), 1 seed, 10 denoising steps instead of 28 (stated in the summary's command line);
 #   * eager only (--base compile_export_mode=disabled): torch.compile / export_aoti would spend
 #     minutes compiling per variant. So the variants are bf16 eager (baseline), the eager stack (QKV
 #     fusion + FA3 + float8), and each of those three layers disabled in turn;
@@ -17,7 +17,8 @@ OUT=${OUT:-results/h100/ablation}
 WORK=${WORK:-/tmp/ablation}            # images stay here (1024^2 noise PNGs are ~3 MB each)
 mkdir -p "$OUT" "$WORK"
 
-# Offline node: install the wheels fetched by ../shared/h100/wheels.sh, if they came along.
+# Offline node: install the wheels fetched by `../shared/h100/wheels.sh wcwidth`, if they came along
+# (ftfy, for open_clip's tokenizer, needs wcwidth, which that node lacks).
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -28,7 +29,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 ARGS=(--config configs/ablations/stack_flux_dev.yaml
       --base ckpt=random:flux-dev --base num_inference_steps=10 --base compile_export_mode=disabled
       --variants full,no_qkv_fusion,no_fa3,no_quant
-      --limit_prompts 2 --seeds_per_prompt 1 --warmup_runs 1 --metrics_random_init)
+      --limit_prompts "${PROMPTS:-2}" --seeds_per_prompt 1 --warmup_runs 1 --metrics_random_init)
 
 copy_results() {  # tables, plots, records and timing; not the images
   mkdir -p "$2"
