@@ -8,6 +8,7 @@ Parts (--parts, comma-separated, run in this order; default all):
   speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
              MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
+  profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps: dense stack, Chipmunk (published
              config), Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6), all with regional
              torch.compile and no float8 (the same stack but for the layer under test).
@@ -185,6 +186,38 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
 
 # --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
 
+def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
+    """Per-kernel CUDA time of the Triton sparse attention (16.5% keys) and sparse MLP (30% neurons) at FLUX shapes,
+    from torch.profiler over 10 calls each after a warm-up: which kernel to work on."""
+    torch.manual_seed(2)
+    multiple = 16 if s is SMALL else 128
+    q, k, v, o_cache = attention_inputs(s, device, dtype)
+    index = C.select_key_columns(C.attention_column_sums(q, k, s["group"]), C.rounded_count(0.165, s["tokens"], multiple))
+    x, w1, b1, w2, _, _, act, out_cache = mlp_inputs(s, device, dtype, 16)
+    w2_t = w2.t().contiguous()
+    count = C.rounded_count(0.3, s["hidden"], multiple)
+    blocks = -(-s["tokens"] // s["block"])
+    neurons = torch.rand(1, blocks, s["hidden"], device=device).topk(count, -1).indices.sort(-1).values.int()
+    calls = {"sparse attention": lambda: T.sparse_attention(q, k, v, index, s["group"], o_cache),
+             "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"])}
+    rows = []
+    for name, fn in calls.items():
+        fn()  # autotune outside the profile
+        if device == "cuda":
+            torch.cuda.synchronize()
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(10):
+                fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        for e in prof.key_averages():
+            device_us = getattr(e, "device_time_total", 0) or getattr(e, "cuda_time_total", 0)
+            if device_us and str(e.device_type).endswith("CUDA"):  # kernels, not the CPU ops that launch them
+                rows.append({"call": name, "kernel": e.key, "calls": e.count, "ms_per_call": device_us / 1e3 / 10})
+    return {"rows": rows}
+
+
 def run_child(cmd: list[str], timeout: float) -> tuple[int, str]:
     print("[h100_chipmunk] $", " ".join(cmd), flush=True)
     try:
@@ -295,6 +328,12 @@ def markdown(record: dict) -> str:
             else:
                 lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | |")
         lines.append("")
+    prof = record.get("profile")
+    if prof:
+        lines += ["## Per-kernel device time (torch.profiler, mean of 10 calls)", "", "| call | kernel | ms per call |",
+                  "|---|---|---|"]
+        lines += [f"| {r['call']} | {r['kernel']} | {r['ms_per_call']:.3f} |" for r in prof["rows"]]
+        lines.append("")
     for name, seconds in record["part_seconds"].items():
         lines.append(f"- {name}: {seconds:.1f} s")
     return "\n".join(lines) + "\n"
@@ -348,6 +387,8 @@ def main() -> int:
         elif part == "interval1":
             record["interval1"] = part_interval1(out, dry, 6 if dry else args.interval1_steps, deadline - t0)
             ok &= record["interval1"]["passed"]
+        elif part == "profile":
+            record["profile"] = part_profile(shapes, device, dtype)
         elif part == "e2e":
             record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline)
         else:
