@@ -154,7 +154,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     def _sparse_fc1_kernel(X, W1, B1, IDX, ACT, DELTA, PRESUM, sxb, sxl, sab, sal, sdb, sdl,
                            L, DM, NK, NB, TOKENS_PER_BLOCK,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        pid_k, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        # Row tiles vary fastest: the programs in flight then share one neuron tile position across all token blocks,
+        # whose sorted neuron sets cover similar W1 rows, so gathered weights come from L2 instead of DRAM.
+        pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
         j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -190,8 +192,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     @triton.jit
     def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, sdb, sdl, sob, sol, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        pid_n, pid_m, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest, as in fc1:
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the programs in flight share a W2^T column slice (L2)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
@@ -267,11 +269,11 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     block_m = _row_tile(block, 128)
     delta = torch.empty(B, L, NK, device=x.device, dtype=w2_t.dtype)
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
-    grid1 = lambda meta: (triton.cdiv(NK, meta["BLOCK_K"]), triton.cdiv(L, block_m), B)  # noqa: E731
+    grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
     _sparse_fc1_kernel[grid1](x, w1, b1, index, act_cache, delta, pre_sum, x.stride(0), x.stride(1),
                               act_cache.stride(0), act_cache.stride(1), delta.stride(0), delta.stride(1),
                               L, DM, NK, NB, block, BLOCK_M=block_m)
-    grid2 = lambda meta: (triton.cdiv(NOUT, meta["BLOCK_N"]), triton.cdiv(L, block_m), B)  # noqa: E731
+    grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
                               out_cache.stride(1), L, NK, NOUT, NB, block, BLOCK_M=block_m)
     counts = torch.full((NB,), float(block), device=x.device)
