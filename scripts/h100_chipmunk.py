@@ -192,7 +192,8 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     torch.manual_seed(2)
     multiple = 16 if s is SMALL else 128
     q, k, v, o_cache = attention_inputs(s, device, dtype)
-    index = C.select_key_columns(C.attention_column_sums(q, k, s["group"]), C.rounded_count(0.165, s["tokens"], multiple))
+    sums = C.attention_column_sums(q, k, s["group"])
+    index = C.select_key_columns(sums, C.rounded_count(0.165, s["tokens"], multiple))
     x, w1, b1, w2, _, _, act, out_cache = mlp_inputs(s, device, dtype, 16)
     w2_t = w2.t().contiguous()
     count = C.rounded_count(0.3, s["hidden"], multiple)
@@ -205,7 +206,9 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
         fn()  # autotune outside the profile
         if device == "cuda":
             torch.cuda.synchronize()
-        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(10):
                 fn()

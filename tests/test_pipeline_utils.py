@@ -163,7 +163,8 @@ def test_float8_quantizes_only_the_blocks_linears(make_args, monkeypatch):
     transformer = load_pipeline(validate_args(make_args())).transformer.to(torch.bfloat16)
     quantize_float8(transformer, "row")
     linears = {name: type(m.weight) for name, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
-    in_blocks = {n: t for n, t in linears.items() if n.startswith(("transformer_blocks.", "single_transformer_blocks."))}
+    blocks = ("transformer_blocks.", "single_transformer_blocks.")
+    in_blocks = {n: t for n, t in linears.items() if n.startswith(blocks)}
     outside = {n: t for n, t in linears.items() if n not in in_blocks}
     assert "x_embedder" in outside and "proj_out" in outside and "transformer_blocks.0.ff.net.2" in in_blocks
     assert all(t is torch.nn.Parameter for t in outside.values()), outside

@@ -230,8 +230,8 @@ def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
 
 def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
     """float8 only for the repeated blocks' linears (>99.9% of the FLOPs). The embedders and the output layer run
-    eagerly outside the compiled blocks, where torchao's per-call quantization costs more CPU time than their
-    tiny GEMMs take (it made FLUX's feature-cache forecast steps CPU-bound on the H100)."""
+    eagerly outside the compiled blocks, where torchao's per-call quantization adds CPU time and kernels to every
+    step for GEMMs too small to gain, and a feature-cache forecast step (~2.5 ms of GPU work) cannot hide them."""
     return isinstance(module, torch.nn.Linear) and fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
 
 
