@@ -21,6 +21,7 @@ mkdir -p "$OUT" "$WORK"
 # (ftfy, for open_clip's tokenizer, needs wcwidth, which that node lacks).
 if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m compileall -q -j 0 /tmp/site >/dev/null || true  # else the sweep's first imports compile diffusers
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HF_HUB_OFFLINE=1

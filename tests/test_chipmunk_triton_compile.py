@@ -51,7 +51,8 @@ def kernel_args():
     qk = dict(Q=q, K=q, sqb=s[0], sql=s[1], sqh=s[2], skb=s[0], skl=s[1], skh=s[2], H=HEADS, D=HEAD_DIM,
               scale_log2=0.1)
     attn = dict(qk, V=q, IDX=meta(B, HEADS, G, NK_ATTN, dtype=torch.int32), OC=q, O=q, svb=s[0], svl=s[1],
-                svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M)
+                svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M,
+                EVEN_N=NK_ATTN % 128 == 0)
     mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
     return {
         "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
