@@ -8,6 +8,11 @@ re-compiles (regional compile of the repeated blocks unless --compile_scope full
 transformer's per-step time (CUDA-event median over --step_runs direct forwards at the pipeline's
 shapes) and the end-to-end seconds (median over --e2e_runs full pipeline calls after one warm-up).
 Results are written after every stage, so a run cut short still leaves its finished rows.
+A table too long for one command is split: the second command applies the earlier layers untimed and
+uncompiled (`--timed`), and times eager again as its own reference, e.g.
+
+    python scripts/h100_stages.py --stages eager,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,inductor_flags,export_aoti \
+        --timed eager,export_aoti --out results/h100
 
     python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
 """
@@ -52,6 +57,9 @@ def main() -> None:
     parser.add_argument("--cache-dir", dest="cache_dir", default="/tmp/flux-harness-aoti")
     parser.add_argument("--out", default="results/h100")
     parser.add_argument("--device", default="cuda", help="cpu only for a dry run with --ckpt tiny")
+    parser.add_argument("--timed", default=None,
+                        help="comma list: time only these stages; the others are applied (cumulatively) untimed and "
+                             "not compiled (default: time every stage)")
     parser.add_argument("--deadline_s", type=float, default=None,
                         help="skip the remaining stages once this many seconds have passed (results so far are kept)")
     opts = parser.parse_args()
@@ -59,6 +67,9 @@ def main() -> None:
     unknown = set(stages) - set(STAGES)
     if unknown:
         parser.error(f"unknown stages {sorted(unknown)}; choose from {STAGES}")
+    timed = opts.timed.split(",") if opts.timed else stages
+    if set(timed) - set(stages) or "eager" not in timed:
+        parser.error("--timed must be a subset of --stages that includes eager (the reference of the run)")
 
     args = resolved_defaults(create_parser().parse_args(
         ["--ckpt", opts.ckpt, "--height", str(opts.height), "--width", str(opts.width), "--device", opts.device]
@@ -82,7 +93,8 @@ def main() -> None:
                          "image_tokens": example["hidden_states"].shape[1]},
               "compile_scope": opts.compile_scope, "compile_mode": opts.compile_mode or "default",
               "quant_granularity": opts.quant_granularity, "step_runs": opts.step_runs,
-              "e2e_runs": opts.e2e_runs, "rows": []}
+              "e2e_runs": opts.e2e_runs, "rows": [],
+              "applied_untimed": [stage for stage in stages if stage not in timed]}
     fa3_reason = fa3_unavailable_reason()
     compiled = False
 
@@ -120,6 +132,9 @@ def main() -> None:
             cuda = opts.device.startswith("cuda")
             compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
             note = f"AOTI package {status}" + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)")
+        if stage not in timed:
+            print(f"[stage] {stage:<15} applied, not timed {note}", flush=True)
+            continue
         if compiled and stage != "export_aoti":
             recompile()
         with torch.no_grad():
@@ -149,6 +164,7 @@ def main() -> None:
 
 def write_markdown(record: dict, path: Path) -> None:
     env, shapes = record["environment"], record["shapes"]
+    untimed = record.get("applied_untimed")
     lines = [f"# Cumulative stage table: {record['ckpt']} (random weights: {record['random_weights']})", "",
              f"GPU {env['gpu']}, torch {env['torch']}, diffusers {env['diffusers']}, torchao {env['torchao']}, "
              f"FA3 {env['fa3']}; {shapes['height']}x{shapes['width']}, {shapes['steps']} steps, "
@@ -157,6 +173,7 @@ def write_markdown(record: dict, path: Path) -> None:
              f"Step: median of {record['step_runs']} CUDA-event-timed transformer forwards; end to end: median of "
              f"{record['e2e_runs']} pipeline calls after a warm-up.", "",
              f"Command: `{record['command']}`", "",
+             *([f"Applied but not timed in this run (timed in another): {', '.join(untimed)}.", ""] if untimed else []),
              "| stage (cumulative) | transformer step ms | x eager step | end-to-end s | e2e speedup | apply+compile s | note |",
              "|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
