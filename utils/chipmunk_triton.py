@@ -11,8 +11,9 @@ contiguous):
   * row log-sum-exp, then softmax column sums per query group (dense steps: picks the key set);
   * sparse attention over gathered key indices with online softmax (FlashAttention-2 style loop,
     but each query tile walks its group's index list instead of all keys), plus the cached delta;
-  * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh) + subtraction of the
-    activation cache (and its update), then fc2 on gathered rows of W2^T added into the output cache.
+  * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh), then the activation cache's
+    delta (and its update) in a light gather kernel, then fc2 on gathered rows of W2^T added into the
+    output cache.
 """
 
 from __future__ import annotations
@@ -145,18 +146,19 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
         tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
 
-    # --- MLP: fc1 on gathered neurons, fused bias + GELU + cache delta ------------------------------
+    # --- MLP: fc1 on gathered neurons, fused bias + GELU; then the activation-cache delta ----------------
 
-    # Every config compiles for sm_90 at FLUX shapes without spills (tests/test_chipmunk_triton_compile.py, triton 3.6
-    # and 3.8). Dropped because ptxas spilled with triton 3.6: BLOCK_K=128 (80-100 B at 8 warps, KBs at 4 warps) and
-    # BLOCK_K=64 at 4 warps: the 128-row fp32 accumulator plus the epilogue's 64-bit pointer tiles (gathered columns).
+    # fc1 writes the new activations of the selected neurons compactly, (B, L, NK): a plain contiguous epilogue
+    # leaves registers for 128-neuron tiles. The gathered read-modify-write of the activation cache is a separate
+    # light kernel (_activation_delta_kernel). Configs that spill on sm_90 are not listed
+    # (tests/test_chipmunk_triton_compile.py compiles every one at FLUX shapes).
     @triton.autotune(configs=_configs([dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
+                                       dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
                                        dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3)],
                                       dict(BLOCK_K=16, BLOCK_D=16)),
-                     key=["L", "NK", "DM", "BLOCK_M"], restore_value=["ACT"], reset_to_zero=["PRESUM"])
+                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
-    def _sparse_fc1_kernel(X, W1, B1, IDX, ACT, DELTA, PRESUM, sxb, sxl, sab, sal, sdb, sdl,
-                           L, DM, NK, NB, TOKENS_PER_BLOCK,
+    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         # Row tiles vary fastest: the programs in flight then share one neuron tile position across all token blocks,
         # whose sorted neuron sets cover similar W1 rows, so gathered weights come from L2 instead of DRAM.
@@ -174,16 +176,28 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             w = tl.load(W1 + neuron[:, None] * DM + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
         pre = acc + tl.load(B1 + neuron).to(tl.float32)[None, :]
-        # Block sums first, so that pre is dead before the pointer tiles below are live (fewer registers on sm_90).
         tl.atomic_add(PRESUM + (b * NB + blk) * NK + j, tl.sum(tl.where(rows[:, None] < L, pre, 0.0), 0), mask=jvalid)
         z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # 2z, with 2 sqrt(2/pi) = GELU_TANH_2C
         act = pre / (1.0 + tl.exp(-z2))  # gelu_tanh(x) = x * sigmoid(2z)
-        mask = (rows[:, None] < L) & jvalid[None, :]
+        tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty),
+                 mask=(rows[:, None] < L) & jvalid[None, :])
+
+    @triton.jit
+    def _activation_delta_kernel(NEW, IDX, ACT, DELTA, snb, snl, sab, sal, sdb, sdl, L, NK, NB, TOKENS_PER_BLOCK,
+                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+        """delta = new - act_cache[selected]; act_cache[selected] = new (new is already in the cache's dtype, so
+        the deltas telescope exactly in it)."""
+        pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
+        j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask = (rows[:, None] < L) & (j[None, :] < NK)
+        neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=j < NK, other=0)
+        new = tl.load(NEW + b * snb + rows[:, None] * snl + j[None, :], mask=mask, other=0.0)
         act_ptr = ACT + b * sab + rows[:, None] * sal + neuron[None, :]
-        act_rounded = act.to(ACT.dtype.element_ty)  # deltas telescope in the cache's dtype
-        delta = act_rounded.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
+        delta = new.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
         tl.store(DELTA + b * sdb + rows[:, None] * sdl + j[None, :], delta.to(DELTA.dtype.element_ty), mask=mask)
-        tl.store(act_ptr, act_rounded, mask=mask)
+        tl.store(act_ptr, new, mask=mask)
 
     # --- MLP: fc2 on gathered rows of W2^T, added into the output cache -----------------------------
 
@@ -272,12 +286,16 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
+    new = torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
     delta = torch.empty(B, L, NK, device=x.device, dtype=w2_t.dtype)
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
-    _sparse_fc1_kernel[grid1](x, w1, b1, index, act_cache, delta, pre_sum, x.stride(0), x.stride(1),
-                              act_cache.stride(0), act_cache.stride(1), delta.stride(0), delta.stride(1),
+    _sparse_fc1_kernel[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0), new.stride(1),
                               L, DM, NK, NB, block, BLOCK_M=block_m)
+    delta_k = 16 if INTERPRET else 64
+    _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
+        new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
+        delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
                               out_cache.stride(1), L, NK, NOUT, NB, block, BLOCK_M=block_m)
