@@ -87,7 +87,7 @@ def main() -> None:
     own.add_argument("--size", type=int, default=None, help="image side; default 1024 (64 for tiny)")
     own.add_argument("--modes", nargs="+", default=["fora", "taylor", "hicache"])
     own.add_argument("--intervals", nargs="+", type=int, default=[5, 6, 7])
-    own.add_argument("--runs", type=int, default=2, help="timed generations per variant (after one warm-up)")
+    own.add_argument("--runs", type=int, default=3, help="timed generations per variant (after one warm-up)")
     own.add_argument("--budget_s", type=float, default=450, help="skip remaining variants past this many seconds")
     own.add_argument("--no_profile", action="store_true")
     own.add_argument("--profile", default="hicache:7", help="MODE:INTERVAL profiled for one generation at the end")
