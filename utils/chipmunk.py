@@ -434,8 +434,9 @@ class SparseAttentionLayer:
 
 @torch.library.custom_op("flux_harness::chipmunk_attention", mutates_args=())
 def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
-    """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python."""
-    return _layer(layer_id)(q, k, v)
+    """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python. Contiguous, as
+    the fake says: compiled code after the op is traced for those strides (the reference path's are not)."""
+    return _layer(layer_id)(q, k, v).contiguous()
 
 
 @chipmunk_attention_op.register_fake
@@ -505,7 +506,9 @@ class SparseMlpLayer:
             s.tensors["pre_mean"].scatter_(2, index.long(), pre_means)
             s.stats["sparse"] += 1
         s.last_step = step
-        return s.tensors["out_cache"].to(x.dtype)
+        # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled graph
+        # reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
+        return s.tensors["out_cache"].to(x.dtype, copy=True)
 
     def _selected_block_means(self, pre: torch.Tensor, length: int) -> torch.Tensor:
         B, nb, block, K = pre.shape
