@@ -11,7 +11,8 @@ Parts (--parts, comma-separated, run in this order; default all):
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps: dense stack, Chipmunk (published
              config), Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6), all with regional
-             torch.compile and no float8 (the same stack but for the layer under test).
+             torch.compile, no float8 and no inductor tuning flags (the same stack but for the layer under
+             test; the flags' coordinate-descent tuning would double three cold compiles for ~2%).
 Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_h100.{json,md}.
 
     python scripts/h100_chipmunk.py --out results/h100                 # all parts, ~7-8 min on an H100
@@ -257,8 +258,11 @@ def part_interval1(out: Path, dry: bool, steps: int, timeout: float) -> dict:
 def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
     common = [*model_args(dry), "--num_inference_steps", str(steps), "--num_runs", str(runs), "--warmup_runs", "1",
               "--disable_quant", "--results_dir", str(out / "e2e")]
+    # No inductor tuning flags: their coordinate-descent tuning doubles each of the three cold compiles (~2% of
+    # step time, measured on the dense stack), and all three variants share the same stack but for Chipmunk.
     common += ["--compile_export_mode", "disabled"] if dry else ["--compile_export_mode", "compile",
-                                                                  "--compile_scope", "regional"]
+                                                                  "--compile_scope", "regional",
+                                                                  "--disable_inductor_tuning_flags"]
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     variants = {
         "dense stack": [],
