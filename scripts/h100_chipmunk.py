@@ -190,7 +190,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     }
 
 
-# --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
+# --- profile: per-kernel device time --------------------------------------------------------------------
 
 def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     """Per-kernel CUDA time of the Triton sparse attention (16.5% keys) and sparse MLP (30% neurons) at FLUX shapes,
@@ -226,6 +226,8 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
                 rows.append({"call": name, "kernel": e.key, "calls": e.count, "ms_per_call": device_us / 1e3 / 10})
     return {"rows": rows}
 
+
+# --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
 
 def run_child(cmd: list[str], timeout: float) -> tuple[int, str]:
     print("[h100_chipmunk] $", " ".join(cmd), flush=True)

@@ -8,13 +8,14 @@ re-compiles (regional compile of the repeated blocks unless --compile_scope full
 transformer's per-step time (CUDA-event median over --step_runs direct forwards at the pipeline's
 shapes) and the end-to-end seconds (median over --e2e_runs full pipeline calls after one warm-up).
 Results are written after every stage, so a run cut short still leaves its finished rows.
+
+    python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
+
 A table too long for one command is split: the second command applies the earlier layers untimed and
 uncompiled (`--timed`), and times eager again as its own reference, e.g.
 
     python scripts/h100_stages.py --stages eager,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,inductor_flags,export_aoti \
         --timed eager,export_aoti --out results/h100
-
-    python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
 """
 
 from __future__ import annotations
