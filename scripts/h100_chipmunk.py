@@ -200,11 +200,9 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     q, k, v, o_cache = attention_inputs(s, device, dtype)
     sums = C.attention_column_sums(q, k, s["group"])
     index = C.select_key_columns(sums, C.rounded_count(0.165, s["tokens"], multiple))
-    x, w1, b1, w2, _, _, act, out_cache = mlp_inputs(s, device, dtype, 16)
+    neurons_30 = C.rounded_count(0.3, s["hidden"], multiple)
+    x, w1, b1, w2, _, neurons, act, out_cache = mlp_inputs(s, device, dtype, neurons_30)
     w2_t = w2.t().contiguous()
-    count = C.rounded_count(0.3, s["hidden"], multiple)
-    blocks = -(-s["tokens"] // s["block"])
-    neurons = torch.rand(1, blocks, s["hidden"], device=device).topk(count, -1).indices.sort(-1).values.int()
     calls = {"sparse attention": lambda: T.sparse_attention(q, k, v, index, s["group"], o_cache),
              "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"])}
     rows = []

@@ -21,3 +21,17 @@ def tiny_args(*extra: str):
 @pytest.fixture
 def make_args():
     return tiny_args
+
+
+@pytest.fixture
+def float8_on_cpu(monkeypatch):
+    """torchao.quantization, with its sm_89+ check bypassed: quantizing weights (and torch's CPU _scaled_mm)
+    works on CPU, so the float8 plumbing can be tested here."""
+    quantization = pytest.importorskip("torchao.quantization", reason="torchao is in requirements.txt")
+    import torchao.float8.inference as float8_inference
+    from torchao.quantization import quant_api
+
+    for mod in (float8_inference, quant_api):
+        if hasattr(mod, "_check_hardware_support"):
+            monkeypatch.setattr(mod, "_check_hardware_support", lambda *a, **k: None)
+    return quantization

@@ -84,17 +84,10 @@ def test_installed_forward_runs_the_pipeline_like_eager(exported):
     assert np.abs(out - eager).max() < 1e-4 and eager.std() > 0.01
 
 
-def test_float8_weights_reach_the_package_as_their_inner_tensors(tmp_path, monkeypatch):
+def test_float8_weights_reach_the_package_as_their_inner_tensors(tmp_path, float8_on_cpu):
     # torchao float8 weights are tensor subclasses; the package knows them as plain inner tensors named
-    # `<owner>.parametrizations.weight.original<i>`. torchao refuses to quantize without an sm_89+ GPU, a
-    # check bypassed here so the naming can be tested on CPU (torch has CPU _scaled_mm kernels).
-    torchao_quant = pytest.importorskip("torchao.quantization", reason="torchao is in requirements.txt")
-    import torchao.float8.inference as float8_inference
-    from torchao.quantization import quant_api
-
-    for mod in (float8_inference, quant_api):
-        if hasattr(mod, "_check_hardware_support"):
-            monkeypatch.setattr(mod, "_check_hardware_support", lambda *a, **k: None)
+    # `<owner>.parametrizations.weight.original<i>` (torchao's GPU check bypassed: see float8_on_cpu).
+    torchao_quant = float8_on_cpu
     torch.manual_seed(0)
     mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 64)).to(torch.bfloat16)
     x = torch.randn(32, 64, dtype=torch.bfloat16)
