@@ -383,16 +383,19 @@ class LayerState:
 _LAYERS: dict[int, "weakref.ReferenceType"] = {}
 
 
-def _register(layer) -> int:
+def _register(layer) -> torch.Tensor:
+    """The layer's id, as a CPU int64 scalar tensor: torch.compile lifts a tensor into a graph input, where it
+    would guard on an int's value and recompile the regionally compiled block once per layer (57 on FLUX, past
+    dynamo's recompile limit)."""
     layer_id = len(_LAYERS)
     _LAYERS[layer_id] = weakref.ref(layer)
-    return layer_id
+    return torch.tensor(layer_id, dtype=torch.int64)
 
 
-def _layer(layer_id: int):
-    layer = _LAYERS[layer_id]()
+def _layer(layer_id: torch.Tensor):
+    layer = _LAYERS[int(layer_id)]()
     if layer is None:
-        raise RuntimeError(f"Chipmunk layer {layer_id} was freed")
+        raise RuntimeError(f"Chipmunk layer {int(layer_id)} was freed")
     return layer
 
 
@@ -433,7 +436,7 @@ class SparseAttentionLayer:
 
 
 @torch.library.custom_op("flux_harness::chipmunk_attention", mutates_args=())
-def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: int) -> torch.Tensor:
+def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
     """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python. Contiguous, as
     the fake says: compiled code after the op is traced for those strides (the reference path's are not)."""
     return _layer(layer_id)(q, k, v).contiguous()
@@ -536,7 +539,7 @@ class SparseMlpLayer:
 
 
 @torch.library.custom_op("flux_harness::chipmunk_mlp", mutates_args=())
-def chipmunk_mlp_op(x: torch.Tensor, layer_id: int, out_features: int) -> torch.Tensor:
+def chipmunk_mlp_op(x: torch.Tensor, layer_id: torch.Tensor, out_features: int) -> torch.Tensor:
     """Opaque to torch.compile, like chipmunk_attention_op."""
     return _layer(layer_id)(x)
 
