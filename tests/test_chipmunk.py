@@ -255,15 +255,16 @@ for cache in (None, o_cache):
 d, hidden, out, block, K = 32, 64, 24, 32, 20
 x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
 index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
-act, out_cache = torch.randn(B, L, hidden), torch.randn(B, L, out)
-act_ref, out_ref = act.clone(), out_cache.clone()
-pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
-means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, block)
-torch.testing.assert_close(act, act_ref, rtol=1e-5, atol=1e-5)
-torch.testing.assert_close(out_cache, out_ref, rtol=1e-5, atol=1e-5)
-assert (out_cache - out_ref).abs().max() < 1e-4 and not torch.equal(out_ref, torch.randn(B, L, out))
-rows = (torch.arange(3 * block) < L).view(3, block)
-torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
+for layout in (lambda t: t, C.neuron_major):  # the kernel takes the activation cache in any strides
+    act, out_cache = layout(torch.randn(B, L, hidden)), torch.randn(B, L, out)
+    act_ref, out_ref = act.clone(), out_cache.clone()
+    pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
+    means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, block)
+    torch.testing.assert_close(act, act_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cache, out_ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(act, layout(torch.randn(B, L, hidden)))  # the cache really changed, in place
+    rows = (torch.arange(3 * block) < L).view(3, block)
+    torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
 print("kernels match the reference")
 """
 

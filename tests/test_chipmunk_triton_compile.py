@@ -46,7 +46,8 @@ def meta(*shape, dtype=torch.bfloat16):
 
 def kernel_args():
     """name -> (kernel, fixed launch configs or None for the autotuner's list, arguments) as the launch code passes."""
-    q, x, act, delta = meta(B, L, HEADS, HEAD_DIM), meta(B, L, DM), meta(B, L, HIDDEN), meta(B, L, NK_MLP)
+    q, x, delta = meta(B, L, HEADS, HEAD_DIM), meta(B, L, DM), meta(B, L, NK_MLP)
+    act = meta(B, HIDDEN, L).transpose(1, 2)  # neuron-major, as chipmunk.neuron_major stores it
     out, lse = meta(B, L, DM, dtype=torch.float32), meta(B, HEADS, L, dtype=torch.float32)
     s = q.stride()
     qk = dict(Q=q, K=q, sqb=s[0], sql=s[1], sqh=s[2], skb=s[0], skl=s[1], skh=s[2], H=HEADS, D=HEAD_DIM,
@@ -70,9 +71,9 @@ def kernel_args():
                             TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
         "activation_delta": (ct._activation_delta_kernel, [dict(BLOCK_K=64, num_warps=4, num_stages=3)],
                              dict(NEW=delta, IDX=mlp_index, ACT=act, DELTA=delta, snb=delta.stride(0),
-                                  snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sdb=delta.stride(0),
-                                  sdl=delta.stride(1), L=L, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
-                                  BLOCK_M=MLP_BLOCK_M)),
+                                  snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
+                                  sdb=delta.stride(0), sdl=delta.stride(1), L=L, NK=NK_MLP, NB=NB,
+                                  TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
         "sparse_fc2": (ct._sparse_fc2_kernel, None,
                        dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, sdb=delta.stride(0),
                             sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), L=L, NK=NK_MLP, NOUT=DM, NB=NB,

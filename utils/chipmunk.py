@@ -266,6 +266,12 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
+def neuron_major(act: torch.Tensor) -> torch.Tensor:
+    """The same (B, L, hidden) values stored hidden-major: a neuron's tokens are contiguous, so the sparse steps'
+    per-block gathers of selected neurons read whole runs (the Triton kernel's fast layout)."""
+    return act.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     """Mean over each block of `block` consecutive tokens (the last one may be partial): (B, nb, d) float32."""
     B, L, d = x.shape
@@ -487,7 +493,7 @@ class SparseMlpLayer:
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             pre = F.linear(x, self.w1, self.b1)
             act = gelu_tanh(pre)
-            s.tensors["act_cache"] = act
+            s.tensors["act_cache"] = neuron_major(act) if triton_ops else act
             s.tensors["out_cache"] = F.linear(act, self.w2, self.b2).float()
             s.tensors["pre_mean"] = block_means(pre, cfg.bm)  # the reference the change is measured against
             s.tensors.pop("neuron_index", None)
