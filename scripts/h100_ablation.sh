@@ -21,14 +21,9 @@ OUT=${OUT:-results/h100/ablation}
 WORK=${WORK:-/tmp/ablation}            # images stay here (1024^2 noise PNGs are ~3 MB each)
 mkdir -p "$OUT" "$WORK"
 
-# Offline node: install the wheels fetched by `../shared/h100/wheels.sh wcwidth`, if they came along
-# (ftfy, for open_clip's tokenizer, needs wcwidth, which that node lacks).
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  python3 -m compileall -q -j 0 /tmp/site >/dev/null || true  # else the sweep's first imports compile diffusers
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export HF_HUB_OFFLINE=1
+# Offline node: the wheels fetched by `../shared/h100/wheels.sh wcwidth`, if they came along (ftfy, for open_clip's
+# tokenizer, needs wcwidth, which that node lacks).
+source scripts/h100_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 ARGS=(--config configs/ablations/stack_flux_dev.yaml

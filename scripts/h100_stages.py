@@ -32,8 +32,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import compile_utils  # noqa: E402
 from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason  # noqa: E402
-from utils.benchmark_utils import (command_line, create_parser, environment_record, pipeline_call_kwargs,  # noqa: E402
-                                   resolved_defaults, time_call)
+from utils.benchmark_utils import (command_line, create_parser, device_ms_by_kind,  # noqa: E402
+                                   environment_record, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
 
 STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "export_aoti")
@@ -143,6 +143,7 @@ def main() -> None:
         apply_s = time.perf_counter() - t_apply
         with torch.no_grad():
             step_ms = median_ms(lambda: transformer(**step_kwargs), opts.step_runs, opts.device)
+            step_kinds = device_ms_by_kind(lambda: transformer(**step_kwargs))  # where the step's device time goes
         run = lambda: pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="pil")  # noqa: E731
         run()  # warm-up of the whole pipeline (text encoders, VAE)
         cuda = opts.device.startswith("cuda")
@@ -151,7 +152,8 @@ def main() -> None:
         e2e_s = median_ms(run, opts.e2e_runs, opts.device) / 1e3
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         row = {"stage": stage, "dynamo_graphs_so_far": graphs, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
-               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "note": note}
+               "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+               "step_device_ms_by_kind": step_kinds, "note": note}
         record["rows"].append(row)
         eager = record["rows"][0]
         for r in record["rows"]:
@@ -159,6 +161,8 @@ def main() -> None:
             r["e2e_speedup"] = eager["e2e_s"] / r["e2e_s"]
         print(f"[stage] {stage:<15} step {step_ms:7.1f} ms  e2e {e2e_s:6.2f} s  "
               f"(apply+compile {apply_s:5.1f} s) {note}", flush=True)
+        if step_kinds:
+            print(f"[stage] {'':<15} device ms: {kinds_text(step_kinds)}", flush=True)
         (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
         write_markdown(record, out_dir / f"{name}.md")
 
@@ -175,12 +179,18 @@ def write_markdown(record: dict, path: Path) -> None:
              f"{record['e2e_runs']} pipeline calls after a warm-up.", "",
              f"Command: `{record['command']}`", "",
              *([f"Applied but not timed in this run (timed in another): {', '.join(untimed)}.", ""] if untimed else []),
-             "| stage (cumulative) | transformer step ms | x eager step | end-to-end s | e2e speedup | apply+compile s | note |",
-             "|---|---|---|---|---|---|---|"]
+             "| stage (cumulative) | transformer step ms | x eager step | end-to-end s | e2e speedup | apply+compile s | "
+             "step device ms by kernel kind (profiler) | note |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
         lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.2f} | {r['e2e_s']:.2f} | "
-                     f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | {r['note']} |")
+                     f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | "
+                     f"{kinds_text(r.get('step_device_ms_by_kind') or {})} | {r['note']} |")
     path.write_text("\n".join(lines) + "\n")
+
+
+def kinds_text(kinds: dict[str, float]) -> str:
+    return ", ".join(f"{kind} {ms:.1f}" for kind, ms in kinds.items())
 
 
 if __name__ == "__main__":

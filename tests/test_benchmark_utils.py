@@ -1,5 +1,7 @@
+import pytest
 import torch
 
+from utils import benchmark_utils
 from utils.benchmark_utils import STAGE_TIMER, annotate_pipeline
 from utils.flux_builders import build_tiny_pipeline
 
@@ -27,3 +29,26 @@ def test_annotation_times_each_stage_and_restores_methods_and_installed_forwards
     assert len(calls) == 3
     assert pipe.transformer.forward is installed_forward  # put back, not deleted
     assert "encode_prompt" not in vars(pipe) and "decode" not in vars(pipe.vae)  # methods uncovered again
+
+
+@pytest.mark.parametrize("name, kind", [
+    # names as torch.profiler printed them on the H100 (results/h100/caching_profile.txt, chipmunk_h100_profile.md)
+    ("nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT", "matmul"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
+    ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...>>>", "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x128x128_4x1x1", "attention"),
+    ("_sparse_attention_kernel", "attention"),
+    ("triton_poi_fused__scaled_mm__to_copy_cat_clamp_div_gelu_1", "fused (inductor)"),
+    ("triton_red_fused__fused_rms_norm__to_copy_add_fa3_attention_2", "fused (inductor)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+])
+def test_kernel_kind_sorts_profiler_names(name, kind):
+    assert benchmark_utils.kernel_kind(name) == kind
+
+
+def test_device_ms_by_kind_is_empty_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the split is measured, not empty")
+    calls = []
+    assert benchmark_utils.device_ms_by_kind(lambda: calls.append(1)) == {}
+    assert calls == []  # nothing is run when there is no device time to split

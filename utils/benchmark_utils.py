@@ -224,6 +224,37 @@ def time_call(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     return time.perf_counter() - t0, out
 
 
+def kernel_kind(name: str) -> str:
+    """Coarse class of a GPU kernel from its name: where a transformer step's device time goes. Inductor's fused
+    kernels first (their names can mention _scaled_mm), then attention (FA3 runs as a cutlass kernel), then GEMMs."""
+    lowered = name.lower()
+    if lowered.startswith("triton_"):
+        return "fused (inductor)"
+    if any(key in lowered for key in ("flash", "fmha", "sdpa", "attention", "attn")):
+        return "attention"
+    if any(key in lowered for key in ("gemm", "nvjet", "xmma", "cublas", "cutlass", "scaled_mm", "gemv")):
+        return "matmul"
+    return "other"
+
+
+def device_ms_by_kind(fn: Callable[[], Any], runs: int = 2) -> dict[str, float]:
+    """Self device time per call of `fn`'s GPU kernels, summed by kernel_kind (torch.profiler over `runs` calls after
+    the caller's warm-up). Empty without CUDA: there is no device time to split."""
+    if not torch.cuda.is_available():
+        return {}
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(runs):
+            fn()
+        torch.cuda.synchronize()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if str(event.device_type).endswith("CUDA") and event.self_device_time_total:
+            kind = kernel_kind(event.key)
+            totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / 1e3 / runs
+    return dict(sorted(totals.items(), key=lambda item: -item[1]))
+
+
 def summarize(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 

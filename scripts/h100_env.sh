@@ -1,0 +1,28 @@
+# Source this at the start of every command on an offline H100 node (the lent device, or your own):
+#
+#   source scripts/h100_env.sh && python3 scripts/h100_stages.py ... ; save_inductor_cache "$OUT"
+#
+# * installs the wheels that `../shared/h100/wheels.sh wcwidth` put in .whl/ (diffusers, torchao, FA3, cache-dit,
+#   the metric packages) into /tmp/site, once per machine, and puts them on PYTHONPATH;
+# * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at /tmp/inductor_cache and
+#   fills it from .inductor_cache/inductor_cache.tgz when that came along: a cold float8 regional compile of
+#   FLUX.1 took 359 s on the H100, and a fresh machine starts with an empty /tmp;
+# * save_inductor_cache DIR writes DIR/inductor_cache.tgz; copy it to .inductor_cache/ (git-ignored) here and
+#   carry that folder next time. The cache is keyed by GPU, torch/Triton versions and the graphs themselves, so
+#   a stale archive only costs its transfer, never a wrong kernel.
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+if [ -d .whl ] && ! PYTHONPATH=/tmp/site python3 -c "import diffusers, torchao" 2>/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true  # else every first import compiles diffusers
+fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
+mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
+if [ -f .inductor_cache/inductor_cache.tgz ] && [ -z "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
+  tar xzf .inductor_cache/inductor_cache.tgz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
+fi
+
+save_inductor_cache() {  # the device returns files of at most 16 MiB: say so rather than lose it silently
+  tar czf "$1/inductor_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . &&
+    echo "[h100_env] inductor cache: $(du -h "$1/inductor_cache.tgz" | cut -f1) in $1/inductor_cache.tgz (the device returns <= 16 MiB per file)"
+}
