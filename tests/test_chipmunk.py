@@ -230,6 +230,7 @@ def test_chipmunk_blocks_compile_once_per_block_kind_without_graph_breaks_and_ma
 
     eager = _chipmunk_latents(make_args)
     assert torch.isfinite(eager).all()
+    torch._dynamo.reset()  # graphs other tests left on the same block code would be reused, not counted
     torch.testing.assert_close(_chipmunk_latents(make_args, counting_aot_eager), eager, rtol=0, atol=1e-6)
     # 2 double-block graphs (block 0 keeps its dense FeedForward: first_n_dense_layers 1) + 2 single-block graphs
     # (the first single block's input is contiguous, the later ones get a view of the joint sequence): 2 + 4

@@ -390,9 +390,9 @@ _LAYERS: dict[int, "weakref.ReferenceType"] = {}
 
 
 def _register(layer) -> torch.Tensor:
-    """The layer's id, as a CPU int64 scalar tensor: torch.compile lifts a tensor into a graph input, where it
-    would guard on an int's value and recompile the regionally compiled block once per layer (57 on FLUX, past
-    dynamo's recompile limit)."""
+    """The layer's id as a CPU int64 scalar tensor, which torch.compile passes in as a graph input. A Python int
+    would be guarded by value: regional compile would retrace the block once per layer (57 on FLUX), past
+    dynamo's recompile limit."""
     layer_id = len(_LAYERS)
     _LAYERS[layer_id] = weakref.ref(layer)
     return torch.tensor(layer_id, dtype=torch.int64)
