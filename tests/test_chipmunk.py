@@ -253,6 +253,17 @@ index = C.select_key_columns(sums, 24)
 for cache in (None, o_cache):
     torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),
                                C.sparse_attention_reference(q, k, v, index, group, cache), rtol=1e-5, atol=1e-5)
+# A group of two power-of-two tiles (FLUX's 192 = 128 + 64; here 48 = 32 + 16, the last group partial) runs one
+# program per group; the per-tile kernel must agree. 24 keys: a masked last key tile; 32: unmasked tiles.
+assert T.group_tiles(48) == (32, 16)
+sums48 = C.attention_column_sums(q, k, 48)
+for keys in (24, 32):
+    index48 = C.select_key_columns(sums48, keys)
+    for cache in (None, o_cache):
+        ref = C.sparse_attention_reference(q, k, v, index48, 48, cache)
+        for per_group in (True, False):
+            torch.testing.assert_close(T.sparse_attention(q, k, v, index48, 48, cache, per_group=per_group), ref,
+                                       rtol=1e-5, atol=1e-5)
 d, hidden, out, block, K = 32, 64, 24, 32, 20
 x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
 index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()

@@ -10,7 +10,9 @@ Kernels (q, k, v in FLUX's (batch, tokens, heads, head_dim) layout, any strides 
 contiguous):
   * row log-sum-exp, then softmax column sums per query group (dense steps: picks the key set);
   * sparse attention over gathered key indices with online softmax (FlashAttention-2 style loop,
-    but each query tile walks its group's index list instead of all keys), plus the cached delta;
+    but each query tile walks its group's index list instead of all keys), plus the cached delta; one
+    program per query group where the group splits into two power-of-two tiles (FLUX: 128 + 64 rows
+    sharing each gathered K/V tile), else one per 64-row tile;
   * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh), then the activation cache's
     delta (and its update) in a light gather kernel over the neuron-major cache, then fc2 on gathered rows
     of W2^T added into the output cache.
@@ -146,6 +148,69 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
         tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
 
+    @triton.jit
+    def _online_softmax_step(s, v, m, l, acc):
+        """One key tile of FlashAttention's running softmax (log2 domain): new max, sum and rescaled output."""
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _store_attention_rows(O, OC, acc, l, rows, d, L, b, h, sob, sol, soh, HAS_CACHE: tl.constexpr):
+        out = acc / l[:, None]
+        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
+        if HAS_CACHE:
+            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
+
+    # One program per (query group, head): the group's rows as two power-of-two tiles (TILE_A + TILE_B = GROUP,
+    # 128 + 64 for FLUX's 192) that share every gathered K/V tile. The per-tile kernel above gathers each key once
+    # per 64-row tile, 3x per FLUX group; its time grew with the key count at ~6 TB/s of such L2-to-SM traffic.
+    # At FLUX shapes 8 warps hold the two accumulators in 213-255 registers without spilling; 16 warps (128 each)
+    # spilled, so they are not listed.
+    @triton.autotune(configs=_configs([dict(BLOCK_N=64, w=8, s=2), dict(BLOCK_N=64, w=8, s=3),
+                                       dict(BLOCK_N=32, w=8, s=3), dict(BLOCK_N=32, w=8, s=4)],
+                                      dict(BLOCK_N=16)), key=["L", "NK", "D", "GROUP"])
+    @triton.jit
+    def _sparse_attention_group_kernel(Q, K, V, IDX, OC, O, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol,
+                                       soh, L, H, G, NK, scale_log2, D: tl.constexpr, GROUP: tl.constexpr,
+                                       TILE_A: tl.constexpr, TILE_B: tl.constexpr, BLOCK_N: tl.constexpr,
+                                       HAS_CACHE: tl.constexpr, EVEN_N: tl.constexpr):
+        g, bh = tl.program_id(0), tl.program_id(1)
+        b, h = bh // H, bh % H
+        d = tl.arange(0, D)
+        rows_a = g * GROUP + tl.arange(0, TILE_A)
+        rows_b = g * GROUP + TILE_A + tl.arange(0, TILE_B)
+        q_base = Q + b * sqb + h * sqh
+        q_a = tl.load(q_base + rows_a[:, None] * sql + d[None, :], mask=rows_a[:, None] < L, other=0.0)
+        q_b = tl.load(q_base + rows_b[:, None] * sql + d[None, :], mask=rows_b[:, None] < L, other=0.0)
+        index = IDX + (bh * G + g) * NK
+        k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
+        m_a = tl.full([TILE_A], float("-inf"), tl.float32)
+        l_a = tl.zeros([TILE_A], tl.float32)
+        acc_a = tl.zeros([TILE_A, D], tl.float32)
+        m_b = tl.full([TILE_B], float("-inf"), tl.float32)
+        l_b = tl.zeros([TILE_B], tl.float32)
+        acc_b = tl.zeros([TILE_B, D], tl.float32)
+        for start in range(0, NK, BLOCK_N):
+            j = start + tl.arange(0, BLOCK_N)
+            if EVEN_N:  # every tile full: no index mask, no score mask
+                key = tl.load(index + j)
+            else:
+                key = tl.load(index + j, mask=j < NK, other=0)
+            k = tl.load(k_base + key[:, None] * skl + d[None, :])
+            v = tl.load(v_base + key[:, None] * svl + d[None, :])
+            s_a = tl.dot(q_a, tl.trans(k)) * scale_log2
+            s_b = tl.dot(q_b, tl.trans(k)) * scale_log2
+            if not EVEN_N:
+                s_a = tl.where((j < NK)[None, :], s_a, float("-inf"))
+                s_b = tl.where((j < NK)[None, :], s_b, float("-inf"))
+            m_a, l_a, acc_a = _online_softmax_step(s_a, v, m_a, l_a, acc_a)
+            m_b, l_b, acc_b = _online_softmax_step(s_b, v, m_b, l_b, acc_b)
+        _store_attention_rows(O, OC, acc_a, l_a, rows_a, d, L, b, h, sob, sol, soh, HAS_CACHE)
+        _store_attention_rows(O, OC, acc_b, l_b, rows_b, d, L, b, h, sob, sol, soh, HAS_CACHE)
+
     # --- MLP: fc1 on gathered neurons, fused bias + GELU; then the activation-cache delta ----------------
 
     # fc1 writes the new activations of the selected neurons compactly, (B, L, NK): a plain contiguous epilogue
@@ -256,22 +321,40 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int) -> torch
     return out
 
 
+def group_tiles(group: int) -> tuple[int, int] | None:
+    """The query group as two power-of-two row tiles for the per-group kernel (192 -> 128 + 64), or None when it
+    does not split so (a power-of-two group runs the per-tile kernel, whose tiles never straddle groups)."""
+    first = 1 << min(group.bit_length() - 1, 7)  # the largest power of two <= group, at most 128
+    rest = group - first
+    return (first, rest) if 16 <= rest <= first and rest & (rest - 1) == 0 else None
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
-                     o_cache: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), (B, L, H, D) in q's dtype."""
+                     o_cache: torch.Tensor | None = None, per_group: bool | None = None) -> torch.Tensor:
+    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), (B, L, H, D) in q's dtype.
+    per_group: one program per query group (default where group_tiles splits the group) or per 64-row tile."""
     B, L, H, D = q.shape
     _check_head_dim(q)
     G, NK = key_index.shape[2], key_index.shape[3]
     index = key_index.to(torch.int32).contiguous()
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     cache = o_cache.contiguous() if o_cache is not None else out  # unread when HAS_CACHE is False
-    block_m = _row_tile(group, 64)
-    grid = (triton.cdiv(L, block_m), B * H)
-    _sparse_attention_kernel[grid](q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
-                                   k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2), out.stride(0),
-                                   out.stride(1), out.stride(2), L, H, G, NK, D ** -0.5 * LOG2E, D=D, GROUP=group,
-                                   BLOCK_M=block_m, HAS_CACHE=o_cache is not None,
-                                   EVEN_N=NK % 128 == 0)  # every autotune config's BLOCK_N divides 128
+    tiles = group_tiles(group)
+    if per_group is None:
+        per_group = tiles is not None
+    elif per_group and tiles is None:
+        raise ValueError(f"per-group sparse attention needs a group of two power-of-two tiles (e.g. 192), not {group}")
+    args = (q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), L, H, G, NK,
+            D ** -0.5 * LOG2E)
+    even_n = NK % 128 == 0  # every autotune config's BLOCK_N divides 128
+    if per_group:
+        _sparse_attention_group_kernel[(G, B * H)](*args, D=D, GROUP=group, TILE_A=tiles[0], TILE_B=tiles[1],
+                                                   HAS_CACHE=o_cache is not None, EVEN_N=even_n)
+    else:
+        block_m = _row_tile(group, 64)
+        _sparse_attention_kernel[(triton.cdiv(L, block_m), B * H)](*args, D=D, GROUP=group, BLOCK_M=block_m,
+                                                                    HAS_CACHE=o_cache is not None, EVEN_N=even_n)
     return out
 
 
