@@ -10,6 +10,8 @@
 # * save_inductor_cache DIR writes DIR/inductor_cache.tgz; copy it to .inductor_cache/ (git-ignored) here and
 #   carry that folder next time. The cache is keyed by GPU, torch/Triton versions and the graphs themselves, so
 #   a stale archive only costs its transfer, never a wrong kernel.
+# * log_gpu_clocks FILE samples SM clock, power and throttle reasons every second in the background (kill it
+#   with `kill %1` or let the command end): a step time that differs between GPUs of one kind is read against it.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 if [ -d .whl ] && ! PYTHONPATH=/tmp/site python3 -c "import diffusers, torchao" 2>/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
@@ -25,4 +27,9 @@ fi
 save_inductor_cache() {  # the device returns files of at most 16 MiB: say so rather than lose it silently
   tar czf "$1/inductor_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . &&
     echo "[h100_env] inductor cache: $(du -h "$1/inductor_cache.tgz" | cut -f1) in $1/inductor_cache.tgz (the device returns <= 16 MiB per file)"
+}
+
+log_gpu_clocks() {
+  nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \
+    --format=csv -l 1 >"$1" 2>&1 &
 }
