@@ -281,6 +281,51 @@ print("kernels match the reference")
 """
 
 
+LAYER_CHECK = r"""
+import os, tempfile
+import torch, yaml
+from utils import chipmunk as C, chipmunk_triton as T
+from utils.benchmark_utils import create_parser, pipeline_call_kwargs, resolved_defaults
+from utils.pipeline_utils import load_pipeline
+assert T.TRITON_AVAILABLE, T.UNAVAILABLE_REASON
+
+def parse(*flags):
+    return resolved_defaults(create_parser().parse_args(["--ckpt", "tiny", "--device", "cpu", "--disable_bf16", *flags]))
+
+config = yaml.safe_load(open("configs/chipmunk-tiny.yml"))
+for group in (48,):  # 48 = 32 + 16: the per-group attention kernel, as FLUX's 192 (the per-tile one: KERNEL_CHECK)
+    config["attn"]["mbm"] = group
+    path = os.path.join(tempfile.mkdtemp(), "chipmunk.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(config, f)
+    latents = {}
+    for backend in ("reference", "triton"):
+        os.environ["CHIPMUNK_BACKEND"] = backend
+        args = parse("--chipmunk_config", path)
+        pipe = load_pipeline(args)
+        status = C.apply_chipmunk(pipe, args)
+        assert ("Triton kernels" in status) == (backend == "triton"), status
+        latents[backend] = pipe(**pipeline_call_kwargs(parse("--num_inference_steps", "5")),
+                                generator=torch.manual_seed(0), output_type="latent").images
+        stats = C.chipmunk_stats(pipe)
+        assert all(v["sparse"] and v["dense"] for v in stats.values()), stats  # both paths of every layer ran
+    assert torch.isfinite(latents["triton"]).all()
+    torch.testing.assert_close(latents["triton"], latents["reference"], rtol=1e-4, atol=1e-4)
+print("layers match")
+"""
+
+
+def test_chipmunk_layers_on_the_triton_path_match_the_reference_path():
+    """The whole tiny pipeline with the layers calling the (interpreted) kernels, against the reference path: the
+    layers' kernel-side state (neuron-major activation cache, W2^T copy, per-group attention) is exercised."""
+    pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", LAYER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "layers match" in result.stdout
+
+
 def test_triton_kernels_match_the_reference_in_the_interpreter():
     pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))

@@ -314,6 +314,14 @@ def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
 
 # --- backends --------------------------------------------------------------------------------------
 
+def _kernels_for(t: torch.Tensor):
+    """The Triton kernels for tensors like `t`, or None for the reference path. CPU tensors take the kernels only
+    with CHIPMUNK_BACKEND=triton under TRITON_INTERPRET=1: how the tests run the layers' kernel path without a GPU."""
+    if t.is_cuda or os.environ.get("CHIPMUNK_BACKEND", "").lower() == "triton":
+        return _triton_backend()
+    return None
+
+
 def _triton_backend():
     """utils.chipmunk_triton when it can serve CUDA tensors, else None (reference path)."""
     if os.environ.get("CHIPMUNK_BACKEND", "").lower() == "reference":
@@ -327,6 +335,8 @@ def _triton_backend():
 
 def backend_status(device: torch.device) -> str:
     if device.type != "cuda":
+        if _kernels_for(torch.empty(0, device=device)) is not None:
+            return "Triton kernels (CHIPMUNK_BACKEND=triton: interpreted on CPU, slowly)"
         return "PyTorch reference (CPU)"
     if os.environ.get("CHIPMUNK_BACKEND", "").lower() == "reference":
         return "PyTorch reference (CHIPMUNK_BACKEND=reference)"
@@ -416,7 +426,7 @@ class SparseAttentionLayer:
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         s, cfg = self.state, self.config
         step, last = s.begin((tuple(q.shape), q.dtype, q.device))
-        triton_ops = _triton_backend() if q.is_cuda else None
+        triton_ops = _kernels_for(q)
         dense = due_since(last, step, lambda t: attn_dense_step(t, cfg))
         if dense:
             out = self.dense_attention(q, k, v)
@@ -488,7 +498,7 @@ class SparseMlpLayer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s, cfg = self.state, self.config
         step, last = s.begin((tuple(x.shape), x.dtype, x.device))
-        triton_ops = _triton_backend() if x.is_cuda else None
+        triton_ops = _kernels_for(x)
         hidden = self.w1.shape[0]
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             pre = F.linear(x, self.w1, self.b1)
