@@ -294,6 +294,7 @@ def parse(*flags):
 
 config = yaml.safe_load(open("configs/chipmunk-tiny.yml"))
 config["attn"]["mbm"] = 48  # 32 + 16: the per-group attention kernel, as FLUX's 192 (the per-tile one: KERNEL_CHECK)
+config["attn"]["recompute_mask"] = False  # column sums once per layer: ~6 s a call interpreted (KERNEL_CHECK checks them)
 path = os.path.join(tempfile.mkdtemp(), "chipmunk.yml")
 with open(path, "w") as f:
     yaml.safe_dump(config, f)
