@@ -315,21 +315,21 @@ print("layers match")
 """
 
 
+def run_interpreted(script: str, timeout: int) -> str:
+    """`script` in a fresh interpreter with TRITON_INTERPRET=1 (it must be set before Triton is imported); its stdout."""
+    pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_chipmunk_layers_on_the_triton_path_match_the_reference_path():
     """The whole tiny pipeline with the layers calling the (interpreted) kernels, against the reference path: the
     layers' kernel-side state (neuron-major activation cache, W2^T copy, per-group attention) is exercised."""
-    pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", LAYER_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "layers match" in result.stdout
+    assert "layers match" in run_interpreted(LAYER_CHECK, timeout=600)
 
 
 def test_triton_kernels_match_the_reference_in_the_interpreter():
-    pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt installs")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-c", KERNEL_CHECK], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "kernels match the reference" in result.stdout
+    assert "kernels match the reference" in run_interpreted(KERNEL_CHECK, timeout=120)

@@ -106,6 +106,35 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
 
     # --- attention: sparse over gathered keys ------------------------------------------------------
 
+    @triton.jit
+    def _key_tile(index, start, NK, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
+        """Positions j of one tile of the group's key list and the key indices there (0 past the end)."""
+        j = start + tl.arange(0, BLOCK_N)
+        if EVEN_N:  # every tile full: no index mask (and no score mask in _online_softmax_step)
+            key = tl.load(index + j)
+        else:
+            key = tl.load(index + j, mask=j < NK, other=0)
+        return j, key
+
+    @triton.jit
+    def _online_softmax_step(s, v, j, NK, m, l, acc, EVEN_N: tl.constexpr):
+        """One key tile of FlashAttention's running softmax (log2 domain): new max, sum and rescaled output."""
+        if not EVEN_N:
+            s = tl.where((j < NK)[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, 1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+
+    @triton.jit
+    def _store_attention_rows(O, OC, acc, l, rows, d, L, b, h, sob, sol, soh, HAS_CACHE: tl.constexpr):
+        """acc / l (+ the cached delta) into the output rows of this head."""
+        out = acc / l[:, None]
+        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
+        if HAS_CACHE:
+            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
+
     @triton.autotune(configs=_configs([dict(BLOCK_N=64, w=4, s=3), dict(BLOCK_N=128, w=8, s=3),
                                        dict(BLOCK_N=64, w=4, s=4), dict(BLOCK_N=128, w=4, s=2)],
                                       dict(BLOCK_N=16)), key=["L", "NK", "D", "GROUP"])
@@ -126,43 +155,12 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         s_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         for start in range(0, NK, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            if EVEN_N:  # every tile full: no index mask, no score mask
-                key = tl.load(index + j)
-            else:
-                key = tl.load(index + j, mask=j < NK, other=0)
+            j, key = _key_tile(index, start, NK, BLOCK_N, EVEN_N)
             k = tl.load(k_base + key[:, None] * skl + d[None, :])
-            s = tl.dot(q, tl.trans(k)) * scale_log2
-            if not EVEN_N:
-                s = tl.where((j < NK)[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, 1))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            s_sum = s_sum * alpha + tl.sum(p, 1)
             v = tl.load(v_base + key[:, None] * svl + d[None, :])
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m = m_new
-        out = acc / s_sum[:, None]
-        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
-        if HAS_CACHE:
-            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
-        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
-
-    @triton.jit
-    def _online_softmax_step(s, v, m, l, acc):
-        """One key tile of FlashAttention's running softmax (log2 domain): new max, sum and rescaled output."""
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-    @triton.jit
-    def _store_attention_rows(O, OC, acc, l, rows, d, L, b, h, sob, sol, soh, HAS_CACHE: tl.constexpr):
-        out = acc / l[:, None]
-        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
-        if HAS_CACHE:
-            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
-        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
+            s = tl.dot(q, tl.trans(k)) * scale_log2
+            m, s_sum, acc = _online_softmax_step(s, v, j, NK, m, s_sum, acc, EVEN_N)
+        _store_attention_rows(O, OC, acc, s_sum, rows, d, L, b, h, sob, sol, soh, HAS_CACHE)
 
     # One program per (query group, head): the group's rows as two power-of-two tiles (TILE_A + TILE_B = GROUP,
     # 128 + 64 for FLUX's 192) that share every gathered K/V tile. The per-tile kernel above gathers each key once
@@ -194,20 +192,13 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         l_b = tl.zeros([TILE_B], tl.float32)
         acc_b = tl.zeros([TILE_B, D], tl.float32)
         for start in range(0, NK, BLOCK_N):
-            j = start + tl.arange(0, BLOCK_N)
-            if EVEN_N:  # every tile full: no index mask, no score mask
-                key = tl.load(index + j)
-            else:
-                key = tl.load(index + j, mask=j < NK, other=0)
+            j, key = _key_tile(index, start, NK, BLOCK_N, EVEN_N)
             k = tl.load(k_base + key[:, None] * skl + d[None, :])
             v = tl.load(v_base + key[:, None] * svl + d[None, :])
-            s_a = tl.dot(q_a, tl.trans(k)) * scale_log2
-            s_b = tl.dot(q_b, tl.trans(k)) * scale_log2
-            if not EVEN_N:
-                s_a = tl.where((j < NK)[None, :], s_a, float("-inf"))
-                s_b = tl.where((j < NK)[None, :], s_b, float("-inf"))
-            m_a, l_a, acc_a = _online_softmax_step(s_a, v, m_a, l_a, acc_a)
-            m_b, l_b, acc_b = _online_softmax_step(s_b, v, m_b, l_b, acc_b)
+            m_a, l_a, acc_a = _online_softmax_step(tl.dot(q_a, tl.trans(k)) * scale_log2, v, j, NK, m_a, l_a, acc_a,
+                                                   EVEN_N)
+            m_b, l_b, acc_b = _online_softmax_step(tl.dot(q_b, tl.trans(k)) * scale_log2, v, j, NK, m_b, l_b, acc_b,
+                                                   EVEN_N)
         _store_attention_rows(O, OC, acc_a, l_a, rows_a, d, L, b, h, sob, sol, soh, HAS_CACHE)
         _store_attention_rows(O, OC, acc_b, l_b, rows_b, d, L, b, h, sob, sol, soh, HAS_CACHE)
 
