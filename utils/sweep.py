@@ -669,9 +669,7 @@ def compute_sweep_metrics(config: SweepConfig, merged: MergedSweep, device: str,
     metrics being trivially ideal. Written to metrics.jsonl and metrics_sets.json."""
     if not config.metrics:
         return {}, {}
-    from PIL import Image
-
-    from utils.metrics import compute_metrics, load_metric_models
+    from utils.metrics import compute_metrics, load_image_files, load_metric_models
 
     models = load_metric_models(config.metrics, weights_dir or config.metrics_weights_dir,
                                 random_init=config.metrics_random_init, device=device,
@@ -680,10 +678,12 @@ def compute_sweep_metrics(config: SweepConfig, merged: MergedSweep, device: str,
     for rec in merged.records:
         by_variant.setdefault(rec["variant"], {})[(rec["prompt_index"], rec["seed"])] = rec
     baseline = by_variant.get(config.baseline, {})
-
-    def load(rec):
-        with Image.open(config.output_dir / rec["image"]) as im:
-            return im.convert("RGB")
+    workers = min(16, os.cpu_count() or 1)
+    baseline_images = {}  # (prompt_index, seed) -> uint8 image: decoded once, the reference of every variant
+    if baseline:
+        pairs = sorted(baseline)
+        decoded = load_image_files([config.output_dir / baseline[p]["image"] for p in pairs], workers)
+        baseline_images = dict(zip(pairs, decoded))
 
     per_image, per_set = {}, {}
     for variant in config.variants:
@@ -692,8 +692,11 @@ def compute_sweep_metrics(config: SweepConfig, merged: MergedSweep, device: str,
         pairs = sorted(recs) if is_baseline else sorted(set(recs) & set(baseline))
         if not pairs:
             continue
-        images = [load(recs[p]) for p in pairs]
-        refs = None if is_baseline else [load(baseline[p]) for p in pairs]
+        if is_baseline:
+            images, refs = torch.stack([baseline_images[p] for p in pairs]), None
+        else:
+            images = load_image_files([config.output_dir / recs[p]["image"] for p in pairs], workers)
+            refs = torch.stack([baseline_images[p] for p in pairs])
         texts = [recs[p]["prompt"] for p in pairs]
         rows, set_level = compute_metrics(config.metrics, images, refs, texts, models,
                                           batch_size=config.metrics_batch_size)
