@@ -42,7 +42,7 @@ from utils.benchmark_utils import command_line, environment_record  # noqa: E402
 
 BF16_TOLERANCE = 2e-2
 FLUX = dict(tokens=4608, heads=24, head_dim=128, group=192, dim=3072, hidden=12288, block=128)
-SMALL = dict(tokens=320, heads=2, head_dim=32, group=48, dim=64, hidden=256, block=64)  # --dry-run (48 = 32 + 16: two tiles, as 192 = 128 + 64)
+SMALL = dict(tokens=320, heads=2, head_dim=32, group=48, dim=64, hidden=256, block=64)  # --dry-run (48: a group of 3 x 16-row tiles, as 192 = 3 x 64)
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -108,10 +108,6 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows.append({"check": "selected key sets, overlap with reference (info)", "rel_err": None, "value": overlap})
     rows.append({"check": f"sparse attention + o_cache ({keys}/{s['tokens']} keys)",
                  "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"], o_cache), ref_attn)})
-    if T.group_tiles(s["group"]):  # the layer runs the per-group kernel; the per-tile one stays a checked option
-        rows.append({"check": "sparse attention + o_cache, per-64-row-tile kernel",
-                     "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"], o_cache, per_group=False),
-                                        ref_attn)})
     plain_ref = C.sparse_attention_reference(q, k, v, ref_index, s["group"])
     rows.append({"check": "sparse attention, no cache",
                  "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"]), plain_ref)})
@@ -161,17 +157,11 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     dense_ms = bench_ms(dense_attention_fn(q, k, v, dry), dry)
     sums = C.attention_column_sums(q, k, s["group"])
     attn_rows = []
-    # The layer's kernel (one program per query group where the group splits into two power-of-two tiles), and
-    # the per-64-row-tile kernel it replaced, for comparison.
-    kernels = ("per_group", "per_tile") if use_triton and T.group_tiles(s["group"]) else ("default",)
-    for kernel in kernels:
-        options = {} if kernel == "default" else {"per_group": kernel == "per_group"}
-        for fraction in (0.05, 0.1, 0.165, 0.25, 0.5, 1.0):
-            keys = C.rounded_count(fraction, s["tokens"], multiple_k)
-            index = C.select_key_columns(sums, keys)
-            ms = bench_ms(lambda: sparse_attention(q, k, v, index, s["group"], o_cache, **options), dry)
-            attn_rows.append({"kernel": kernel, "top_keys": fraction, "keys": keys, "ms": ms,
-                              "speedup_vs_dense": dense_ms / ms})
+    for fraction in (0.05, 0.1, 0.165, 0.25, 0.5, 1.0):
+        keys = C.rounded_count(fraction, s["tokens"], multiple_k)
+        index = C.select_key_columns(sums, keys)
+        ms = bench_ms(lambda: sparse_attention(q, k, v, index, s["group"], o_cache), dry)
+        attn_rows.append({"top_keys": fraction, "keys": keys, "ms": ms, "speedup_vs_dense": dense_ms / ms})
     colsum_ms = bench_ms(lambda: (T.attention_column_sums if use_triton else C.attention_column_sums)(q, k, s["group"]),
                          dry)
     del q, k, v, o_cache, sums
@@ -196,7 +186,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
             ms = bench_ms(fn, dry)
             mlp_rows.append({"neuron_sets": sets, "top_keys": fraction, "neurons": count, "ms": ms,
                              "speedup_vs_dense": dense_mlp_ms / ms})
-    attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)  # the first kernel: the layer's
+    attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
     return {
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
@@ -334,8 +324,8 @@ def markdown(record: dict) -> str:
                   f"dense attention ({sp['dense_attention']}): {sp['dense_attention_ms']:.3f} ms; softmax column sums "
                   f"(dense steps only): {sp['column_sums_ms (dense steps only)']:.3f} ms; dense MLP: "
                   f"{sp['dense_mlp_ms']:.3f} ms", "",
-                  "| attention kernel | top_keys | keys | ms | speedup |", "|---|---|---|---|---|"]
-        lines += [f"| {r.get('kernel', 'per_tile')} | {r['top_keys']} | {r['keys']} | {r['ms']:.3f} | "
+                  "| top_keys | keys | ms | speedup |", "|---|---|---|---|"]
+        lines += [f"| {r['top_keys']} | {r['keys']} | {r['ms']:.3f} | "
                   f"{r['speedup_vs_dense']:.2f}x |" for r in sp["attention"]]
         lines += ["", "MLP neuron sets: independent random per token block (worst case, the target's), or one set "
                   "shared by all blocks (best case for weight reuse through L2).", "",

@@ -134,6 +134,25 @@ def test_reference_mlp_delta_with_all_neurons_tracks_the_dense_mlp():
     torch.testing.assert_close(out_cache, F.linear(expected_act, w2), rtol=1e-5, atol=1e-5)
 
 
+def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
+    # The selections take the top-k unsorted and order them by a membership mask and its running count, not a sort.
+    torch.manual_seed(11)
+    for shape, size, count in (((2, 3, 5), 100, 17), ((1, 4, 6), 4608, 768), ((1, 34), 12288, 4300)):
+        scores = torch.randn(*shape, size)
+        index = scores.topk(count, dim=-1, sorted=False).indices
+        expected = index.sort(dim=-1).values.to(torch.int32)
+        assert torch.equal(chipmunk.ascending(index, size), expected)
+        assert torch.equal(chipmunk.select_key_columns(scores, count), expected)
+
+
+def test_block_means_with_a_partial_last_block():
+    torch.manual_seed(12)
+    x = torch.randn(2, 300, 8)
+    assert chipmunk.block_sizes(300, 128, "cpu").tolist() == [128.0, 128.0, 44.0]
+    expected = torch.stack([x[:, start:start + 128].mean(1) for start in range(0, 300, 128)], 1)
+    torch.testing.assert_close(chipmunk.block_means(x, 128), expected, rtol=1e-6, atol=1e-6)
+
+
 def test_single_block_proj_out_adds_linear2_bias_once():
     from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
 
@@ -253,17 +272,14 @@ index = C.select_key_columns(sums, 24)
 for cache in (None, o_cache):
     torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),
                                C.sparse_attention_reference(q, k, v, index, group, cache), rtol=1e-5, atol=1e-5)
-# A group of two power-of-two tiles (FLUX's 192 = 128 + 64; here 48 = 32 + 16, the last group partial) runs one
-# program per group; the per-tile kernel must agree. 24 keys: a masked last key tile; 32: unmasked tiles.
-assert T.group_tiles(48) == (32, 16)
+# A 48-row group spans a 32-row and a 16-row tile (the last group partial). 24 keys: a masked last key tile; 32:
+# unmasked tiles.
 sums48 = C.attention_column_sums(q, k, 48)
 for keys in (24, 32):
     index48 = C.select_key_columns(sums48, keys)
     for cache in (None, o_cache):
-        ref = C.sparse_attention_reference(q, k, v, index48, 48, cache)
-        for per_group in (True, False):
-            torch.testing.assert_close(T.sparse_attention(q, k, v, index48, 48, cache, per_group=per_group), ref,
-                                       rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(T.sparse_attention(q, k, v, index48, 48, cache),
+                                   C.sparse_attention_reference(q, k, v, index48, 48, cache), rtol=1e-5, atol=1e-5)
 d, hidden, out, block, K = 32, 64, 24, 32, 20
 x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
 index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()

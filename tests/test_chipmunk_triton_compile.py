@@ -55,8 +55,6 @@ def kernel_args():
     attn = dict(qk, V=q, IDX=meta(B, HEADS, G, NK_ATTN, dtype=torch.int32), OC=q, O=q, svb=s[0], svl=s[1],
                 svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M,
                 EVEN_N=NK_ATTN % 128 == 0)
-    tile_a, tile_b = ct.group_tiles(GROUP)
-    group_attn = {k: v for k, v in attn.items() if k != "BLOCK_M"} | dict(TILE_A=tile_a, TILE_B=tile_b)
     mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
     return {
         "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
@@ -66,8 +64,6 @@ def kernel_args():
                             BLOCK_M=ATTN_BLOCK_M)),
         "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False)),
         "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True)),
-        "sparse_attention_group": (ct._sparse_attention_group_kernel, None, dict(group_attn, HAS_CACHE=False)),
-        "sparse_attention_group_cached": (ct._sparse_attention_group_kernel, None, dict(group_attn, HAS_CACHE=True)),
         "sparse_fc1": (ct._sparse_fc1_kernel, None,
                        dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
                             PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1),

@@ -257,7 +257,19 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def select_key_columns(column_sums: torch.Tensor, count: int) -> torch.Tensor:
     """Top-`count` key columns per (batch, head, group), sorted ascending (memory order): (B, H, G, count) int32."""
-    return column_sums.topk(count, dim=-1).indices.sort(dim=-1).values.to(torch.int32)
+    return ascending(column_sums.topk(count, dim=-1, sorted=False).indices, column_sums.shape[-1])
+
+
+def ascending(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Sets of distinct indices in [0, size) along the last dim, each in ascending order, as int32. A membership mask
+    and its running count place every member: a handful of kernels, where a segmented sort takes dozens of launches
+    and ~0.3 ms of host time per call (H100 trace, results/NOTES.md session 4)."""
+    count = index.shape[-1]
+    member = torch.zeros(*index.shape[:-1], size, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
+    position = torch.where(member, member.cumsum(-1) - 1, count)  # non-members all go to a spare last column
+    every = torch.arange(size, device=index.device, dtype=torch.int32).expand(position.shape)
+    out = torch.empty(*index.shape[:-1], count + 1, dtype=torch.int32, device=index.device)
+    return out.scatter_(-1, position, every)[..., :count]
 
 
 # --- PyTorch reference: MLP ------------------------------------------------------------------------
@@ -277,9 +289,14 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     B, L, d = x.shape
     nb = math.ceil(L / block)
     sums = F.pad(x.float(), (0, 0, 0, nb * block - L)).view(B, nb, block, d).sum(2)
-    counts = torch.full((nb,), float(block), device=x.device)
-    counts[-1] = L - (nb - 1) * block
-    return sums / counts[None, :, None]
+    return sums / block_sizes(L, block, x.device)[None, :, None]
+
+
+def block_sizes(length: int, block: int, device: torch.device) -> torch.Tensor:
+    """Tokens in each block of `block` (the last may be partial), float32, computed on the device: setting
+    `counts[-1] = ...` on a CUDA tensor copies a host scalar, and that synchronized the stream once per layer."""
+    starts = torch.arange(0, length, block, device=device)
+    return (length - starts).clamp(max=block).float()
 
 
 def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
@@ -543,14 +560,14 @@ class SparseMlpLayer:
         change = (now - s.tensors["pre_mean"]).abs()
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))
-        index = change.topk(top, dim=-1).indices
+        index = change.topk(top, dim=-1, sorted=False).indices
         if total > top:
             # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons.
             gen = torch.Generator(device=x.device).manual_seed(1_000_003 * (s.index + 1) + step)
             noise = torch.rand(change.shape, generator=gen, device=x.device)
             noise.scatter_(-1, index, -1.0)
-            index = torch.cat([index, noise.topk(total - top, dim=-1).indices], dim=-1)
-        s.tensors["neuron_index"] = index.sort(dim=-1).values.to(torch.int32)
+            index = torch.cat([index, noise.topk(total - top, dim=-1, sorted=False).indices], dim=-1)
+        s.tensors["neuron_index"] = ascending(index, hidden)
         s.stats["reselect"] += 1
 
 

@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from utils.chipmunk import block_sizes
+
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
     import triton
@@ -162,46 +164,6 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             m, s_sum, acc = _online_softmax_step(s, v, j, NK, m, s_sum, acc, EVEN_N)
         _store_attention_rows(O, OC, acc, s_sum, rows, d, L, b, h, sob, sol, soh, HAS_CACHE)
 
-    # One program per (query group, head): the group's rows as two power-of-two tiles (TILE_A + TILE_B = GROUP,
-    # 128 + 64 for FLUX's 192) that share every gathered K/V tile. The per-tile kernel above gathers each key once
-    # per 64-row tile, 3x per FLUX group; its time grew with the key count at ~6 TB/s of such L2-to-SM traffic.
-    # At FLUX shapes 8 warps hold the two accumulators in 213-255 registers without spilling; 16 warps (128 each)
-    # spilled, so they are not listed.
-    @triton.autotune(configs=_configs([dict(BLOCK_N=64, w=8, s=2), dict(BLOCK_N=64, w=8, s=3),
-                                       dict(BLOCK_N=32, w=8, s=3), dict(BLOCK_N=32, w=8, s=4)],
-                                      dict(BLOCK_N=16)), key=["L", "NK", "D", "GROUP"])
-    @triton.jit
-    def _sparse_attention_group_kernel(Q, K, V, IDX, OC, O, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol,
-                                       soh, L, H, G, NK, scale_log2, D: tl.constexpr, GROUP: tl.constexpr,
-                                       TILE_A: tl.constexpr, TILE_B: tl.constexpr, BLOCK_N: tl.constexpr,
-                                       HAS_CACHE: tl.constexpr, EVEN_N: tl.constexpr):
-        g, bh = tl.program_id(0), tl.program_id(1)
-        b, h = bh // H, bh % H
-        d = tl.arange(0, D)
-        rows_a = g * GROUP + tl.arange(0, TILE_A)
-        rows_b = g * GROUP + TILE_A + tl.arange(0, TILE_B)
-        q_base = Q + b * sqb + h * sqh
-        q_a = tl.load(q_base + rows_a[:, None] * sql + d[None, :], mask=rows_a[:, None] < L, other=0.0)
-        q_b = tl.load(q_base + rows_b[:, None] * sql + d[None, :], mask=rows_b[:, None] < L, other=0.0)
-        index = IDX + (bh * G + g) * NK
-        k_base, v_base = K + b * skb + h * skh, V + b * svb + h * svh
-        m_a = tl.full([TILE_A], float("-inf"), tl.float32)
-        l_a = tl.zeros([TILE_A], tl.float32)
-        acc_a = tl.zeros([TILE_A, D], tl.float32)
-        m_b = tl.full([TILE_B], float("-inf"), tl.float32)
-        l_b = tl.zeros([TILE_B], tl.float32)
-        acc_b = tl.zeros([TILE_B, D], tl.float32)
-        for start in range(0, NK, BLOCK_N):
-            j, key = _key_tile(index, start, NK, BLOCK_N, EVEN_N)
-            k = tl.load(k_base + key[:, None] * skl + d[None, :])
-            v = tl.load(v_base + key[:, None] * svl + d[None, :])
-            m_a, l_a, acc_a = _online_softmax_step(tl.dot(q_a, tl.trans(k)) * scale_log2, v, j, NK, m_a, l_a, acc_a,
-                                                   EVEN_N)
-            m_b, l_b, acc_b = _online_softmax_step(tl.dot(q_b, tl.trans(k)) * scale_log2, v, j, NK, m_b, l_b, acc_b,
-                                                   EVEN_N)
-        _store_attention_rows(O, OC, acc_a, l_a, rows_a, d, L, b, h, sob, sol, soh, HAS_CACHE)
-        _store_attention_rows(O, OC, acc_b, l_b, rows_b, d, L, b, h, sob, sol, soh, HAS_CACHE)
-
     # --- MLP: fc1 on gathered neurons, fused bias + GELU; then the activation-cache delta ----------------
 
     # fc1 writes the new activations of the selected neurons compactly, (B, L, NK): a plain contiguous epilogue
@@ -312,40 +274,23 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int) -> torch
     return out
 
 
-def group_tiles(group: int) -> tuple[int, int] | None:
-    """The query group as two power-of-two row tiles for the per-group kernel (192 -> 128 + 64), or None when it
-    does not split so (a power-of-two group runs the per-tile kernel, whose tiles never straddle groups)."""
-    first = 1 << min(group.bit_length() - 1, 7)  # the largest power of two <= group, at most 128
-    rest = group - first
-    return (first, rest) if 16 <= rest <= first and rest & (rest - 1) == 0 else None
-
-
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
-                     o_cache: torch.Tensor | None = None, per_group: bool | None = None) -> torch.Tensor:
+                     o_cache: torch.Tensor | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), (B, L, H, D) in q's dtype.
-    per_group: one program per query group (default where group_tiles splits the group) or per 64-row tile."""
+    One program per 64-row tile of a query group. (A per-group variant that shared each gathered K/V tile between
+    128 + 64 row tiles at 8 warps was slower on the H100: 0.207 vs 0.155 ms at 16.5% keys, results/NOTES.md.)"""
     B, L, H, D = q.shape
     _check_head_dim(q)
     G, NK = key_index.shape[2], key_index.shape[3]
     index = key_index.to(torch.int32).contiguous()
     out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
     cache = o_cache.contiguous() if o_cache is not None else out  # unread when HAS_CACHE is False
-    tiles = group_tiles(group)
-    if per_group is None:
-        per_group = tiles is not None
-    elif per_group and tiles is None:
-        raise ValueError(f"per-group sparse attention needs a group of two power-of-two tiles (e.g. 192), not {group}")
-    args = (q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), L, H, G, NK,
-            D ** -0.5 * LOG2E)
-    even_n = NK % 128 == 0  # every autotune config's BLOCK_N divides 128
-    if per_group:
-        _sparse_attention_group_kernel[(G, B * H)](*args, D=D, GROUP=group, TILE_A=tiles[0], TILE_B=tiles[1],
-                                                   HAS_CACHE=o_cache is not None, EVEN_N=even_n)
-    else:
-        block_m = _row_tile(group, 64)
-        _sparse_attention_kernel[(triton.cdiv(L, block_m), B * H)](*args, D=D, GROUP=group, BLOCK_M=block_m,
-                                                                    HAS_CACHE=o_cache is not None, EVEN_N=even_n)
+    block_m = _row_tile(group, 64)
+    _sparse_attention_kernel[(triton.cdiv(L, block_m), B * H)](
+        q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), L, H, G, NK,
+        D ** -0.5 * LOG2E, D=D, GROUP=group, BLOCK_M=block_m, HAS_CACHE=o_cache is not None,
+        EVEN_N=NK % 128 == 0)  # every autotune config's BLOCK_N divides 128
     return out
 
 
@@ -376,6 +321,4 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
                               out_cache.stride(1), L, NK, NOUT, NB, block, BLOCK_M=block_m)
-    counts = torch.full((NB,), float(block), device=x.device)
-    counts[-1] = L - (NB - 1) * block
-    return pre_sum / counts[None, :, None]
+    return pre_sum / block_sizes(L, block, x.device)[None, :, None]
