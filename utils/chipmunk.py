@@ -33,6 +33,7 @@ special case.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import weakref
@@ -292,9 +293,11 @@ def block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return sums / block_sizes(L, block, x.device)[None, :, None]
 
 
-def block_sizes(length: int, block: int, device: torch.device) -> torch.Tensor:
-    """Tokens in each block of `block` (the last may be partial), float32, computed on the device: setting
-    `counts[-1] = ...` on a CUDA tensor copies a host scalar, and that synchronized the stream once per layer."""
+@functools.lru_cache(maxsize=32)
+def block_sizes(length: int, block: int, device: torch.device | str) -> torch.Tensor:
+    """Tokens in each block of `block` (the last may be partial), float32; made once per shape (read-only for
+    callers), on the device: setting `counts[-1] = ...` on a CUDA tensor copies a host scalar, and that
+    synchronized the stream once per layer."""
     starts = torch.arange(0, length, block, device=device)
     return (length - starts).clamp(max=block).float()
 
@@ -524,6 +527,7 @@ class SparseMlpLayer:
             s.tensors["out_cache"] = F.linear(act, self.w2, self.b2).float()
             s.tensors["pre_mean"] = block_means(pre, cfg.bm)  # the reference the change is measured against
             s.tensors.pop("neuron_index", None)
+            s.tensors.pop("neuron_index_int64", None)
             s.stats["dense"] += 1
         else:
             if "neuron_index" not in s.tensors or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)):
@@ -539,7 +543,7 @@ class SparseMlpLayer:
                                            s.tensors["out_cache"], cfg.bm)
                 pre_means = self._selected_block_means(pre, x.shape[1])
             # The selected neurons' caches are fresh now: measure their next change from here.
-            s.tensors["pre_mean"].scatter_(2, index.long(), pre_means)
+            s.tensors["pre_mean"].scatter_(2, s.tensors["neuron_index_int64"], pre_means)
             s.stats["sparse"] += 1
         s.last_step = step
         # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled graph
@@ -568,6 +572,7 @@ class SparseMlpLayer:
             noise.scatter_(-1, index, -1.0)
             index = torch.cat([index, noise.topk(total - top, dim=-1, sorted=False).indices], dim=-1)
         s.tensors["neuron_index"] = ascending(index, hidden)
+        s.tensors["neuron_index_int64"] = s.tensors["neuron_index"].long()  # scatter_'s index type, made once
         s.stats["reselect"] += 1
 
 
