@@ -109,16 +109,6 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # --- attention: sparse over gathered keys ------------------------------------------------------
 
     @triton.jit
-    def _key_tile(index, start, NK, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr):
-        """Positions j of one tile of the group's key list and the key indices there (0 past the end)."""
-        j = start + tl.arange(0, BLOCK_N)
-        if EVEN_N:  # every tile full: no index mask (and no score mask in _online_softmax_step)
-            key = tl.load(index + j)
-        else:
-            key = tl.load(index + j, mask=j < NK, other=0)
-        return j, key
-
-    @triton.jit
     def _online_softmax_step(s, v, j, NK, m, l, acc, EVEN_N: tl.constexpr):
         """One key tile of FlashAttention's running softmax (log2 domain): new max, sum and rescaled output."""
         if not EVEN_N:
@@ -156,8 +146,12 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         s_sum = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
+        # Key indices loaded one tile ahead and carried, so that the K/V gathers pipeline (see _sparse_fc2_kernel).
+        next_key = tl.load(index + tl.arange(0, BLOCK_N), mask=tl.arange(0, BLOCK_N) < NK, other=0)
         for start in range(0, NK, BLOCK_N):
-            j, key = _key_tile(index, start, NK, BLOCK_N, EVEN_N)
+            j = start + tl.arange(0, BLOCK_N)
+            key = next_key
+            next_key = tl.load(index + j + BLOCK_N, mask=j + BLOCK_N < NK, other=0)
             k = tl.load(k_base + key[:, None] * skl + d[None, :])
             v = tl.load(v_base + key[:, None] * svl + d[None, :])
             s = tl.dot(q, tl.trans(k)) * scale_log2
@@ -235,10 +229,16 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        # The neuron indices are loaded one K step ahead and carried: a W2^T gather whose addresses come from a load
+        # in the same iteration defeats Triton's software pipeline (single-buffered, wait-all each step: memory
+        # latency exposed, ~half of fc1's FLOP rate on the H100); carried indices pipeline like fc1's loads.
+        index = IDX + (b * NB + blk) * NK
+        next_neuron = tl.load(index + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < NK, other=0)
         for k0 in range(0, NK, BLOCK_K):
             j = k0 + tl.arange(0, BLOCK_K)
             jvalid = j < NK
-            neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=jvalid, other=0)
+            neuron = next_neuron
+            next_neuron = tl.load(index + j + BLOCK_K, mask=j + BLOCK_K < NK, other=0)
             delta = tl.load(DELTA + b * sdb + rows[:, None] * sdl + j[None, :],
                             mask=(rows[:, None] < L) & jvalid[None, :], other=0.0)
             w = tl.load(W2T + neuron[:, None] * NOUT + cols[None, :], mask=jvalid[:, None] & (cols[None, :] < NOUT),
