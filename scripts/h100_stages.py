@@ -1,7 +1,7 @@
 """The cumulative stage table (as flux-fast did for Schnell), in one process on one loaded pipeline:
 
     bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + inductor flags
-    (-> export_aoti + CUDA graphs, with --export)
+    -> + CUDA graphs (compile mode reduce-overhead) (-> export_aoti + CUDA graphs: list it in --stages)
 
 Each stage adds one layer to the previous stage's pipeline through the same functions optimize() uses,
 re-compiles (regional compile of the repeated blocks unless --compile_scope full), then records the
@@ -36,7 +36,8 @@ from utils.benchmark_utils import (command_line, create_parser, device_ms_by_kin
                                    environment_record, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
 
-STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "export_aoti")
+STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "cudagraphs",
+          "export_aoti")
 
 
 def median_ms(fn, runs: int, device: str) -> float:
@@ -98,10 +99,11 @@ def main() -> None:
               "applied_untimed": [stage for stage in stages if stage not in timed]}
     fa3_reason = fa3_unavailable_reason()
     compiled = False
+    compile_mode = opts.compile_mode or "default"
 
     def recompile():
         torch._dynamo.reset()
-        compile_utils.compile_transformer(transformer, opts.compile_scope, opts.compile_mode)
+        compile_utils.compile_transformer(transformer, opts.compile_scope, compile_mode)
 
     for stage in stages:
         if opts.deadline_s and time.perf_counter() - t0 > opts.deadline_s:
@@ -124,6 +126,9 @@ def main() -> None:
             note = quantize_float8(transformer, opts.quant_granularity) if opts.device.startswith("cuda") else "skipped on CPU"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
+        elif stage == "cudagraphs":  # the same compiled blocks, replayed as CUDA graphs: no per-kernel launch cost
+            compiled, compile_mode = True, "reduce-overhead"
+            note = "torch.compile mode reduce-overhead (CUDA graph trees)"
         elif stage == "export_aoti":
             torch._dynamo.reset()
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
@@ -190,7 +195,10 @@ def write_markdown(record: dict, path: Path) -> None:
 
 
 def kinds_text(kinds: dict[str, float]) -> str:
-    return ", ".join(f"{kind} {ms:.1f}" for kind, ms in kinds.items())
+    """Device ms per kernel kind, after their total: a total well under the step's time means launch-bound."""
+    if not kinds:
+        return ""
+    return f"total {sum(kinds.values()):.1f}: " + ", ".join(f"{kind} {ms:.1f}" for kind, ms in kinds.items())
 
 
 if __name__ == "__main__":

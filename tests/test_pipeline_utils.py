@@ -103,6 +103,12 @@ def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
     assert full.transformer._compiled_call_impl is not None
     eager, _ = _optimized(make_args, "--compile_export_mode", "disabled")
     assert eager.transformer._compiled_call_impl is None
+    assert not getattr(full.transformer, "_harness_marks_cudagraph_steps", False)
+    # CUDA-graph modes: each transformer call begins a CUDA-graph-trees step (the blocks of one forward are one path).
+    graphed, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional",
+                            "--compile_mode", "reduce-overhead")
+    assert graphed.transformer._harness_marks_cudagraph_steps
+    assert len(graphed.transformer._forward_pre_hooks) == 1
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -115,6 +121,10 @@ def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
     (["--cache_mode", "cache_dit"], "needs --cache_dit_config"),
     (["--ckpt", "black-forest-labs/FLUX.1-schnell", "--cache_dit_config", "configs/cache_dit.yaml"],
      "not for FLUX.1-schnell"),
+    (["--compile_export_mode", "compile", "--compile_mode", "reduce-overhead", "--cache_mode", "taylor"],
+     "replays recorded CUDA graphs"),
+    (["--compile_export_mode", "compile", "--compile_mode", "max-autotune", "--chipmunk_config",
+      "configs/chipmunk-tiny.yml"], "replays recorded CUDA graphs"),
 ])
 def test_invalid_combinations_raise_before_any_work(make_args, flags, message):
     with pytest.raises(StackError, match=message):

@@ -75,8 +75,11 @@ def create_parser() -> argparse.ArgumentParser:
                             "default full, regional when feature caching or Chipmunk is on (their per-step "
                             "decisions stay in Python, between compiled blocks)")
     stack.add_argument("--compile_mode", default="default",
-                       help="torch.compile mode. 'max-autotune' variants autotune every GEMM shape: measured ~85-105 s "
-                            "per float8 shape on an H200 (results/NOTES.md), many minutes cold for FLUX")
+                       choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+                       help="torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs (no per-kernel "
+                            "launch cost; not with Chipmunk or feature caching). 'max-autotune' variants autotune every "
+                            "GEMM shape: measured ~85-105 s per float8 shape on an H200 (results/NOTES.md), many "
+                            "minutes cold for FLUX")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
                        help="where export_aoti keeps its compiled packages")
     stack.add_argument("--use-cached-model", dest="use_cached_model", action="store_true",

@@ -115,6 +115,11 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if chipmunk_on:
             raise StackError("--compile_export_mode export_aoti cannot hold Chipmunk's per-step sparse state; use "
                              "--compile_export_mode compile, or --disable_chipmunk")
+    if args.compile_export_mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES and (
+            cache_on or chipmunk_on):
+        raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which would repeat the "
+                         f"kernels of whatever step was recorded instead of Chipmunk's or feature caching's per-step "
+                         f"decisions: use --compile_mode default (or max-autotune-no-cudagraphs)")
     if args.compile_scope is None:
         args.compile_scope = "regional" if (cache_on or chipmunk_on) else "full"
     elif args.compile_scope == "full" and (cache_on or chipmunk_on) and args.compile_export_mode == "compile":

@@ -1,0 +1,21 @@
+"""The H100 proof scripts run end to end on CPU with the tiny pipeline (a dry run), so that a broken script is found
+here and not after minutes of device time."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_stage_table_dry_run_writes_every_stage(tmp_path):
+    stages = ["eager", "compile", "qkv_fusion", "inductor_flags", "cudagraphs"]
+    subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
+                    "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
+                    "--e2e_runs", "1", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True)
+    record = json.loads(next(tmp_path.glob("stages_tiny_64x64_2steps.json")).read_text())
+    assert [row["stage"] for row in record["rows"]] == stages
+    assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
+    assert record["rows"][-1]["note"].startswith("torch.compile mode reduce-overhead")
+    table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
+    assert "| cudagraphs |" in table and record["command"] in table
