@@ -38,14 +38,16 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes tha
 
 
 def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, fullgraph: bool = True) -> None:
-    """Compile in place: the whole module, or only its repeated blocks (diffusers' regional compile). In a CUDA-graph
-    mode every transformer call starts a new CUDA-graph-trees step: the 57 block graphs of one forward replay as one
-    path, and the next forward may reuse their output memory (the pipeline has consumed the previous output)."""
+    """Compile in place: the whole module, or only its repeated blocks (diffusers' regional compile). Regional in a
+    CUDA-graph mode: every transformer call starts a new CUDA-graph-trees step, so the block graphs of one forward
+    replay as one path and the next forward may reuse their output memory (the pipeline has consumed the previous
+    output). A full compile is one graph per forward and needs no marks (the hook would run inside it)."""
     if scope == "regional":
         transformer.compile_repeated_blocks(fullgraph=fullgraph, mode=mode)
     else:
         transformer.compile(fullgraph=fullgraph, mode=mode)
-    if mode in CUDAGRAPH_MODES and not getattr(transformer, "_harness_marks_cudagraph_steps", False):
+    if scope == "regional" and mode in CUDAGRAPH_MODES and not getattr(transformer, "_harness_marks_cudagraph_steps",
+                                                                       False):
         transformer.register_forward_pre_hook(lambda module, args: torch.compiler.cudagraph_mark_step_begin())
         transformer._harness_marks_cudagraph_steps = True
 
