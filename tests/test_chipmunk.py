@@ -309,7 +309,7 @@ def parse(*flags):
     return resolved_defaults(create_parser().parse_args(["--ckpt", "tiny", "--device", "cpu", "--disable_bf16", *flags]))
 
 config = yaml.safe_load(open("configs/chipmunk-tiny.yml"))
-config["attn"]["mbm"] = 48  # 32 + 16: the per-group attention kernel, as FLUX's 192 (the per-tile one: KERNEL_CHECK)
+config["attn"]["mbm"] = 48  # three 16-row tiles per query group, as FLUX's 192 = three 64-row tiles
 config["attn"]["recompute_mask"] = False  # column sums once per layer: ~6 s a call interpreted (KERNEL_CHECK checks them)
 path = os.path.join(tempfile.mkdtemp(), "chipmunk.yml")
 with open(path, "w") as f:
@@ -343,7 +343,7 @@ def run_interpreted(script: str, timeout: int) -> str:
 
 def test_chipmunk_layers_on_the_triton_path_match_the_reference_path():
     """The whole tiny pipeline with the layers calling the (interpreted) kernels, against the reference path: the
-    layers' kernel-side state (neuron-major activation cache, W2^T copy, per-group attention) is exercised."""
+    layers' kernel-side state (neuron-major activation cache, W2^T copy, multi-tile query groups) is exercised."""
     assert "layers match" in run_interpreted(LAYER_CHECK, timeout=600)
 
 

@@ -11,11 +11,12 @@ contiguous):
   * row log-sum-exp, then softmax column sums per query group (dense steps: picks the key set);
   * sparse attention over gathered key indices with online softmax (FlashAttention-2 style loop,
     but each query tile walks its group's index list instead of all keys), plus the cached delta; one
-    program per query group where the group splits into two power-of-two tiles (FLUX: 128 + 64 rows
-    sharing each gathered K/V tile), else one per 64-row tile;
+    program per 64-row tile of a query group;
   * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh), then the activation cache's
     delta (and its update) in a light gather kernel over the neuron-major cache, then fc2 on gathered rows
     of W2^T added into the output cache.
+The loops over gathered rows load their indices one step ahead (see _sparse_fc2_kernel): Triton then
+software-pipelines the gathers, which tests/test_chipmunk_triton_compile.py checks in the sm_90 TTGIR.
 """
 
 from __future__ import annotations
