@@ -13,6 +13,8 @@ Parts (--parts, comma-separated, run in this order; default all):
              config), Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6), all with regional
              torch.compile, no float8 and no inductor tuning flags (the same stack but for the layer under
              test; the flags' coordinate-descent tuning would double three cold compiles for ~2%).
+  trace      the dense stack and Chipmunk as in e2e, 12 steps under torch.profiler: host vs device ms and
+             kernel launches per denoising step (scripts/trace_summary.py); traces in <out>/traces/.
 Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_h100.{json,md}.
 
     python scripts/h100_chipmunk.py --out results/h100                 # all parts, ~7-8 min on an H100
@@ -39,6 +41,8 @@ sys.path.insert(0, str(ROOT))
 from utils import chipmunk as C  # noqa: E402
 from utils import chipmunk_triton as T  # noqa: E402
 from utils.benchmark_utils import command_line, environment_record  # noqa: E402
+
+import trace_summary  # noqa: E402  (scripts/, this script's folder)
 
 BF16_TOLERANCE = 2e-2
 FLUX = dict(tokens=4608, heads=24, head_dim=128, group=192, dim=3072, hidden=12288, block=128)
@@ -262,14 +266,41 @@ def part_interval1(out: Path, dry: bool, steps: int, timeout: float) -> dict:
             "rows": record["rows"] if record else None, "log_tail": None if record else tail}
 
 
+def stack_args(results_dir: Path, dry: bool, steps: int, runs: int) -> list[str]:
+    """run_benchmark.py flags of the dense stack that the Chipmunk variants add to. No inductor tuning flags: their
+    coordinate-descent tuning doubles each cold compile (~2% of step time, measured on the dense stack), and all
+    variants share the same stack but for Chipmunk."""
+    args = [*model_args(dry), "--num_inference_steps", str(steps), "--num_runs", str(runs), "--warmup_runs", "1",
+            "--disable_quant", "--results_dir", str(results_dir)]
+    return args + (["--compile_export_mode", "disabled"] if dry else
+                   ["--compile_export_mode", "compile", "--compile_scope", "regional", "--disable_inductor_tuning_flags"])
+
+
+def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
+    """A profiled run of the dense stack and of Chipmunk, summarized per denoising step: host vs device ms and
+    kernel launches (scripts/trace_summary.py), which says whether a step is bound by launches or by kernels."""
+    config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
+    rows = []
+    for name, extra in {"dense stack": [], "chipmunk": ["--chipmunk_config", config]}.items():
+        left = deadline - time.time()
+        if left < 60 and not dry:
+            rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
+            continue
+        trace = out / "traces" / f"{name.replace(' ', '_')}_{steps}steps.json.gz"
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        rc, tail = run_child([sys.executable, "run_benchmark.py", *stack_args(out / "traces", dry, steps, 1), *extra,
+                              "--trace-file", str(trace)], left if not dry else 600)
+        if rc != 0 or not trace.exists():
+            rows.append({"variant": name, "exit_code": rc, "log_tail": tail})
+            continue
+        events = trace_summary.load_events(trace)
+        rows.append({"variant": name, "trace": str(trace), "steps": trace_summary.step_table(events),
+                     "top_kernels": trace_summary.kernel_table(events, 12)})
+    return {"steps": steps, "rows": rows}
+
+
 def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
-    common = [*model_args(dry), "--num_inference_steps", str(steps), "--num_runs", str(runs), "--warmup_runs", "1",
-              "--disable_quant", "--results_dir", str(out / "e2e")]
-    # No inductor tuning flags: their coordinate-descent tuning doubles each of the three cold compiles (~2% of
-    # step time, measured on the dense stack), and all three variants share the same stack but for Chipmunk.
-    common += ["--compile_export_mode", "disabled"] if dry else ["--compile_export_mode", "compile",
-                                                                  "--compile_scope", "regional",
-                                                                  "--disable_inductor_tuning_flags"]
+    common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     variants = {
         "dense stack": [],
@@ -351,6 +382,17 @@ def markdown(record: dict) -> str:
             else:
                 lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | |")
         lines.append("")
+    tr = record.get("trace")
+    if tr:
+        lines += [f"## Per-step host vs device time ({tr['steps']} steps, torch.profiler trace)", "",
+                  "| variant | step | host ms | device ms | kernels |", "|---|---|---|---|---|"]
+        for r in tr["rows"]:
+            if "steps" not in r:
+                lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | | |")
+                continue
+            lines += [f"| {r['variant']} | {i} | {s['host_ms']:.1f} | {s['device_ms']:.1f} | {s['kernels']} |"
+                      for i, s in enumerate(r["steps"])]
+        lines.append("")
     prof = record.get("profile")
     if prof:
         lines += ["## Per-kernel device time (torch.profiler, mean of 10 calls)", "", "| call | kernel | ms per call |",
@@ -414,6 +456,8 @@ def main() -> int:
             record["profile"] = part_profile(shapes, device, dtype)
         elif part == "e2e":
             record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline)
+        elif part == "trace":
+            record["trace"] = part_trace(out, dry, 4 if dry else 12, deadline)
         else:
             parser.error(f"unknown part {part!r}")
         if device == "cuda":

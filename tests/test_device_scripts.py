@@ -19,3 +19,15 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
     assert record["rows"][-1]["note"].startswith("torch.compile mode reduce-overhead")
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
     assert "| cudagraphs |" in table and record["command"] in table
+
+
+def test_chipmunk_trace_part_dry_run_tables_host_and_device_time_per_step(tmp_path):
+    subprocess.run([sys.executable, "scripts/h100_chipmunk.py", "--dry-run", "--out", str(tmp_path), "--parts", "trace"],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
+    record = json.loads((tmp_path / "chipmunk_dryrun.json").read_text())
+    rows = {row["variant"]: row for row in record["trace"]["rows"]}
+    assert set(rows) == {"dense stack", "chipmunk"}
+    for row in rows.values():
+        assert len(row["steps"]) == 4 and all(step["host_ms"] > 0 for step in row["steps"])
+        assert Path(row["trace"]).exists()
+    assert "| chipmunk | 3 |" in (tmp_path / "chipmunk_dryrun.md").read_text()
