@@ -280,6 +280,12 @@ for keys in (24, 32):
     for cache in (None, o_cache):
         torch.testing.assert_close(T.sparse_attention(q, k, v, index48, 48, cache),
                                    C.sparse_attention_reference(q, k, v, index48, 48, cache), rtol=1e-5, atol=1e-5)
+# Top-k selection with ascending indices in one kernel: as torch.topk + sort; ties go to the lower index.
+for shape, count in (((2, 3, 300), 40), ((1, 4608), 768), ((4, 12288), 4352)):
+    scores = torch.randn(*shape)
+    assert torch.equal(T.top_ascending(scores, count), scores.topk(count, -1).indices.sort(-1).values.int())
+ties = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [-1.0, -0.5, 0.0, -2.0, 5.0, -0.25]])
+assert T.top_ascending(ties, 2).tolist() == [[1, 2], [2, 4]]
 d, hidden, out, block, K = 32, 64, 24, 32, 20
 x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
 index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()

@@ -37,7 +37,7 @@ NK_ATTN = chipmunk.rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
 NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
-ELEMENTWISE = {"activation_delta"}  # kernels without a tl.dot: no wgmma expected
+ELEMENTWISE = {"activation_delta", "top_neurons", "top_keys"}  # kernels without a tl.dot: no wgmma expected
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2"}  # loops over gathered rows
 
 
@@ -76,6 +76,13 @@ def kernel_args():
                                   snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
                                   sdb=delta.stride(0), sdl=delta.stride(1), L=L, NK=NK_MLP, NB=NB,
                                   TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+        # One row per program, as top_ascending launches it: MLP neuron sets (12288 wide), attention key sets (4608).
+        "top_neurons": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)],
+                        dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, N=HIDDEN, K=NK_MLP, sx=HIDDEN,
+                             so=NK_MLP, BLOCK=16384)),
+        "top_keys": (ct._top_ascending_kernel, [dict(num_warps=8, num_stages=1)],
+                     dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
+                          N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192)),
         "sparse_fc2": (ct._sparse_fc2_kernel, None,
                        dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, sdb=delta.stride(0),
                             sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), L=L, NK=NK_MLP, NOUT=DM, NB=NB,

@@ -258,7 +258,16 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 def select_key_columns(column_sums: torch.Tensor, count: int) -> torch.Tensor:
     """Top-`count` key columns per (batch, head, group), sorted ascending (memory order): (B, H, G, count) int32."""
-    return ascending(column_sums.topk(count, dim=-1, sorted=False).indices, column_sums.shape[-1])
+    return top_ascending(column_sums, count)
+
+
+def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of the `count` largest entries along the last dim, ascending (memory order), int32. On the Triton
+    path one kernel launch (utils.chipmunk_triton.top_ascending); here torch.topk, then `ascending`."""
+    triton_ops = _kernels_for(scores)
+    if triton_ops is not None and scores.shape[-1] <= 16384:
+        return triton_ops.top_ascending(scores, count)
+    return ascending(scores.topk(count, dim=-1, sorted=False).indices, scores.shape[-1])
 
 
 def ascending(index: torch.Tensor, size: int) -> torch.Tensor:
@@ -564,14 +573,15 @@ class SparseMlpLayer:
         change = (now - s.tensors["pre_mean"]).abs()
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))
-        index = change.topk(top, dim=-1, sorted=False).indices
+        index = top_ascending(change, top)
         if total > top:
+            # The random keys: the highest of a noise draw among the other neurons. The top set scores 2 > any
+            # noise in [0, 1), so one more selection takes it and the random keys, in ascending order.
             # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons.
             gen = torch.Generator(device=x.device).manual_seed(1_000_003 * (s.index + 1) + step)
-            noise = torch.rand(change.shape, generator=gen, device=x.device)
-            noise.scatter_(-1, index, -1.0)
-            index = torch.cat([index, noise.topk(total - top, dim=-1, sorted=False).indices], dim=-1)
-        s.tensors["neuron_index"] = ascending(index, hidden)
+            scores = torch.rand(change.shape, generator=gen, device=x.device)
+            index = top_ascending(scores.scatter_(-1, index.long(), 2.0), total)
+        s.tensors["neuron_index"] = index
         s.tensors["neuron_index_int64"] = s.tensors["neuron_index"].long()  # scatter_'s index type, made once
         s.stats["reselect"] += 1
 
