@@ -11,11 +11,11 @@ Results are written after every stage, so a run cut short still leaves its finis
 
     python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
 
-A table too long for one command is split: the second command applies the earlier layers untimed and
-uncompiled (`--timed`), and times eager again as its own reference, e.g.
+A table too long for one command is split: the second command applies the earlier layers untimed (`--timed`;
+compiling only for the timed stages), and times eager again as its own reference, e.g.
 
-    python scripts/h100_stages.py --stages eager,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,inductor_flags,export_aoti \
-        --timed eager,export_aoti --out results/h100
+    python scripts/h100_stages.py --stages eager,compile,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,inductor_flags,\
+cudagraphs,export_aoti --timed eager,inductor_flags,cudagraphs,export_aoti --out results/h100
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def main() -> None:
     timed = opts.timed.split(",") if opts.timed else stages
     if set(timed) - set(stages) or "eager" not in timed:
         parser.error("--timed must be a subset of --stages that includes eager (the reference of the run)")
+    if "inductor_flags" in timed and "compile" not in stages:
+        parser.error("inductor_flags only act on compiled code: list compile in --stages (it may stay untimed)")
 
     args = resolved_defaults(create_parser().parse_args(
         ["--ckpt", opts.ckpt, "--height", str(opts.height), "--width", str(opts.width), "--device", opts.device]
