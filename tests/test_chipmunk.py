@@ -135,13 +135,11 @@ def test_reference_mlp_delta_with_all_neurons_tracks_the_dense_mlp():
 
 
 def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
-    # The selections take the top-k unsorted and order them by a membership mask and its running count, not a sort.
     torch.manual_seed(11)
     for shape, size, count in (((2, 3, 5), 100, 17), ((1, 4, 6), 4608, 768), ((1, 34), 12288, 4300)):
         scores = torch.randn(*shape, size)
-        index = scores.topk(count, dim=-1, sorted=False).indices
-        expected = index.sort(dim=-1).values.to(torch.int32)
-        assert torch.equal(chipmunk.ascending(index, size), expected)
+        expected = scores.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
+        assert torch.equal(chipmunk.top_ascending(scores, count), expected)
         assert torch.equal(chipmunk.select_key_columns(scores, count), expected)
 
 

@@ -263,23 +263,11 @@ def select_key_columns(column_sums: torch.Tensor, count: int) -> torch.Tensor:
 
 def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Indices of the `count` largest entries along the last dim, ascending (memory order), int32. On the Triton
-    path one kernel launch (utils.chipmunk_triton.top_ascending); here torch.topk, then `ascending`."""
+    path one kernel launch (utils.chipmunk_triton.top_ascending); here torch.topk, then a sort of the indices."""
     triton_ops = _kernels_for(scores)
-    if triton_ops is not None and scores.shape[-1] <= 16384:
+    if triton_ops is not None and scores.shape[-1] <= triton_ops.TOP_ASCENDING_MAX_ROW:
         return triton_ops.top_ascending(scores, count)
-    return ascending(scores.topk(count, dim=-1, sorted=False).indices, scores.shape[-1])
-
-
-def ascending(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Sets of distinct indices in [0, size) along the last dim, each in ascending order, as int32. A membership mask
-    and its running count place every member: a handful of kernels, where a segmented sort takes dozens of launches
-    and ~0.3 ms of host time per call (H100 trace, results/NOTES.md session 4)."""
-    count = index.shape[-1]
-    member = torch.zeros(*index.shape[:-1], size, dtype=torch.bool, device=index.device).scatter_(-1, index, True)
-    position = torch.where(member, member.cumsum(-1) - 1, count)  # non-members all go to a spare last column
-    every = torch.arange(size, device=index.device, dtype=torch.int32).expand(position.shape)
-    out = torch.empty(*index.shape[:-1], count + 1, dtype=torch.int32, device=index.device)
-    return out.scatter_(-1, position, every)[..., :count]
+    return scores.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
 
 
 # --- PyTorch reference: MLP ------------------------------------------------------------------------

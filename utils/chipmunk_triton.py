@@ -109,25 +109,6 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
 
     # --- attention: sparse over gathered keys ------------------------------------------------------
 
-    @triton.jit
-    def _online_softmax_step(s, v, j, NK, m, l, acc, EVEN_N: tl.constexpr):
-        """One key tile of FlashAttention's running softmax (log2 domain): new max, sum and rescaled output."""
-        if not EVEN_N:
-            s = tl.where((j < NK)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, 1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        return m_new, l * alpha + tl.sum(p, 1), acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-
-    @triton.jit
-    def _store_attention_rows(O, OC, acc, l, rows, d, L, b, h, sob, sol, soh, HAS_CACHE: tl.constexpr):
-        """acc / l (+ the cached delta) into the output rows of this head."""
-        out = acc / l[:, None]
-        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
-        if HAS_CACHE:
-            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
-        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
-
     @triton.autotune(configs=_configs([dict(BLOCK_N=64, w=4, s=3), dict(BLOCK_N=128, w=8, s=3),
                                        dict(BLOCK_N=64, w=4, s=4), dict(BLOCK_N=128, w=4, s=2)],
                                       dict(BLOCK_N=16)), key=["L", "NK", "D", "GROUP"])
@@ -156,8 +137,19 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             k = tl.load(k_base + key[:, None] * skl + d[None, :])
             v = tl.load(v_base + key[:, None] * svl + d[None, :])
             s = tl.dot(q, tl.trans(k)) * scale_log2
-            m, s_sum, acc = _online_softmax_step(s, v, j, NK, m, s_sum, acc, EVEN_N)
-        _store_attention_rows(O, OC, acc, s_sum, rows, d, L, b, h, sob, sol, soh, HAS_CACHE)
+            if not EVEN_N:  # every tile full: no score mask
+                s = tl.where((j < NK)[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, 1))
+            alpha = tl.exp2(m - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            s_sum = s_sum * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m = m_new
+        out = acc / s_sum[:, None]
+        offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
+        if HAS_CACHE:
+            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
 
     # --- MLP: fc1 on gathered neurons, fused bias + GELU; then the activation-cache delta ----------------
 
@@ -249,7 +241,6 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         out_ptr = OUT + b * sob + rows[:, None] * sol + cols[None, :]
         tl.store(out_ptr, tl.load(out_ptr, mask=mask, other=0.0) + acc, mask=mask)
 
-
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
     @triton.jit
@@ -321,12 +312,15 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_inde
     return out
 
 
+TOP_ASCENDING_MAX_ROW = 16384  # one row per program, held in registers (FLUX: 4608 keys, 12288 neurons)
+
+
 def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
     """Same as utils.chipmunk.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
-    launch. Rows up to 16384 long (FLUX: 4608 keys, 12288 neurons)."""
+    launch, for rows of at most TOP_ASCENDING_MAX_ROW."""
     size = scores.shape[-1]
-    if not 0 < count <= size or size > 16384:
-        raise ValueError(f"top_ascending: count {count} of {size} (rows of at most 16384)")
+    if not 0 < count <= size or size > TOP_ASCENDING_MAX_ROW:
+        raise ValueError(f"top_ascending: count {count} of {size} (rows of at most {TOP_ASCENDING_MAX_ROW})")
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
