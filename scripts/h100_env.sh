@@ -5,10 +5,10 @@
 # * installs the wheels that `../shared/h100/wheels.sh wcwidth` put in .whl/ (diffusers, torchao, FA3, cache-dit,
 #   the metric packages) into /tmp/site, once per machine, and puts them on PYTHONPATH;
 # * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at /tmp/inductor_cache and
-#   fills it from .inductor_cache/inductor_cache.tgz when that came along: a cold float8 regional compile of
+#   fills it from .inductor_cache/inductor_cache.tgz.* when those came along: a cold float8 regional compile of
 #   FLUX.1 took 359 s on the H100, and a fresh machine starts with an empty /tmp;
-# * save_inductor_cache DIR writes DIR/inductor_cache.tgz; copy it to .inductor_cache/ (git-ignored) here and
-#   carry that folder next time. The cache is keyed by GPU, torch/Triton versions and the graphs themselves, so
+# * save_inductor_cache DIR writes DIR/inductor_cache.tgz.00, .01, ... (15 MiB parts); copy them to .inductor_cache/
+#   (git-ignored) here and carry that folder next time. The cache is keyed by GPU, torch/Triton versions and the graphs themselves, so
 #   a stale archive only costs its transfer, never a wrong kernel.
 # * log_gpu_clocks FILE samples SM clock, power and throttle reasons every second in the background (kill it
 #   with `kill %1` or let the command end): a step time that differs between GPUs of one kind is read against it.
@@ -20,13 +20,13 @@ fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
-if [ -f .inductor_cache/inductor_cache.tgz ] && [ -z "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
-  tar xzf .inductor_cache/inductor_cache.tgz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
+if ls .inductor_cache/inductor_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
+  cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
 fi
 
-save_inductor_cache() {  # the device returns files of at most 16 MiB: say so rather than lose it silently
-  tar czf "$1/inductor_cache.tgz" -C "$TORCHINDUCTOR_CACHE_DIR" . &&
-    echo "[h100_env] inductor cache: $(du -h "$1/inductor_cache.tgz" | cut -f1) in $1/inductor_cache.tgz (the device returns <= 16 MiB per file)"
+save_inductor_cache() {  # in 15 MiB parts: the device returns files of at most 16 MiB, 8 files per call
+  tar cz -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15M -d - "$1/inductor_cache.tgz." &&
+    echo "[h100_env] inductor cache: $(cat "$1"/inductor_cache.tgz.* | wc -c) bytes in $(ls "$1"/inductor_cache.tgz.* | wc -l) parts $1/inductor_cache.tgz.NN"
 }
 
 log_gpu_clocks() {
