@@ -9,13 +9,16 @@ Parts (--parts, comma-separated, run in this order; default all):
              MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
+  graphs     Chipmunk's step graphs (one CUDA graph per step kind) against the same stack run eagerly: latents
+             and per-layer decisions, 12 steps at the e2e shapes, three generations (capture, replay).
   e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps: dense stack, Chipmunk (published
-             config), Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6), all with regional
-             torch.compile, no float8 and no inductor tuning flags (the same stack but for the layer under
-             test; the flags' coordinate-descent tuning would double three cold compiles for ~2%).
+             config) with and without its step graphs, Chipmunk + HiCache (interval 5, order 2, fe 3,
+             scale 0.6), all with regional torch.compile, no float8 and no inductor tuning flags (the same stack
+             but for the layer under test; the flags' coordinate-descent tuning would double four cold compiles
+             for ~2%); CUDA graphs wherever the variant can hold them (not under feature caching).
   trace      the dense stack and Chipmunk as in e2e, 12 steps under torch.profiler: host vs device ms and
              kernel launches per denoising step (scripts/trace_summary.py); traces in <out>/traces/.
-Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_h100.{json,md}.
+Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_<gpu>.{json,md}.
 
     python scripts/h100_chipmunk.py --out results/h100                 # all parts, ~7-8 min on an H100
     python scripts/h100_chipmunk.py --out results/h100 --parts kernels,speed
@@ -47,6 +50,12 @@ import trace_summary  # noqa: E402  (scripts/, this script's folder)
 BF16_TOLERANCE = 2e-2
 FLUX = dict(tokens=4608, heads=24, head_dim=128, group=192, dim=3072, hidden=12288, block=128)
 SMALL = dict(tokens=320, heads=2, head_dim=32, group=48, dim=64, hidden=256, block=64)  # --dry-run (48: a group of 3 x 16-row tiles, as 192 = 3 x 64)
+
+
+def gpu_tag() -> str:
+    """'h100', 'h200', ... from the device name, for record file names."""
+    words = torch.cuda.get_device_name().lower().replace("-", " ").split()
+    return next((w for w in words if w[:1] in "abhlv" and w[1:].isdigit()), "gpu")
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -299,12 +308,64 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
     return {"steps": steps, "rows": rows}
 
 
+def part_graphs(out: Path, dry: bool, steps: int) -> dict:
+    """Chipmunk's step graphs (utils/chipmunk_graphs.py) against the same compiled stack run eagerly, in one process
+    on one pipeline: two eager generations (their difference is the run-to-run noise floor), then three with the
+    graphs installed (the first runs each kind eagerly once and captures at its second occurrence, the second
+    captures the kinds seen once, the third only replays). Same seed throughout; latents compared to the first."""
+    if dry:
+        return {"skipped": "CUDA graphs need a GPU"}
+    from utils.benchmark_utils import create_parser, pipeline_call_kwargs, resolved_defaults
+    from utils.chipmunk_graphs import install_step_graphs
+    from utils.pipeline_utils import load_pipeline, optimize, validate_args
+
+    args = validate_args(resolved_defaults(create_parser().parse_args(
+        [*model_args(dry), "--num_inference_steps", str(steps), "--chipmunk_config", "configs/chipmunk-flux.yml",
+         "--disable_quant", "--compile_export_mode", "compile", "--compile_scope", "regional",
+         "--disable_inductor_tuning_flags"])))
+    pipe = optimize(load_pipeline(args), args)
+
+    def generate():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        images = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent").images
+        torch.cuda.synchronize()
+        return images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe)
+
+    runs = {"eager 1": generate(), "eager 2": generate()}
+    install_step_graphs(pipe)
+    for i in (1, 2, 3):
+        runs[f"graphs {i}"] = generate()
+    reference, _, stats_eager = runs["eager 1"]
+    rows = []
+    previous = stats_eager
+    for name, (latents, seconds, stats) in runs.items():
+        per_generation = {layer: {k: n - previous[layer][k] for k, n in counts.items()} for layer, counts in
+                          stats.items()} if name != "eager 1" else stats
+        previous = stats
+        rows.append({"run": name, "seconds": seconds, "rel_err_vs_eager_1": rel_err(latents, reference),
+                     "bitwise_equal": bool(torch.equal(latents, reference)),
+                     "same_layer_decisions": per_generation == stats_eager})
+    noise = rows[1]["rel_err_vs_eager_1"]
+    graphed = [r for r in rows if r["run"].startswith("graphs")]
+    return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
+            # Graphs must match eager as closely as eager matches itself (atomics in fc2 reorder float adds).
+            "tolerance": max(1e-3, 10 * noise),
+            "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= max(1e-3, 10 * noise)
+                          for r in graphed)}
+
+
 def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
+    """Every variant gets CUDA graphs where it can hold them: the dense stack through inductor's graph trees,
+    Chipmunk through its step graphs; feature caching's data-dependent steps cannot be replayed."""
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
+    graphs = [] if dry else ["--compile_mode", "reduce-overhead"]
+    with_graphs = " (dry run: no CUDA graphs)" if dry else " (CUDA graphs)"
     variants = {
-        "dense stack": [],
-        "chipmunk": ["--chipmunk_config", config],
+        "dense stack" + with_graphs: graphs,
+        "chipmunk" + with_graphs.replace("graphs", "graphs per step kind"): ["--chipmunk_config", config, *graphs],
+        "chipmunk, no CUDA graphs": ["--chipmunk_config", config],
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ["--chipmunk_config", config, "--cache_mode", "hicache",
                                                                "--interval", "5", "--max_order", "2",
                                                                "--first_enhance", "3", "--hicache_scale", "0.6"],
@@ -327,7 +388,7 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> di
         rows.append({"variant": name, "median_s": record["latency_s"]["median"],
                      "step_ms": 1e3 * record["stages_s"]["denoising_total"]["median"] / steps,
                      "stack": record["stack"], "record": new[-1].name})
-    dense = next((r.get("median_s") for r in rows if r["variant"] == "dense stack"), None)
+    dense = next((r.get("median_s") for r in rows if r["variant"].startswith("dense stack")), None)
     for r in rows:
         if dense and r.get("median_s"):
             r["speedup_vs_dense"] = dense / r["median_s"]
@@ -373,6 +434,16 @@ def markdown(record: dict) -> str:
             from utils.interval1_check import format_table
 
             lines += [format_table(i1["rows"]), ""]
+    g = record.get("graphs")
+    if g and g.get("rows"):
+        lines += [f"## Chipmunk's step graphs vs eager ({g['steps']} steps, same seed, same compiled stack)", "",
+                  "| run | s | rel. error vs eager 1 | bitwise | same layer decisions |", "|---|---|---|---|---|"]
+        lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_err_vs_eager_1']:.2e} | {r['bitwise_equal']} | "
+                  f"{r['same_layer_decisions']} |" for r in g["rows"]]
+        lines += ["", f"graph calls: {g['calls']}; tolerance {g['tolerance']:.1e}: "
+                  f"{'PASS' if g['passed'] else 'FAIL'}", ""]
+    elif g:
+        lines += ["## Chipmunk's step graphs vs eager", "", f"skipped: {g['skipped']}", ""]
     e2e = record.get("e2e")
     if e2e:
         lines += [f"## End to end ({e2e['steps']} steps, median of {e2e['runs']})", "",
@@ -432,7 +503,7 @@ def main() -> int:
     record = {"kind": "h100_chipmunk", "command": command_line(), "environment": environment_record(device),
               "dry_run": dry, "shapes": shapes, "triton": use_triton, "triton_unavailable": T.UNAVAILABLE_REASON,
               "bf16_tolerance": BF16_TOLERANCE, "part_seconds": {}}
-    name = "chipmunk_dryrun" if dry else "chipmunk_h100"
+    name = "chipmunk_dryrun" if dry else "chipmunk_" + gpu_tag()
 
     def save():
         (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
@@ -456,6 +527,9 @@ def main() -> int:
             ok &= record["interval1"]["passed"]
         elif part == "profile":
             record["profile"] = part_profile(shapes, device, dtype)
+        elif part == "graphs":
+            record["graphs"] = part_graphs(out, dry, 4 if dry else 12)
+            ok &= record["graphs"].get("passed", True)
         elif part == "e2e":
             record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline)
         elif part == "trace":

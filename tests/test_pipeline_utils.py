@@ -124,7 +124,9 @@ def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
     (["--compile_export_mode", "compile", "--compile_mode", "reduce-overhead", "--cache_mode", "taylor"],
      "replays recorded CUDA graphs"),
     (["--compile_export_mode", "compile", "--compile_mode", "max-autotune", "--chipmunk_config",
-      "configs/chipmunk-tiny.yml"], "replays recorded CUDA graphs"),
+      "configs/chipmunk-tiny.yml"], "one CUDA graph per step kind, which needs a CUDA device"),
+    (["--compile_export_mode", "compile", "--compile_mode", "reduce-overhead", "--chipmunk_config",
+      "configs/chipmunk-tiny.yml", "--cache_mode", "hicache"], "replays recorded CUDA graphs"),
 ])
 def test_invalid_combinations_raise_before_any_work(make_args, flags, message):
     with pytest.raises(StackError, match=message):

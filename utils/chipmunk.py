@@ -196,9 +196,15 @@ class TokenReorder:
         self.perm: torch.Tensor | None = None
         self.inverse: torch.Tensor | None = None
         self.key = None
+        self.ids_seen: tuple | None = None  # (weakref to the ids tensor, its version): the pipeline passes one per call
 
     def _order_for(self, img_ids: torch.Tensor, n: int) -> None:
-        h, w = int(img_ids[:, 1].max()) + 1, int(img_ids[:, 2].max()) + 1
+        seen = self.ids_seen
+        if seen and seen[0]() is img_ids and seen[1] == img_ids._version and self.key[2:] == (n, img_ids.device):
+            return  # reading the grid size is a host sync: once per generation (one ids tensor), not once per step
+        self.ids_seen = (weakref.ref(img_ids), img_ids._version)
+        ids2d = img_ids[0] if img_ids.ndim == 3 else img_ids
+        h, w = int(ids2d[:, 1].max()) + 1, int(ids2d[:, 2].max()) + 1
         if (h, w, n, img_ids.device) == self.key:
             return
         c1 = self.config.chunk_size_1
@@ -210,8 +216,8 @@ class TokenReorder:
 
     def pre_hook(self, module, args, kwargs):
         hidden, img_ids = kwargs["hidden_states"], kwargs["img_ids"]
+        self._order_for(img_ids, hidden.shape[1])
         ids2d = img_ids[0] if img_ids.ndim == 3 else img_ids
-        self._order_for(ids2d, hidden.shape[1])
         kwargs = dict(kwargs, hidden_states=hidden[:, self.perm], img_ids=ids2d[self.perm])
         return args, kwargs
 
@@ -366,6 +372,33 @@ def backend_status(device: torch.device) -> str:
     return "Triton kernels"
 
 
+def hashed_uniform(shape: tuple[int, ...], seed: torch.Tensor | int, device: torch.device | str) -> torch.Tensor:
+    """Uniform floats in [0, 1), float32, from a counter-based hash (splitmix64) of (seed, position): the same
+    numbers for the same seed on any device, and safe in a CUDA graph, where `seed` may be a device tensor that
+    changes between replays (a torch.Generator's seed would be frozen at capture)."""
+    z = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64)
+    # int64 arithmetic wraps, as the hash wants; an int seed stays on the host (a tensor made of it would be a copy)
+    offset = seed.long() * _SEED_MIX if isinstance(seed, torch.Tensor) else _signed64(seed * _SEED_MIX % (1 << 64))
+    z = (z + offset) * _GOLDEN
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    z = z ^ _shift_right(z, 31)
+    return (_shift_right(z, 40).float() * 2.0 ** -24).view(shape)  # the top 24 bits: exact in float32
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+_GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+_SEED_MIX = 0x632BE59BD9B4E019
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic: it copies the sign bit)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
 # --- schedule --------------------------------------------------------------------------------------
 
 def attn_dense_step(step: int, config: AttnConfig) -> bool:
@@ -394,23 +427,39 @@ def due_since(last_step: int | None, step: int, scheduled) -> bool:
 
 class LayerState:
     """One sparse layer's caches and its own record of the last step it computed (a step index from
-    the scheduler, never a call count). Reset at the first step of every generation."""
+    the scheduler, never a call count). Reset at the first step of every generation.
+
+    The caches are persistent buffers, one set per input shape, written in place once they exist (`store`): a
+    CUDA graph of a step (ChipmunkStepGraphs) records the buffers' addresses, so a cache must never be re-bound to
+    a new tensor. A new generation keeps the buffers and resets only the flags that say what they hold."""
 
     def __init__(self, name: str, index: int, clock: StepClock):
         self.name, self.index, self.clock = name, index, clock
         self.last_step: int | None = None
-        self.tensors: dict[str, torch.Tensor] = {}
+        self.buffers: dict[tuple, dict[str, torch.Tensor]] = {}  # shape key -> caches
+        self.tensors: dict[str, torch.Tensor] = {}  # the current shape's caches
+        self.shape_key: tuple | None = None
+        self.flags: dict[str, bool] = {}  # what the caches hold this generation (e.g. "keys": a key set)
         self.stats = {"dense": 0, "sparse": 0, "reselect": 0}
 
     def begin(self, shape_key: tuple) -> tuple[int, int | None]:
         """(step now, last step computed) after resetting on a new generation or a new shape."""
         step = self.clock.step
-        if self.clock.at_first_step or self.tensors.get("_shape") != shape_key:
-            self.last_step, self.tensors = None, {"_shape": shape_key}
+        if self.clock.at_first_step or shape_key != self.shape_key:
+            self.last_step, self.flags, self.shape_key = None, {}, shape_key
+            self.tensors = self.buffers.setdefault(shape_key, {})
         elif self.last_step is not None and step <= self.last_step:
             raise RuntimeError(f"Chipmunk {self.name}: called twice at step {step} (true CFG / batched "
                                f"conditioning runs are not supported with Chipmunk's per-step caches)")
         return step, self.last_step
+
+    def store(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """Write `value` into the cache `name` in place (allocated on first use, with value's strides)."""
+        buffer = self.tensors.get(name)
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
+            self.tensors[name] = value
+            return value
+        return buffer.copy_(value)
 
 
 _LAYERS: dict[int, "weakref.ReferenceType"] = {}
@@ -447,13 +496,14 @@ class SparseAttentionLayer:
         dense = due_since(last, step, lambda t: attn_dense_step(t, cfg))
         if dense:
             out = self.dense_attention(q, k, v)
-            if cfg.recompute_mask or "key_index" not in s.tensors:
+            if cfg.recompute_mask or not s.flags.get("keys"):
                 count = rounded_count(cfg.top_keys, k.shape[1], cfg.counts_multiple_of)
                 colsums = (triton_ops.attention_column_sums(q, k, cfg.mbm) if triton_ops
                            else attention_column_sums(q, k, cfg.mbm))
-                s.tensors["key_index"] = select_key_columns(colsums, count)
+                s.store("key_index", select_key_columns(colsums, count))
+                s.flags["keys"] = True
             partial = self._sparse(triton_ops, q, k, v, None)
-            s.tensors["o_cache"] = out - partial  # in q's dtype, like the output it corrects
+            s.store("o_cache", out - partial)  # in q's dtype, like the output it corrects
             s.stats["dense"] += 1
         else:
             out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])
@@ -520,14 +570,13 @@ class SparseMlpLayer:
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             pre = F.linear(x, self.w1, self.b1)
             act = gelu_tanh(pre)
-            s.tensors["act_cache"] = neuron_major(act) if triton_ops else act
-            s.tensors["out_cache"] = F.linear(act, self.w2, self.b2).float()
-            s.tensors["pre_mean"] = block_means(pre, cfg.bm)  # the reference the change is measured against
-            s.tensors.pop("neuron_index", None)
-            s.tensors.pop("neuron_index_int64", None)
+            s.store("act_cache", neuron_major(act) if triton_ops else act)
+            s.store("out_cache", F.linear(act, self.w2, self.b2).float())
+            s.store("pre_mean", block_means(pre, cfg.bm))  # the reference the change is measured against
+            s.flags["neurons"] = False  # a neuron set is chosen against the new reference
             s.stats["dense"] += 1
         else:
-            if "neuron_index" not in s.tensors or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)):
+            if not s.flags.get("neurons") or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)):
                 self._reselect(x, step, hidden)
             index = s.tensors["neuron_index"]
             if triton_ops:
@@ -565,12 +614,15 @@ class SparseMlpLayer:
         if total > top:
             # The random keys: the highest of a noise draw among the other neurons. The top set scores 2 > any
             # noise in [0, 1), so one more selection takes it and the random keys, in ascending order.
-            # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons.
-            gen = torch.Generator(device=x.device).manual_seed(1_000_003 * (s.index + 1) + step)
-            scores = torch.rand(change.shape, generator=gen, device=x.device)
+            # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons, on any
+            # device, eager or replayed from a CUDA graph.
+            # The step enters as a tensor under CUDA graphs (StepClock.step_tensor), so replays draw anew.
+            step_value = s.clock.step_tensor if s.clock.step_tensor is not None else step
+            scores = hashed_uniform(change.shape, 1_000_003 * (s.index + 1) + step_value, x.device)
             index = top_ascending(scores.scatter_(-1, index.long(), 2.0), total)
-        s.tensors["neuron_index"] = index
-        s.tensors["neuron_index_int64"] = s.tensors["neuron_index"].long()  # scatter_'s index type, made once
+        s.store("neuron_index", index)
+        s.store("neuron_index_int64", index.long())  # scatter_'s index type, made once per selection
+        s.flags["neurons"] = True
         s.stats["reselect"] += 1
 
 
@@ -645,23 +697,27 @@ def apply_chipmunk_config(pipeline, config: ChipmunkConfig) -> str:
     transformer = pipeline.transformer
     clock = StepClock(pipeline.scheduler)
     doubles, singles = list(transformer.transformer_blocks), list(transformer.single_transformer_blocks)
-    sparse_attn, sparse_mlp = 0, 0
+    layers = []  # every sparse layer, for the step graphs (utils/chipmunk_graphs.py)
     for index, block in enumerate(doubles + singles):
         is_double = index < len(doubles)
         if config.attn.is_enabled and index >= config.attn.first_n_dense_layers:
             layer = SparseAttentionLayer(index, clock, config.attn, _dense_attention_like(block.attn.processor))
             block.attn.set_processor(ChipmunkAttnProcessor(layer))
-            sparse_attn += 1
+            layers.append(layer)
         if config.mlp.is_enabled and index >= config.mlp.first_n_dense_layers:
             if is_double:  # image MLP sparse; the text MLP (ff_context) stays dense
                 ff = block.ff
                 block.ff = ChipmunkFeedForward(ff, SparseMlpLayer(index, clock, config.mlp, ff.net[0].proj.weight,
                                                                   ff.net[0].proj.bias, ff.net[2].weight,
                                                                   ff.net[2].bias))
+                layers.append(block.ff.layer)
             else:
                 block.proj_out = ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, index, clock, config.mlp)
                 block.proj_mlp, block.act_mlp = PassThrough(), PassThrough()
-            sparse_mlp += 1
+                layers.append(block.proj_out.layer)
+    transformer.chipmunk_layers, transformer.chipmunk_config = layers, config
+    sparse_attn = sum(isinstance(layer, SparseAttentionLayer) for layer in layers)
+    sparse_mlp = len(layers) - sparse_attn
     reorder = "off"
     if config.patchify.is_enabled:
         hooks = TokenReorder(config.patchify)

@@ -35,6 +35,7 @@ def set_inductor_tuning_flags() -> dict[str, Any]:
 
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record and replay CUDA graphs
+WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
 def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, fullgraph: bool = True) -> None:
@@ -176,20 +177,21 @@ def cudagraph(fn: Callable) -> Callable:
     return wrapped
 
 
-def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable) -> None:
-    """Route the transformer's forward (as the pipeline calls it) to `compiled(**tensor_kwargs)`."""
+def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable, what: str = "export_aoti") -> None:
+    """Route the transformer's forward (as the pipeline calls it) to `compiled(**tensor_kwargs)` (`what` names it in
+    errors)."""
     eager_forward = transformer.forward
 
     def forward(hidden_states=None, return_dict=True, **kwargs):
         kwargs["hidden_states"] = hidden_states
         tensors = {k: v for k, v in kwargs.items() if k in TENSOR_KWARGS and v is not None}
         if kwargs.get("joint_attention_kwargs"):
-            raise ValueError("export_aoti: joint_attention_kwargs (LoRA scale, IP-adapter) are not part of the "
-                             "exported graph; use --compile_export_mode compile")
+            raise ValueError(f"{what}: joint_attention_kwargs (LoRA scale, IP-adapter) are not part of the recorded "
+                             f"graph; use --compile_export_mode compile with --compile_mode default")
         out = compiled(**tensors)
         out = out[0] if isinstance(out, (list, tuple)) else out
         return Transformer2DModelOutput(sample=out) if return_dict else (out,)
 
     forward.eager_forward = eager_forward
-    forward.is_aoti = True
+    forward.is_aoti = what == "export_aoti"
     transformer.forward = forward

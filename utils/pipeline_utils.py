@@ -115,11 +115,14 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if chipmunk_on:
             raise StackError("--compile_export_mode export_aoti cannot hold Chipmunk's per-step sparse state; use "
                              "--compile_export_mode compile, or --disable_chipmunk")
-    if args.compile_export_mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES and (
-            cache_on or chipmunk_on):
-        raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which would repeat the "
-                         f"kernels of whatever step was recorded instead of Chipmunk's or feature caching's per-step "
-                         f"decisions: use --compile_mode default (or max-autotune-no-cudagraphs)")
+    if args.compile_export_mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES:
+        if cache_on:
+            raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which would repeat the "
+                             f"kernels of whatever step was recorded instead of feature caching's data-dependent "
+                             f"per-step decisions: use --compile_mode default (or max-autotune-no-cudagraphs)")
+        if chipmunk_on and not cuda:
+            raise StackError(f"--compile_mode {args.compile_mode} with Chipmunk records one CUDA graph per step kind, "
+                             f"which needs a CUDA device: use --compile_mode default on CPU")
     if args.compile_scope is None:
         args.compile_scope = "regional" if (cache_on or chipmunk_on) else "full"
     elif args.compile_scope == "full" and (cache_on or chipmunk_on) and args.compile_export_mode == "compile":
@@ -212,6 +215,16 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     defaulted = " (default on CPU)" if getattr(args, "compile_export_mode_defaulted", False) and not cuda else ""
     if mode == "disabled":
         _report(report, "compile_export", f"skipped (--compile_export_mode disabled{defaulted}): eager")
+    elif mode == "compile" and getattr(transformer, "chipmunk_layers", None) and args.compile_mode in \
+            compile_utils.CUDAGRAPH_MODES:
+        # Inductor's CUDA graph trees would replay one recorded step whatever Chipmunk's schedule says: compile
+        # without them, then record one graph per Chipmunk step kind around the whole forward.
+        inductor_mode = compile_utils.WITHOUT_CUDAGRAPHS[args.compile_mode]
+        compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode)
+        from utils.chipmunk_graphs import install_step_graphs
+
+        _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
+                                          f"{install_step_graphs(pipeline)}")
     elif mode == "compile":
         compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode)
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode})")
