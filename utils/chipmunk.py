@@ -453,12 +453,15 @@ class LayerState:
                                f"conditioning runs are not supported with Chipmunk's per-step caches)")
         return step, self.last_step
 
-    def store(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """Write `value` into the cache `name` in place (allocated on first use, with value's strides)."""
+    def store(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None, layout=None) -> torch.Tensor:
+        """Write `value` into the cache `name` in place, converting to the buffer's dtype and strides in the same
+        pass. On first use the buffer is `layout(value)` (default: value itself) in `dtype` (default: value's)."""
+        dtype = dtype or value.dtype
         buffer = self.tensors.get(name)
-        if buffer is None or buffer.shape != value.shape or buffer.dtype != value.dtype:
-            self.tensors[name] = value
-            return value
+        if buffer is None or buffer.shape != value.shape or buffer.dtype != dtype:
+            buffer = value.to(dtype)
+            self.tensors[name] = layout(buffer) if layout else buffer
+            return self.tensors[name]
         return buffer.copy_(value)
 
 
@@ -503,7 +506,11 @@ class SparseAttentionLayer:
                 s.store("key_index", select_key_columns(colsums, count))
                 s.flags["keys"] = True
             partial = self._sparse(triton_ops, q, k, v, None)
-            s.store("o_cache", out - partial)  # in q's dtype, like the output it corrects
+            o_cache = s.tensors.get("o_cache")
+            if o_cache is not None and o_cache.shape == out.shape and o_cache.dtype == out.dtype:
+                torch.sub(out, partial, out=o_cache)  # in q's dtype, like the output it corrects
+            else:
+                s.store("o_cache", out - partial)
             s.stats["dense"] += 1
         else:
             out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])
@@ -570,8 +577,8 @@ class SparseMlpLayer:
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             pre = F.linear(x, self.w1, self.b1)
             act = gelu_tanh(pre)
-            s.store("act_cache", neuron_major(act) if triton_ops else act)
-            s.store("out_cache", F.linear(act, self.w2, self.b2).float())
+            s.store("act_cache", act, layout=neuron_major if triton_ops else None)  # one strided copy
+            s.store("out_cache", F.linear(act, self.w2, self.b2), dtype=torch.float32)
             s.store("pre_mean", block_means(pre, cfg.bm))  # the reference the change is measured against
             s.flags["neurons"] = False  # a neuron set is chosen against the new reference
             s.stats["dense"] += 1
