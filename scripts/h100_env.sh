@@ -4,12 +4,13 @@
 #
 # * installs the wheels that `../shared/h100/wheels.sh wcwidth` put in .whl/ (diffusers, torchao, FA3, cache-dit,
 #   the metric packages) into /tmp/site, once per machine, and puts them on PYTHONPATH;
-# * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at /tmp/inductor_cache and
+# * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at $TORCHINDUCTOR_CACHE_DIR
+#   (default /tmp/inductor_cache) and
 #   fills it from .inductor_cache/inductor_cache.tgz.* when those came along: a cold float8 regional compile of
 #   FLUX.1 took 359 s on the H100, and a fresh machine starts with an empty /tmp;
-# * save_inductor_cache DIR writes DIR/inductor_cache.tgz.00, .01, ... (15 MiB parts); copy them to .inductor_cache/
-#   (git-ignored) here and carry that folder next time. The cache is keyed by GPU, torch/Triton versions and the graphs themselves, so
-#   a stale archive only costs its transfer, never a wrong kernel.
+# * save_inductor_cache DIR writes DIR/inductor_cache.tgz.00, .01, ... (15 MiB parts); copy them to
+#   .inductor_cache/ (git-ignored) here and carry that folder next time. The cache is keyed by GPU, torch/Triton
+#   versions and the graphs themselves, so a stale archive only costs its transfer, never a wrong kernel.
 # * log_gpu_clocks FILE samples SM clock, power and throttle reasons every second in the background (kill it
 #   with `kill %1` or let the command end): a step time that differs between GPUs of one kind is read against it.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -18,7 +19,7 @@ if [ -d .whl ] && ! PYTHONPATH=/tmp/site python3 -c "import diffusers, torchao" 
   python3 -m compileall -q -j 0 /tmp/site >/dev/null 2>&1 || true  # else every first import compiles diffusers
 fi
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_cache
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 if ls .inductor_cache/inductor_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
   cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"

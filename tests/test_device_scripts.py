@@ -31,3 +31,28 @@ def test_chipmunk_trace_part_dry_run_tables_host_and_device_time_per_step(tmp_pa
         assert len(row["steps"]) == 4 and all(step["host_ms"] > 0 for step in row["steps"])
         assert Path(row["trace"]).exists()
     assert "| chipmunk | 3 |" in (tmp_path / "chipmunk_dryrun.md").read_text()
+
+
+def test_inductor_cache_goes_out_in_parts_under_the_file_limit_and_comes_back_whole(tmp_path):
+    """The device returns files of at most 16 MiB: h100_env.sh saves the cache in 15 MiB parts and restores from
+    them. Incompressible data, so the archive really splits."""
+    import os
+
+    cache, out, work = tmp_path / "cache", tmp_path / "out", tmp_path / "work"
+    for d in (cache / "triton", out, work / ".inductor_cache"):
+        d.mkdir(parents=True)
+    payload = os.urandom(20 * 2**20)
+    (cache / "triton" / "kernel.bin").write_bytes(payload)
+    def source_env(cache_dir, then=""):
+        return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/h100_env.sh" {then}'], cwd=work, check=True,
+                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir)), capture_output=True,
+                              text=True)
+
+    source_env(cache, f'&& save_inductor_cache "{out}"')
+    parts = sorted(out.glob("inductor_cache.tgz.*"))
+    assert len(parts) == 2 and all(p.stat().st_size <= 15 * 2**20 for p in parts)
+    for p in parts:
+        (work / ".inductor_cache" / p.name).write_bytes(p.read_bytes())
+    restored = tmp_path / "restored"  # a fresh machine's empty cache folder
+    assert "inductor cache restored" in source_env(restored).stdout
+    assert (restored / "triton" / "kernel.bin").read_bytes() == payload

@@ -622,8 +622,7 @@ class SparseMlpLayer:
             # The random keys: the highest of a noise draw among the other neurons. The top set scores 2 > any
             # noise in [0, 1), so one more selection takes it and the random keys, in ascending order.
             # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons, on any
-            # device, eager or replayed from a CUDA graph.
-            # The step enters as a tensor under CUDA graphs (StepClock.step_tensor), so replays draw anew.
+            # device, eager or replayed from a CUDA graph (where the step is a device tensor the replays update).
             step_value = s.clock.step_tensor if s.clock.step_tensor is not None else step
             scores = hashed_uniform(change.shape, 1_000_003 * (s.index + 1) + step_value, x.device)
             index = top_ascending(scores.scatter_(-1, index.long(), 2.0), total)

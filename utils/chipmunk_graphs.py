@@ -100,6 +100,8 @@ def install_step_graphs(pipeline) -> str:
     if transformer.device.type != "cuda":
         raise RuntimeError("Chipmunk's step graphs need a CUDA device")
     layers, config = transformer.chipmunk_layers, transformer.chipmunk_config
+    if not layers:
+        raise RuntimeError("Chipmunk's step graphs: the config leaves no sparse layer (attn and mlp both disabled)")
     eager_forward = transformer.forward
     graphs = ChipmunkStepGraphs(lambda **t: eager_forward(**t, return_dict=False), layers, config,
                                 layers[0].state.clock, transformer.device)
