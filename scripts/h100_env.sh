@@ -5,9 +5,8 @@
 # * installs the wheels that `../shared/h100/wheels.sh wcwidth` put in .whl/ (diffusers, torchao, FA3, cache-dit,
 #   the metric packages) into /tmp/site, once per machine, and puts them on PYTHONPATH;
 # * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at $TORCHINDUCTOR_CACHE_DIR
-#   (default /tmp/inductor_cache) and
-#   fills it from .inductor_cache/inductor_cache.tgz.* when those came along: a cold float8 regional compile of
-#   FLUX.1 took 359 s on the H100, and a fresh machine starts with an empty /tmp;
+#   (default /tmp/inductor_cache) and fills it from .inductor_cache/inductor_cache.tgz.* when those came along: a
+#   cold float8 regional compile of FLUX.1 took 359 s on the H100, and a fresh machine starts with an empty /tmp;
 # * save_inductor_cache DIR writes DIR/inductor_cache.tgz.00, .01, ... (15 MiB parts); copy them to
 #   .inductor_cache/ (git-ignored) here and carry that folder next time. The cache is keyed by GPU, torch/Triton
 #   versions and the graphs themselves, so a stale archive only costs its transfer, never a wrong kernel.
