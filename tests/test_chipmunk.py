@@ -266,6 +266,9 @@ B, L, H, D, group = 1, 80, 2, 16, 32
 q, k, v, o_cache = (torch.randn(B, L, H, D) for _ in range(4))
 sums = C.attention_column_sums(q, k, group)
 torch.testing.assert_close(T.attention_column_sums(q, k, group), sums, rtol=1e-5, atol=1e-5)
+# With the rows' log-sum-exp handed in (natural log, (B, H, L), as FA3 returns it) the first pass is skipped.
+lse = torch.logsumexp(torch.einsum("blhd,bmhd->bhlm", q, k) * D ** -0.5, dim=-1)
+torch.testing.assert_close(T.attention_column_sums(q, k, group, lse), sums, rtol=1e-5, atol=1e-5)
 index = C.select_key_columns(sums, 24)
 for cache in (None, o_cache):
     torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),

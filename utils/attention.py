@@ -71,6 +71,21 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool =
     return _sdpa_bshd(q, k, v).contiguous()
 
 
+def fa3_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """bf16 FA3 attention and its per-row log-sum-exp of the scaled scores (natural log, (batch, heads, seq),
+    float32), which FA3 computes anyway: Chipmunk's dense steps need it for the softmax column sums. Not a custom
+    op: it runs inside Chipmunk's own opaque op. The log-sum-exp is None where FA3 cannot give it."""
+    if FA3_AVAILABLE and q.is_cuda:
+        try:
+            out, lse = _FA3_FUNC(q, k, v, return_attn_probs=True)[:2]
+        except TypeError:  # a build whose flash_attn_func has no return_attn_probs
+            return fa3_attention(q, k, v), None
+        if lse.shape != (q.shape[0], q.shape[2], q.shape[1]):
+            return out.to(q.dtype), None
+        return out.to(q.dtype), lse.float()
+    return fa3_attention(q, k, v), None
+
+
 @fa3_attention.register_fake
 def _(q, k, v, fp8=False):
     return torch.empty_like(q, memory_format=torch.contiguous_format)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.attention import FA3FluxAttnProcessor, FluxKernelAttnProcessor, fa3_attention
+from utils.attention import FA3FluxAttnProcessor, FluxKernelAttnProcessor, fa3_attention, fa3_attention_with_lse
 from utils.step_clock import StepClock
 
 FLUX_PIXELS_PER_TOKEN = 16  # VAE downsamples 8x, then 2x2 latent patches are packed into one token
@@ -498,10 +498,10 @@ class SparseAttentionLayer:
         triton_ops = _kernels_for(q)
         dense = due_since(last, step, lambda t: attn_dense_step(t, cfg))
         if dense:
-            out = self.dense_attention(q, k, v)
+            out, lse = self.dense_attention(q, k, v)
             if cfg.recompute_mask or not s.flags.get("keys"):
                 count = rounded_count(cfg.top_keys, k.shape[1], cfg.counts_multiple_of)
-                colsums = (triton_ops.attention_column_sums(q, k, cfg.mbm) if triton_ops
+                colsums = (triton_ops.attention_column_sums(q, k, cfg.mbm, lse) if triton_ops
                            else attention_column_sums(q, k, cfg.mbm))
                 s.store("key_index", select_key_columns(colsums, count))
                 s.flags["keys"] = True
@@ -548,12 +548,15 @@ class ChipmunkAttnProcessor(FluxKernelAttnProcessor):
 
 
 def _dense_attention_like(processor):
-    """The dense kernel the stack chose in step 2 (FA3, FA3 fp8, or SDPA), for Chipmunk's dense steps."""
+    """The dense kernel the stack chose in step 2 (FA3, FA3 fp8, or SDPA), for Chipmunk's dense steps: returns
+    (output, the rows' log-sum-exp or None). bf16 FA3 gives the log-sum-exp for free, which spares the column sums
+    their first pass; fp8 FA3's comes from fp8 scores, so it is not used for the bf16 column sums."""
     if isinstance(processor, FA3FluxAttnProcessor):
-        fp8 = processor.fp8
-        return lambda q, k, v: fa3_attention(q, k, v, fp8)
-    return lambda q, k, v: F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous()
+        if processor.fp8:
+            return lambda q, k, v: (fa3_attention(q, k, v, True), None)
+        return fa3_attention_with_lse
+    return lambda q, k, v: (F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous(), None)
 
 
 # --- sparse MLP layer ------------------------------------------------------------------------------

@@ -274,17 +274,22 @@ def _check_head_dim(q: torch.Tensor) -> int:
     return D
 
 
-def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int) -> torch.Tensor:
-    """Same as utils.chipmunk.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group."""
+def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """Same as utils.chipmunk.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group.
+    `lse`: the rows' log-sum-exp of the scaled scores (natural log, (B, H, L)) when the dense attention already
+    computed it (FA3 does); else a first pass over the keys computes it."""
     B, L, H, D = q.shape
     _check_head_dim(q)
     LK, G = k.shape[1], math.ceil(L / group)
     block_m = _row_tile(group, 64)
-    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
     scale_log2 = D ** -0.5 * LOG2E
-    _row_lse_kernel[(triton.cdiv(L, block_m), B * H)](
-        q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), L, LK, H, scale_log2,
-        D=D, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64, num_warps=4)
+    if lse is not None:
+        lse = (lse.float() * LOG2E).contiguous()  # the kernels work in the log2 domain
+    else:
+        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+        _row_lse_kernel[(triton.cdiv(L, block_m), B * H)](
+            q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), L, LK, H,
+            scale_log2, D=D, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64, num_warps=4)
     out = torch.empty(B, H, G, LK, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), G, B * H)  # noqa: E731
     _column_sum_kernel[grid](q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
