@@ -269,6 +269,11 @@ torch.testing.assert_close(T.attention_column_sums(q, k, group), sums, rtol=1e-5
 # With the rows' log-sum-exp handed in (natural log, (B, H, L), as FA3 returns it) the first pass is skipped.
 lse = torch.logsumexp(torch.einsum("blhd,bmhd->bhlm", q, k) * D ** -0.5, dim=-1)
 torch.testing.assert_close(T.attention_column_sums(q, k, group, lse), sums, rtol=1e-5, atol=1e-5)
+# The once-per-process check before trusting a kernel's log-sum-exp: right units pass, log2 units or a layout
+# transposed to (B, L, H) do not.
+assert C.attention_lse_matches(q, k, lse, T)
+assert not C.attention_lse_matches(q, k, lse * 1.4426950408889634, T)
+assert not C.attention_lse_matches(q, k, lse.transpose(1, 2), T)
 index = C.select_key_columns(sums, 24)
 for cache in (None, o_cache):
     torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),

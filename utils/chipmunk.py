@@ -499,6 +499,8 @@ class SparseAttentionLayer:
         dense = due_since(last, step, lambda t: attn_dense_step(t, cfg))
         if dense:
             out, lse = self.dense_attention(q, k, v)
+            if lse is not None and not (triton_ops and _attention_lse_trusted(q, k, lse, triton_ops)):
+                lse = None
             if cfg.recompute_mask or not s.flags.get("keys"):
                 count = rounded_count(cfg.top_keys, k.shape[1], cfg.counts_multiple_of)
                 colsums = (triton_ops.attention_column_sums(q, k, cfg.mbm, lse) if triton_ops
@@ -523,6 +525,28 @@ class SparseAttentionLayer:
         if triton_ops:
             return triton_ops.sparse_attention(q, k, v, index, self.config.mbm, o_cache)
         return sparse_attention_reference(q, k, v, index, self.config.mbm, o_cache)
+
+
+_ATTENTION_LSE_TRUSTED: bool | None = None  # decided at the first dense attention step of the process
+
+
+def attention_lse_matches(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, triton_ops) -> bool:
+    """Whether `lse` (as the dense attention kernel returned it) is the rows' natural-log log-sum-exp of the scaled
+    scores, within float32-from-bf16 noise, against the Triton row pass. One host sync."""
+    reference = triton_ops.row_lse_log2(q, k) / math.log2(math.e)
+    return lse.shape == reference.shape and float((lse.float() - reference).abs().max()) < 1e-2
+
+
+def _attention_lse_trusted(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, triton_ops) -> bool:
+    """Check FA3's log-sum-exp once per process (on the first dense step, which runs eagerly, never inside a CUDA
+    graph capture); if it is not what the column sums assume, say so and compute it instead from then on."""
+    global _ATTENTION_LSE_TRUSTED
+    if _ATTENTION_LSE_TRUSTED is None:
+        _ATTENTION_LSE_TRUSTED = attention_lse_matches(q, k, lse, triton_ops)
+        if not _ATTENTION_LSE_TRUSTED:
+            print("[chipmunk] WARNING: the dense attention's log-sum-exp does not match the rows' log-sum-exp; the "
+                  "column sums compute their own (one more pass over the keys per dense step)", flush=True)
+    return _ATTENTION_LSE_TRUSTED
 
 
 @torch.library.custom_op("flux_harness::chipmunk_attention", mutates_args=())

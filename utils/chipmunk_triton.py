@@ -283,18 +283,24 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: tor
     LK, G = k.shape[1], math.ceil(L / group)
     block_m = _row_tile(group, 64)
     scale_log2 = D ** -0.5 * LOG2E
-    if lse is not None:
-        lse = (lse.float() * LOG2E).contiguous()  # the kernels work in the log2 domain
-    else:
-        lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-        _row_lse_kernel[(triton.cdiv(L, block_m), B * H)](
-            q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), L, LK, H,
-            scale_log2, D=D, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64, num_warps=4)
+    # The kernels work in the log2 domain.
+    lse = (lse.float() * LOG2E).contiguous() if lse is not None else row_lse_log2(q, k, block_m)
     out = torch.empty(B, H, G, LK, device=q.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), G, B * H)  # noqa: E731
     _column_sum_kernel[grid](q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                              k.stride(2), L, LK, H, G, scale_log2, D=D, GROUP=group, BLOCK_M=block_m)
     return out
+
+
+def row_lse_log2(q: torch.Tensor, k: torch.Tensor, block_m: int = 64) -> torch.Tensor:
+    """Each row's log-sum-exp of the scaled scores q k^T / sqrt(D), in log2 units: (B, H, L) float32."""
+    B, L, H, D = q.shape
+    _check_head_dim(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    _row_lse_kernel[(triton.cdiv(L, block_m), B * H)](
+        q, k, lse, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), L, k.shape[1], H,
+        D ** -0.5 * LOG2E, D=D, BLOCK_M=block_m, BLOCK_N=16 if INTERPRET else 64, num_warps=4)
+    return lse
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
