@@ -508,11 +508,7 @@ class SparseAttentionLayer:
                 s.store("key_index", select_key_columns(colsums, count))
                 s.flags["keys"] = True
             partial = self._sparse(triton_ops, q, k, v, None)
-            o_cache = s.tensors.get("o_cache")
-            if o_cache is not None and o_cache.shape == out.shape and o_cache.dtype == out.dtype:
-                torch.sub(out, partial, out=o_cache)  # in q's dtype, like the output it corrects
-            else:
-                s.store("o_cache", out - partial)
+            s.store("o_cache", out - partial)  # in q's dtype, like the output it corrects
             s.stats["dense"] += 1
         else:
             out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])

@@ -14,7 +14,7 @@ class StepClock:
     def __init__(self, scheduler):
         self.scheduler = scheduler
         # The step on the device, for code replayed from a CUDA graph (which runs no Python): whoever replays keeps
-        # it current (utils.chipmunk.ChipmunkStepGraphs); None when nothing does.
+        # it current (utils.chipmunk_graphs.ChipmunkStepGraphs); None when nothing does.
         self.step_tensor = None
 
     @property
