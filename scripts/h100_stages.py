@@ -32,12 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils import compile_utils  # noqa: E402
 from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason  # noqa: E402
-from utils.benchmark_utils import (command_line, create_parser, device_ms_by_kind,  # noqa: E402
-                                   environment_record, pipeline_call_kwargs, resolved_defaults, time_call)
+from utils.benchmark_utils import (command_line, create_parser, device_kernel_times,  # noqa: E402
+                                   environment_record, ms_by_kind, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
 
 STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "cudagraphs",
           "export_aoti")
+TOP_KERNELS = 30  # kernels kept per timed stage in the record: enough to name every kind's largest items
 
 
 def median_ms(fn, runs: int, device: str) -> float:
@@ -150,7 +151,8 @@ def main() -> None:
         apply_s = time.perf_counter() - t_apply
         with torch.no_grad():
             step_ms = median_ms(lambda: transformer(**step_kwargs), opts.step_runs, opts.device)
-            step_kinds = device_ms_by_kind(lambda: transformer(**step_kwargs))  # where the step's device time goes
+            kernels = device_kernel_times(lambda: transformer(**step_kwargs))  # where the step's device time goes
+        step_kinds = ms_by_kind(kernels)
         run = lambda: pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="pil")  # noqa: E731
         run()  # warm-up of the whole pipeline (text encoders, VAE)
         cuda = opts.device.startswith("cuda")
@@ -160,7 +162,7 @@ def main() -> None:
         graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
         row = {"stage": stage, "dynamo_graphs_so_far": graphs, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-               "step_device_ms_by_kind": step_kinds, "note": note}
+               "step_device_ms_by_kind": step_kinds, "top_kernels": kernels[:TOP_KERNELS], "note": note}
         record["rows"].append(row)
         eager = record["rows"][0]
         for r in record["rows"]:
@@ -170,6 +172,8 @@ def main() -> None:
               f"(apply+compile {apply_s:5.1f} s) {note}", flush=True)
         if step_kinds:
             print(f"[stage] {'':<15} device ms: {kinds_text(step_kinds)}", flush=True)
+            for k in kernels[:12]:
+                print(f"[stage] {'':<15}   {k['ms']:6.2f} ms {k['calls']:5.0f}x  {k['kernel'][:150]}", flush=True)
         (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
         write_markdown(record, out_dir / f"{name}.md")
 
@@ -193,6 +197,12 @@ def write_markdown(record: dict, path: Path) -> None:
         lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.2f} | {r['e2e_s']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | "
                      f"{kinds_text(r.get('step_device_ms_by_kind') or {})} | {r['note']} |")
+    for r in record["rows"]:
+        if r.get("top_kernels"):
+            lines += ["", f"Largest kernels of one `{r['stage']}` step (device ms and launches per step):", "",
+                      "| ms | launches | kind | kernel |", "|---|---|---|---|"]
+            lines += [f"| {k['ms']:.2f} | {k['calls']:.0f} | {k['kind']} | `{k['kernel'][:150]}` |"
+                      for k in r["top_kernels"][:15]]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -46,9 +46,17 @@ def test_kernel_kind_sorts_profiler_names(name, kind):
     assert benchmark_utils.kernel_kind(name) == kind
 
 
-def test_device_ms_by_kind_is_empty_without_cuda():
+def test_device_kernel_times_is_empty_without_cuda():
     if torch.cuda.is_available():
-        pytest.skip("this machine has a GPU: the split is measured, not empty")
+        pytest.skip("this machine has a GPU: the times are measured, not empty")
     calls = []
-    assert benchmark_utils.device_ms_by_kind(lambda: calls.append(1)) == {}
+    assert benchmark_utils.device_kernel_times(lambda: calls.append(1)) == []
     assert calls == []  # nothing is run when there is no device time to split
+
+
+def test_ms_by_kind_sums_kernels_per_kind_largest_first():
+    kernels = [{"kernel": "nvjet_gemm", "kind": "matmul", "ms": 2.0, "calls": 1},
+               {"kernel": "triton_poi_fused_gelu_0", "kind": "fused (inductor)", "ms": 1.5, "calls": 2},
+               {"kernel": "cutlass_scaled_mm", "kind": "matmul", "ms": 0.25, "calls": 1},
+               {"kernel": "triton_red_fused_amax_1", "kind": "fused (inductor)", "ms": 1.0, "calls": 1}]
+    assert list(benchmark_utils.ms_by_kind(kernels).items()) == [("fused (inductor)", 2.5), ("matmul", 2.25)]

@@ -240,21 +240,29 @@ def kernel_kind(name: str) -> str:
     return "other"
 
 
-def device_ms_by_kind(fn: Callable[[], Any], runs: int = 2) -> dict[str, float]:
-    """Self device time per call of `fn`'s GPU kernels, summed by kernel_kind (torch.profiler over `runs` calls after
-    the caller's warm-up). Empty without CUDA: there is no device time to split."""
+def device_kernel_times(fn: Callable[[], Any], runs: int = 2) -> list[dict[str, Any]]:
+    """Self device ms and launches per call of `fn`, for each GPU kernel name, largest first (torch.profiler over
+    `runs` calls after the caller's warm-up; kernels replayed from a CUDA graph are listed too). Empty without
+    CUDA: there is no device time to split, and `fn` is not run."""
     if not torch.cuda.is_available():
-        return {}
+        return []
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(runs):
             fn()
         torch.cuda.synchronize()
+    rows = [{"kernel": event.key, "kind": kernel_kind(event.key), "ms": event.self_device_time_total / 1e3 / runs,
+             "calls": event.count / runs}
+            for event in prof.key_averages()
+            if str(event.device_type).endswith("CUDA") and event.self_device_time_total]
+    return sorted(rows, key=lambda row: -row["ms"])
+
+
+def ms_by_kind(kernels: list[dict[str, Any]]) -> dict[str, float]:
+    """device_kernel_times' rows summed by kernel_kind, largest first."""
     totals: dict[str, float] = {}
-    for event in prof.key_averages():
-        if str(event.device_type).endswith("CUDA") and event.self_device_time_total:
-            kind = kernel_kind(event.key)
-            totals[kind] = totals.get(kind, 0.0) + event.self_device_time_total / 1e3 / runs
+    for row in kernels:
+        totals[row["kind"]] = totals.get(row["kind"], 0.0) + row["ms"]
     return dict(sorted(totals.items(), key=lambda item: -item[1]))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -116,12 +117,16 @@ def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, t
             raise FileNotFoundError(f"--use-cached-model: no export package matching this GPU/torch/shapes/flags at "
                                     f"{path}; run once without --use-cached-model to build it")
         path.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
         with torch.no_grad():
             exported = torch.export.export(transformer, args=(), kwargs={**example_kwargs, "return_dict": False},
                                            strict=False)
+            print(f"[export] torch.export done in {time.perf_counter() - t0:.0f} s; AOTInductor compiling "
+                  f"(minutes for the full transformer) -> {path}", flush=True)
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
+        print(f"[export] package built in {time.perf_counter() - t0:.0f} s", flush=True)
         meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
         status = "built"
     loaded = torch._inductor.aoti_load_package(str(path))
