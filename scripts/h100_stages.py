@@ -1,6 +1,7 @@
 """The cumulative stage table (as flux-fast did for Schnell), in one process on one loaded pipeline:
 
-    bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + inductor flags
+    bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + sigmoid GELU
+    -> + inductor flags (optimize() applies these two as one layer: its inductor tuning)
     -> + CUDA graphs (compile mode reduce-overhead) (-> export_aoti + CUDA graphs: list it in --stages)
 
 Each stage adds one layer to the previous stage's pipeline through the same functions optimize() uses,
@@ -14,8 +15,8 @@ Results are written after every stage, so a run cut short still leaves its finis
 A table too long for one command is split: the second command applies the earlier layers untimed (`--timed`;
 compiling only for the timed stages), and times eager again as its own reference, e.g.
 
-    python scripts/h100_stages.py --stages eager,compile,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,inductor_flags,\
-cudagraphs,export_aoti --timed eager,inductor_flags,cudagraphs,export_aoti --out results/h100
+    python scripts/h100_stages.py --stages eager,compile,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,sigmoid_gelu,\
+inductor_flags,cudagraphs,export_aoti --timed eager,inductor_flags,cudagraphs,export_aoti --out results/h100
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ from utils.benchmark_utils import (command_line, create_parser, device_kernel_ti
                                    environment_record, ms_by_kind, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
 
-STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "inductor_flags", "cudagraphs",
-          "export_aoti")
+STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "sigmoid_gelu", "inductor_flags",
+          "cudagraphs", "export_aoti")
 TOP_KERNELS = 30  # kernels kept per timed stage in the record: enough to name every kind's largest items
 
 
@@ -73,8 +74,9 @@ def main() -> None:
     timed = opts.timed.split(",") if opts.timed else stages
     if set(timed) - set(stages) or "eager" not in timed:
         parser.error("--timed must be a subset of --stages that includes eager (the reference of the run)")
-    if "inductor_flags" in timed and "compile" not in stages:
-        parser.error("inductor_flags only act on compiled code: list compile in --stages (it may stay untimed)")
+    for stage in ("sigmoid_gelu", "inductor_flags"):
+        if stage in timed and "compile" not in stages:
+            parser.error(f"{stage} only acts on compiled code: list compile in --stages (it may stay untimed)")
 
     args = resolved_defaults(create_parser().parse_args(
         ["--ckpt", opts.ckpt, "--height", str(opts.height), "--width", str(opts.width), "--device", opts.device]
@@ -127,6 +129,8 @@ def main() -> None:
                 transformer.set_attn_processor(FA3FluxAttnProcessor(fp8=stage == "fa3_fp8"))
         elif stage == "float8_quant":
             note = quantize_float8(transformer, opts.quant_granularity) if opts.device.startswith("cuda") else "skipped on CPU"
+        elif stage == "sigmoid_gelu":  # optimize() applies it in its inductor layer; timed apart here
+            note = f"tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
         elif stage == "cudagraphs":  # the same compiled blocks, replayed as CUDA graphs: no per-kernel launch cost

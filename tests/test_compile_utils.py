@@ -116,3 +116,31 @@ def test_float8_weights_reach_the_package_as_their_inner_tensors(tmp_path, float
     out = (out[0] if isinstance(out, (list, tuple)) else out).float()
     rel = ((out - bf16_out).norm() / bf16_out.norm()).item()
     assert rel < 0.1, rel  # float8 rounding (~5%), not scrambled weights (~100%)
+
+
+def test_tanh_gelu_via_sigmoid_is_the_tanh_approximation():
+    x = torch.randn(4096, dtype=torch.float64) * 4
+    ref = torch.nn.functional.gelu(x, approximate="tanh")
+    torch.testing.assert_close(compile_utils.TanhGELU()(x), ref, rtol=1e-12, atol=1e-12)
+    xb = x.to(torch.bfloat16)  # computed in float32, rounded once to bfloat16: within one bf16 rounding of torch's
+    torch.testing.assert_close(compile_utils.TanhGELU()(xb), torch.nn.functional.gelu(xb, approximate="tanh"),
+                               rtol=8e-3, atol=1e-5)
+
+
+def test_use_sigmoid_gelu_swaps_the_mlps_and_keeps_the_output():
+    pipe = build_tiny_pipeline(seed=0)
+    transformer = pipe.transformer
+    names = set(dict(transformer.named_parameters()))
+    torch.manual_seed(7)
+    example = compile_utils.transformer_example_kwargs(pipe, 64, 64, 32)
+    with torch.no_grad():
+        before = transformer(**example, return_dict=False)[0]
+        n_double, n_single = len(transformer.transformer_blocks), len(transformer.single_transformer_blocks)
+        assert compile_utils.use_sigmoid_gelu(transformer) == 2 * n_double + n_single
+        after = transformer(**example, return_dict=False)[0]
+    block = transformer.transformer_blocks[0]
+    assert isinstance(block.ff.net[0], compile_utils.LinearTanhGELU) and isinstance(block.ff_context.net[0], compile_utils.LinearTanhGELU)
+    assert isinstance(transformer.single_transformer_blocks[0].act_mlp, compile_utils.TanhGELU)
+    assert set(dict(transformer.named_parameters())) == names  # same weight names: loading and float8 unaffected
+    assert ((after - before).norm() / before.norm()).item() < 1e-6 and before.abs().max() > 0
+    assert compile_utils.use_sigmoid_gelu(transformer) == 0  # already swapped: nothing left to do

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stage_table_dry_run_writes_every_stage(tmp_path):
-    stages = ["eager", "compile", "qkv_fusion", "inductor_flags", "cudagraphs"]
+    stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "inductor_flags", "cudagraphs"]
     subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
                     "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
                     "--e2e_runs", "1", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True)
@@ -17,6 +17,7 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
     assert [row["stage"] for row in record["rows"]] == stages
     assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
     assert record["rows"][-1]["note"].startswith("torch.compile mode reduce-overhead")
+    assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 MLPs each) + 4 single
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
     assert "| cudagraphs |" in table and record["command"] in table
 

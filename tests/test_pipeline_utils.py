@@ -94,6 +94,21 @@ def test_inductor_flags_toggle(make_args):
         cfg.coordinate_descent_tuning = before
 
 
+def test_inductor_layer_swaps_gelu_only_for_compiled_code(make_args):
+    from utils.compile_utils import TanhGELU
+
+    def swapped(pipe):
+        return sum(isinstance(b.act_mlp, TanhGELU) for b in pipe.transformer.single_transformer_blocks)
+
+    pipe, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional")
+    assert swapped(pipe) == len(pipe.transformer.single_transformer_blocks) > 0
+    assert "tanh-GELU as x*sigmoid(2u) in 8 MLPs" in pipe.harness_stack["inductor_flags"]
+    pipe, _ = _optimized(make_args, "--compile_export_mode", "compile", "--disable_inductor_tuning_flags")
+    assert swapped(pipe) == 0
+    pipe, _ = _optimized(make_args)  # eager on CPU
+    assert swapped(pipe) == 0 and "GELU kept" in pipe.harness_stack["inductor_flags"]
+
+
 def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
     pipe, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional")
     blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)

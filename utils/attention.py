@@ -52,23 +52,31 @@ def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.custom_op("flux_harness::fa3_attention", mutates_args=(), device_types=None)
-def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fp8: bool = False) -> torch.Tensor:
-    """Non-causal attention on (batch, seq, heads, head_dim) tensors, output in q's dtype.
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Non-causal attention on (batch, seq, heads, head_dim) tensors, output in `out_dtype` (default: q's dtype).
 
-    FA3 on a Hopper GPU; PyTorch SDPA otherwise (the fallback kernel), so the same graph runs on CPU.
-    With `fp8`, q/k/v are cast to float8 e4m3 without scales, as flux-fast does. Measured on H100 at
-    FLUX shapes (results/h100/attention_fp8_microbench.md): relative error 5.3e-2 vs float64 (bf16:
-    2.3e-3), 894 vs 671 TFLOP/s. Per-head scaling gave the same error (e4m3's 3-bit mantissa, not its
-    range, limits it) at 2.6x the time, so it is not used.
+    q/k/v in bf16 run FA3's bf16 kernel; in float8 e4m3 (see `fa3_fp8_attention`) its fp8 kernel. FA3 on a Hopper
+    GPU; PyTorch SDPA otherwise (the fallback kernel, on inputs upcast to `out_dtype`), so the same graph runs on CPU.
     """
+    out_dtype = out_dtype or q.dtype
     if FA3_AVAILABLE and q.is_cuda:
-        if fp8:
-            out = _FA3_FUNC(q.to(FP8), k.to(FP8), v.to(FP8))
-        else:
-            out = _FA3_FUNC(q, k, v)
+        out = _FA3_FUNC(q, k, v)
         out = out[0] if isinstance(out, tuple) else out
-        return out.to(q.dtype)
-    return _sdpa_bshd(q, k, v).contiguous()
+        return out.to(out_dtype)
+    return _sdpa_bshd(q.to(out_dtype), k.to(out_dtype), v.to(out_dtype)).contiguous()
+
+
+def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """FA3 on q/k/v cast to float8 e4m3 without scales, as flux-fast does; output in q's dtype.
+
+    The casts are here, outside the opaque op, so that torch.compile fuses them into the kernels that make q/k/v
+    (QK RMSNorm + RoPE) instead of running three copies per call inside the op: those took 3.9 ms of a 90.6 ms
+    float8 step on the H200 (results/h200/stages_float8_kernels_2026-12-01.md). Measured on H100 at FLUX shapes
+    (results/h100/attention_fp8_microbench.md): relative error 5.3e-2 vs float64 (bf16: 2.3e-3), 894 vs 671
+    TFLOP/s. Per-head scaling gave the same error (e4m3's 3-bit mantissa, not its range, limits it) at 2.6x the
+    time, so it is not used.
+    """
+    return fa3_attention(q.to(FP8), k.to(FP8), v.to(FP8), q.dtype)
 
 
 def fa3_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -87,8 +95,8 @@ def fa3_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 @fa3_attention.register_fake
-def _(q, k, v, fp8=False):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+def _(q, k, v, out_dtype=None):
+    return torch.empty_like(q, dtype=out_dtype or q.dtype, memory_format=torch.contiguous_format)
 
 
 @register_flop_formula(torch.ops.flux_harness.fa3_attention)
@@ -144,4 +152,4 @@ class FA3FluxAttnProcessor(FluxKernelAttnProcessor):
         self.fp8 = fp8
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return fa3_attention(q, k, v, self.fp8)
+        return fa3_fp8_attention(q, k, v) if self.fp8 else fa3_attention(q, k, v)

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from utils.attention import FA3FluxAttnProcessor, FluxKernelAttnProcessor, fa3_attention, fa3_attention_with_lse
+from utils.attention import FA3FluxAttnProcessor, FluxKernelAttnProcessor, fa3_attention_with_lse, fa3_fp8_attention
 from utils.step_clock import StepClock
 
 FLUX_PIXELS_PER_TOKEN = 16  # VAE downsamples 8x, then 2x2 latent patches are packed into one token
@@ -573,7 +573,7 @@ def _dense_attention_like(processor):
     their first pass; fp8 FA3's comes from fp8 scores, so it is not used for the bf16 column sums."""
     if isinstance(processor, FA3FluxAttnProcessor):
         if processor.fp8:
-            return lambda q, k, v: (fa3_attention(q, k, v, True), None)
+            return lambda q, k, v: (fa3_fp8_attention(q, k, v), None)
         return fa3_attention_with_lse
     return lambda q, k, v: (F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2).contiguous(), None)

@@ -1,4 +1,4 @@
-"""Inductor flags, torch.compile (full or regional), and torch.export + AOTInductor + CUDA graphs.
+"""Inductor flags and a GELU inductor compiles well, torch.compile (full or regional), and torch.export + AOTInductor + CUDA graphs.
 
 The export path keeps its compiled packages on disk under `--cache-dir`, in a file whose name is a
 hash of everything that changes the compiled code (GPU, torch/diffusers versions, input shapes and
@@ -33,6 +33,51 @@ def set_inductor_tuning_flags() -> dict[str, Any]:
     for k, v in flags.items():
         setattr(cfg, k, v)
     return flags
+
+
+class TanhGELU(torch.nn.Module):
+    """GELU's tanh approximation, written as x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3): the same function
+    (0.5 (1 + tanh(u)) = sigmoid(2u)), for inductor. On CUDA inductor emits tanh as libdevice.tanh, dozens of
+    instructions per element, which left the float8 step's activation-quantization kernels compute-bound (they
+    recompute the MLP's GELU, once for the row amax and once for the cast: 12.9 of 90.6 ms device time on the
+    H200, results/h200/stages_float8_kernels_2026-12-01.md); sigmoid lowers to exp and a reciprocal. For compiled
+    code only: eager PyTorch's own tanh-GELU kernel is already one fast pass."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))  # bf16 math in float32, as torch's own kernel
+        return (xf * torch.sigmoid(1.5957691216057308 * (xf + 0.044715 * xf * xf * xf))).to(x.dtype)
+
+
+class LinearTanhGELU(torch.nn.Module):
+    """diffusers' `GELU` block (a linear, then tanh-GELU) with TanhGELU; it keeps the same `proj` module, so weight
+    names (and float8 quantization, which already swapped the weight) are unchanged."""
+
+    def __init__(self, proj: torch.nn.Module):
+        super().__init__()
+        self.proj, self.act = proj, TanhGELU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.proj(x))
+
+
+def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
+    """Swap FLUX's tanh-GELUs for TanhGELU (module replacement): the double blocks' image and text MLPs and the
+    single blocks' `act_mlp`. MLPs that Chipmunk took over are left alone (its kernels compute their own GELU).
+    Returns how many were swapped."""
+    from diffusers.models.activations import GELU
+    from diffusers.models.attention import FeedForward
+
+    swapped = 0
+    for block in transformer.transformer_blocks:
+        for ff in (block.ff, block.ff_context):
+            if isinstance(ff, FeedForward) and isinstance(ff.net[0], GELU) and ff.net[0].approximate == "tanh":
+                ff.net[0] = LinearTanhGELU(ff.net[0].proj)
+                swapped += 1
+    for block in transformer.single_transformer_blocks:
+        if isinstance(block.act_mlp, torch.nn.GELU) and block.act_mlp.approximate == "tanh":
+            block.act_mlp = TanhGELU()
+            swapped += 1
+    return swapped
 
 
 CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that record and replay CUDA graphs
