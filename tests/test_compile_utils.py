@@ -144,3 +144,32 @@ def test_use_sigmoid_gelu_swaps_the_mlps_and_keeps_the_output():
     assert set(dict(transformer.named_parameters())) == names  # same weight names: loading and float8 unaffected
     assert ((after - before).norm() / before.norm()).item() < 1e-6 and before.abs().max() > 0
     assert compile_utils.use_sigmoid_gelu(transformer) == 0  # already swapped: nothing left to do
+
+
+def test_regional_export_builds_one_package_per_block_kind_and_matches_eager(tmp_path):
+    """Each block runs its kind's package with its own weights (one shared set of weights would not match eager);
+    a second install loads both packages from the cache."""
+    pipe = build_tiny_pipeline(seed=0)
+    pipe.transformer.fuse_qkv_projections()
+    pipe.transformer.set_attn_processor(FA3FluxAttnProcessor())
+    example = compile_utils.transformer_example_kwargs(pipe, 64, 64, 32)
+    key = compile_utils.export_cache_key(pipe, example, {"test": "regional"})
+    torch.manual_seed(11)
+    fresh = {k: torch.randn_like(v) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
+             for k, v in example.items()}
+    with torch.no_grad():
+        ref = pipe.transformer(**fresh, return_dict=False)[0]
+    status = compile_utils.install_regional_aoti(pipe.transformer, example, key, tmp_path)
+    assert status.startswith("regional: 2 double blocks (built flux_double_block_") and "4 single blocks (built" in status
+    assert sorted(p.name.split("_")[1] for p in tmp_path.glob("*.pt2")) == ["double", "single"]
+    blocks = list(pipe.transformer.transformer_blocks) + list(pipe.transformer.single_transformer_blocks)
+    assert all(getattr(b.forward, "is_aoti", False) for b in blocks)
+    with torch.no_grad():
+        out = pipe.transformer(**fresh, return_dict=False)[0]
+    assert ref.abs().mean() > 0.1 and ((out - ref).norm() / ref.norm()).item() < 1e-5
+
+    again = build_tiny_pipeline(seed=0)
+    again.transformer.fuse_qkv_projections()
+    again.transformer.set_attn_processor(FA3FluxAttnProcessor())
+    status = compile_utils.install_regional_aoti(again.transformer, example, key, tmp_path, require_cached=True)
+    assert "(cached flux_double_block_" in status and "(cached flux_single_block_" in status

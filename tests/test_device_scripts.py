@@ -9,14 +9,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stage_table_dry_run_writes_every_stage(tmp_path):
-    stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "inductor_flags", "cudagraphs"]
+    stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "inductor_flags", "cudagraphs", "export_aoti"]
     subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
                     "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
-                    "--e2e_runs", "1", "--out", str(tmp_path)], cwd=ROOT, check=True, capture_output=True, text=True)
+                    "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")], cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads(next(tmp_path.glob("stages_tiny_64x64_2steps.json")).read_text())
     assert [row["stage"] for row in record["rows"]] == stages
     assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
-    assert record["rows"][-1]["note"].startswith("torch.compile mode reduce-overhead")
+    assert record["rows"][-2]["note"].startswith("torch.compile mode reduce-overhead")
+    assert record["rows"][-1]["note"].startswith("AOTI packages regional: 2 double blocks (built")
     assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 MLPs each) + 4 single
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
     assert "| cudagraphs |" in table and record["command"] in table

@@ -71,7 +71,8 @@ def create_parser() -> argparse.ArgumentParser:
                        help="torch.compile, torch.export + AOTInductor + CUDA graphs, or eager; default "
                             "export_aoti on CUDA (compile with feature caching), disabled on CPU")
     stack.add_argument("--compile_scope", choices=("full", "regional"), default=None,
-                       help="compile the whole transformer, or only its repeated blocks (much faster cold start); "
+                       help="compile (or export) the whole transformer, or only its repeated blocks (much faster "
+                            "cold start; export_aoti builds one package per block kind); "
                             "default full, regional when feature caching or Chipmunk is on (their per-step "
                             "decisions stay in Python, between compiled blocks)")
     stack.add_argument("--compile_mode", default="default",

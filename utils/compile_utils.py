@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 from diffusers.models.modeling_outputs import Transformer2DModelOutput
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 
 def set_inductor_tuning_flags() -> dict[str, Any]:
@@ -142,18 +142,15 @@ def export_cache_key(pipeline, example_kwargs: dict[str, torch.Tensor], stack: d
     }
 
 
-def export_package_path(cache_dir: str | Path, key: dict[str, Any]) -> Path:
+def export_package_path(cache_dir: str | Path, key: dict[str, Any], stem: str = "flux_transformer") -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    return Path(cache_dir) / f"flux_transformer_{digest}.pt2"
+    return Path(cache_dir) / f"{stem}_{digest}.pt2"
 
 
-def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor], key: dict[str, Any],
-                       cache_dir: str | Path, require_cached: bool = False) -> tuple[Callable, str]:
-    """The AOTInductor-compiled transformer for these inputs, from the cache or built now.
-
-    Returns (callable taking the tensor kwargs, "cached" | "built").
-    """
-    path = export_package_path(cache_dir, key)
+def _load_or_build_package(module: torch.nn.Module, kwargs: dict[str, Any], key: dict[str, Any], path: Path,
+                           require_cached: bool) -> tuple[Any, str]:
+    """`module` exported with these call kwargs and AOTInductor-compiled into `path` (or found there, when its
+    sidecar JSON equals `key`), loaded with `module`'s own tensors as its constants."""
     meta_path = path.with_suffix(".json")
     status = "cached"
     stored = json.loads(meta_path.read_text()) if meta_path.exists() else None
@@ -164,22 +161,101 @@ def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, t
         path.parent.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
         with torch.no_grad():
-            exported = torch.export.export(transformer, args=(), kwargs={**example_kwargs, "return_dict": False},
-                                           strict=False)
-            print(f"[export] torch.export done in {time.perf_counter() - t0:.0f} s; AOTInductor compiling "
-                  f"(minutes for the full transformer) -> {path}", flush=True)
+            exported = torch.export.export(module, args=(), kwargs=kwargs, strict=False)
+            print(f"[export] torch.export done in {time.perf_counter() - t0:.0f} s; AOTInductor compiling -> {path}",
+                  flush=True)
             torch._inductor.aoti_compile_and_package(
                 exported, package_path=str(path),
                 inductor_configs={"aot_inductor.package_constants_in_so": False})
         print(f"[export] package built in {time.perf_counter() - t0:.0f} s", flush=True)
         meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
         status = "built"
+    return load_package_with_weights(path, module), status
+
+
+def load_package_with_weights(path: Path, module: torch.nn.Module) -> Any:
+    """The AOTInductor package at `path`, running on `module`'s tensors (not copied: user-managed constants)."""
     loaded = torch._inductor.aoti_load_package(str(path))
     # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
     wanted = set(loaded.get_constant_fqns())
-    weights = {k: v for k, v in export_constants(transformer).items() if k in wanted}
+    weights = {k: v for k, v in export_constants(module).items() if k in wanted}
     loaded.load_constants(weights, check_full_update=True, user_managed=True)
+    return loaded
+
+
+def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor], key: dict[str, Any],
+                       cache_dir: str | Path, require_cached: bool = False) -> tuple[Callable, str]:
+    """The AOTInductor-compiled transformer for these inputs, from the cache or built now.
+
+    Returns (callable taking the tensor kwargs, "cached" | "built").
+    """
+    path = export_package_path(cache_dir, key)
+    loaded, status = _load_or_build_package(transformer, {**example_kwargs, "return_dict": False}, key, path,
+                                            require_cached)
     return (lambda **tensors: loaded(**tensors, return_dict=False)), status
+
+
+class BlockTensors(torch.nn.Module):
+    """A FLUX block called with its tensors only (the export target of the regional path: no
+    joint_attention_kwargs, which the transformer passes as None or {})."""
+
+    def __init__(self, block: torch.nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
+        return self.block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                          image_rotary_emb=image_rotary_emb)
+
+
+def install_regional_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor], key: dict[str, Any],
+                          cache_dir: str | Path, require_cached: bool = False) -> str:
+    """Regional export: one AOTInductor package per block kind (double-stream, single-stream), each built from the
+    first block of its kind and loaded once per block with that block's weights; every block's forward then runs
+    its package. The repeated blocks compile once per kind, as regional torch.compile does: the whole 57-block
+    transformer did not finish building in 8 minutes on a 16-core H200 host (results/h200/
+    stages_export_aoti_attempt_2026-12-01.log). The glue between blocks (embedders, RoPE, output layer) stays
+    eager Python: CUDA-graph the transformer's forward to replay it with the blocks. Returns a status line."""
+    first: dict[str, dict[str, Any]] = {}
+
+    def keep(kind):
+        def hook(module, args, kwargs):
+            first.setdefault(kind, kwargs)
+        return hook
+
+    kinds = (("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks))
+    handles = [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True) for kind, blocks in kinds]
+    try:
+        with torch.no_grad():
+            transformer(**example_kwargs, return_dict=False)  # the blocks' inputs, as the transformer makes them
+    finally:
+        for handle in handles:
+            handle.remove()
+    statuses = []
+    for kind, blocks in kinds:
+        inputs = {name: first[kind][name] for name in ("hidden_states", "encoder_hidden_states", "temb",
+                                                        "image_rotary_emb")}
+        block_key = {**key, "block": kind,
+                     "block_inputs": [[list(t.shape), str(t.dtype)] for t in tree_leaves(inputs)]}
+        path = export_package_path(cache_dir, block_key, stem=f"flux_{kind}_block")
+        loaded, status = _load_or_build_package(BlockTensors(blocks[0]), inputs, block_key, path, require_cached)
+        blocks[0].forward = _package_forward(loaded)
+        for block in blocks[1:]:
+            block.forward = _package_forward(load_package_with_weights(path, BlockTensors(block)))
+        statuses.append(f"{len(blocks)} {kind} blocks ({status} {path.name})")
+    return "regional: " + ", ".join(statuses)
+
+
+def _package_forward(loaded: Any) -> Callable:
+    def forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+        if joint_attention_kwargs:
+            raise ValueError("export_aoti: joint_attention_kwargs (LoRA scale, IP-adapter) are not part of the "
+                             "exported blocks; use --compile_export_mode compile")
+        return loaded(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
+                      image_rotary_emb=image_rotary_emb)
+
+    forward.is_aoti = True
+    return forward
 
 
 def export_constants(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -261,10 +261,17 @@ def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
 def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
     example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
     key = compile_utils.export_cache_key(pipeline, example, stack_flags(args))
-    compiled, status = compile_utils.load_or_build_aoti(pipeline.transformer, example, key, args.cache_dir,
-                                                        require_cached=args.use_cached_model)
+    if args.compile_scope == "regional":  # a package per block kind; the eager glue is replayed in the CUDA graph
+        status = compile_utils.install_regional_aoti(pipeline.transformer, example, key, args.cache_dir,
+                                                     require_cached=args.use_cached_model)
+        eager = pipeline.transformer.forward
+        compiled = lambda **tensors: eager(**tensors, return_dict=False)  # noqa: E731
+    else:
+        compiled, status = compile_utils.load_or_build_aoti(pipeline.transformer, example, key, args.cache_dir,
+                                                            require_cached=args.use_cached_model)
+        status += " " + compile_utils.export_package_path(args.cache_dir, key).name
     compile_utils.install_compiled_forward(pipeline.transformer, compile_utils.cudagraph(compiled))
-    return f"applied: torch.export + AOTInductor ({status} {compile_utils.export_package_path(args.cache_dir, key).name}) + CUDA graphs"
+    return f"applied: torch.export + AOTInductor ({status}) + CUDA graphs"
 
 
 def stack_summary(pipeline) -> dict[str, Any]:
