@@ -10,6 +10,13 @@
 # * save_inductor_cache DIR writes DIR/inductor_cache.tgz.00, .01, ... (15 MiB parts); copy them to
 #   .inductor_cache/ (git-ignored) here and carry that folder next time. The cache is keyed by GPU, torch/Triton
 #   versions and the graphs themselves, so a stale archive only costs its transfer, never a wrong kernel.
+#   It leaves out Triton's compiled binaries (triton/: ~190 MB, 31 MB packed after one float8 compile, too much to
+#   carry beside the 38 MB of wheels under the 64 MiB limit): the FX graphs, AOT-autograd entries and autotuning
+#   choices (the slow part: coordinate-descent tuning) come back, and the kernels recompile from source in
+#   parallel. `save_inductor_cache DIR full` keeps the binaries too.
+# * save_aoti_cache DIR does the same for the AOTInductor packages in $FLUX_AOTI_DIR (/tmp/flux-harness-aoti, the
+#   stage script's --cache-dir): copy the aoti_cache.tgz.NN parts to .aoti_cache/ and carry it, and a package
+#   built in one 10-minute command is timed in the next (packages hold no weights; their keys name GPU and torch).
 # * log_gpu_clocks FILE samples SM clock, power and throttle reasons every second in the background (kill it
 #   with `kill %1` or let the command end): a step time that differs between GPUs of one kind is read against it.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -24,10 +31,24 @@ if ls .inductor_cache/inductor_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$TO
   cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
 fi
 
-save_inductor_cache() {  # in 15 MiB parts: the device returns files of at most 16 MiB, 8 files per call
-  tar cz -C "$TORCHINDUCTOR_CACHE_DIR" . | split -b 15M -d - "$1/inductor_cache.tgz." &&
-    echo "[h100_env] inductor cache: $(cat "$1"/inductor_cache.tgz.* | wc -c) bytes in $(ls "$1"/inductor_cache.tgz.* | wc -l) parts $1/inductor_cache.tgz.NN"
+export FLUX_AOTI_DIR=${FLUX_AOTI_DIR:-/tmp/flux-harness-aoti}
+mkdir -p "$FLUX_AOTI_DIR"
+if ls .aoti_cache/aoti_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$FLUX_AOTI_DIR")" ]; then
+  cat .aoti_cache/aoti_cache.tgz.* | tar xz -C "$FLUX_AOTI_DIR" && echo "[h100_env] AOTI packages restored: $(ls "$FLUX_AOTI_DIR")"
+fi
+
+_save_parts() {  # _save_parts SRC_DIR DEST_DIR NAME [tar options]: in 15 MiB parts (the device returns <= 16 MiB a file)
+  local src=$1 dest=$2 name=$3; shift 3
+  tar cz "$@" -C "$src" . | split -b 15M -d - "$dest/$name.tgz." &&
+    echo "[h100_env] $name: $(cat "$dest/$name".tgz.* | wc -c) bytes in $(ls "$dest/$name".tgz.* | wc -l) parts $dest/$name.tgz.NN"
 }
+
+save_inductor_cache() {  # save_inductor_cache DIR [full]
+  if [ "$2" = full ]; then _save_parts "$TORCHINDUCTOR_CACHE_DIR" "$1" inductor_cache
+  else _save_parts "$TORCHINDUCTOR_CACHE_DIR" "$1" inductor_cache --exclude=./triton; fi
+}
+
+save_aoti_cache() { _save_parts "$FLUX_AOTI_DIR" "$1" aoti_cache; }
 
 log_gpu_clocks() {
   nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_event_reasons.active \

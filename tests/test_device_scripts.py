@@ -35,26 +35,53 @@ def test_chipmunk_trace_part_dry_run_tables_host_and_device_time_per_step(tmp_pa
     assert "| chipmunk | 3 |" in (tmp_path / "chipmunk_dryrun.md").read_text()
 
 
+def _source_env(work: Path, then: str = "", **env: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/h100_env.sh" {then}'], cwd=work, check=True,
+                          env=dict(os.environ, **{k: str(v) for k, v in env.items()}), capture_output=True, text=True)
+
+
 def test_inductor_cache_goes_out_in_parts_under_the_file_limit_and_comes_back_whole(tmp_path):
     """The device returns files of at most 16 MiB: h100_env.sh saves the cache in 15 MiB parts and restores from
-    them. Incompressible data, so the archive really splits."""
+    them. Incompressible data, so the archive really splits. Triton's binaries stay behind unless asked for."""
     import os
 
     cache, out, work = tmp_path / "cache", tmp_path / "out", tmp_path / "work"
-    for d in (cache / "triton", out, work / ".inductor_cache"):
+    for d in (cache / "fxgraph", cache / "triton", out, work / ".inductor_cache"):
         d.mkdir(parents=True)
     payload = os.urandom(20 * 2**20)
-    (cache / "triton" / "kernel.bin").write_bytes(payload)
-    def source_env(cache_dir, then=""):
-        return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/h100_env.sh" {then}'], cwd=work, check=True,
-                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache_dir)), capture_output=True,
-                              text=True)
-
-    source_env(cache, f'&& save_inductor_cache "{out}"')
+    (cache / "fxgraph" / "graph.bin").write_bytes(payload)
+    (cache / "triton" / "kernel.cubin").write_bytes(b"binary")
+    aoti = tmp_path / "aoti"
+    _source_env(work, f'&& save_inductor_cache "{out}"', TORCHINDUCTOR_CACHE_DIR=cache, FLUX_AOTI_DIR=aoti)
     parts = sorted(out.glob("inductor_cache.tgz.*"))
     assert len(parts) == 2 and all(p.stat().st_size <= 15 * 2**20 for p in parts)
     for p in parts:
         (work / ".inductor_cache" / p.name).write_bytes(p.read_bytes())
     restored = tmp_path / "restored"  # a fresh machine's empty cache folder
-    assert "inductor cache restored" in source_env(restored).stdout
-    assert (restored / "triton" / "kernel.bin").read_bytes() == payload
+    assert "inductor cache restored" in _source_env(work, TORCHINDUCTOR_CACHE_DIR=restored, FLUX_AOTI_DIR=aoti).stdout
+    assert (restored / "fxgraph" / "graph.bin").read_bytes() == payload
+    assert not (restored / "triton").exists()  # recompiled from source on the device; too large to carry
+
+    full = tmp_path / "full"
+    full.mkdir()
+    _source_env(work, f'&& save_inductor_cache "{full}" full', TORCHINDUCTOR_CACHE_DIR=cache, FLUX_AOTI_DIR=aoti)
+    listing = subprocess.run(f'cat "{full}"/inductor_cache.tgz.* | tar tz', shell=True, check=True,
+                             capture_output=True, text=True).stdout
+    assert "./triton/kernel.cubin" in listing
+
+
+def test_aoti_packages_go_out_and_are_restored_for_the_next_command(tmp_path):
+    aoti, out, work = tmp_path / "aoti", tmp_path / "out", tmp_path / "work"
+    for d in (aoti, out, work / ".aoti_cache"):
+        d.mkdir(parents=True)
+    (aoti / "flux_double_block_abc.pt2").write_bytes(b"package")
+    (aoti / "flux_double_block_abc.json").write_text("{}")
+    _source_env(work, f'&& save_aoti_cache "{out}"', TORCHINDUCTOR_CACHE_DIR=tmp_path / "ic", FLUX_AOTI_DIR=aoti)
+    for p in out.glob("aoti_cache.tgz.*"):
+        (work / ".aoti_cache" / p.name).write_bytes(p.read_bytes())
+    fresh = tmp_path / "fresh"
+    printed = _source_env(work, TORCHINDUCTOR_CACHE_DIR=tmp_path / "ic", FLUX_AOTI_DIR=fresh).stdout
+    assert "AOTI packages restored" in printed
+    assert (fresh / "flux_double_block_abc.pt2").read_bytes() == b"package"

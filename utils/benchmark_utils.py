@@ -295,11 +295,24 @@ def environment_record(device: str) -> dict[str, Any]:
         "cache_dit": _version("cache-dit"),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
     }
     if env["gpu"]:
         env["cudnn"] = torch.backends.cudnn.version()
     return env
+
+
+def cpu_model() -> str:
+    """The host CPU's model name: host-bound step times (eager launches, Python between compiled blocks) depend on
+    it, and machines of one GPU kind differ in it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def command_line(argv: list[str] | None = None, script: str | None = None) -> str:
