@@ -141,12 +141,9 @@ def main() -> None:
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block._compiled_call_impl = None  # export the plain modules, not the compiled wrappers
             key = compile_utils.export_cache_key(pipe, example, {"stages": stages, "quant": opts.quant_granularity})
-            if opts.compile_scope == "regional":  # one package per block kind (the whole model: >8 min cold build)
-                status = compile_utils.install_regional_aoti(transformer, example, key, opts.cache_dir)
-                eager_forward = transformer.forward
-                aoti = lambda **tensors: eager_forward(**tensors, return_dict=False)  # noqa: E731
-            else:
-                aoti, status = compile_utils.load_or_build_aoti(transformer, example, key, opts.cache_dir)
+            build = (compile_utils.load_or_build_regional_aoti if opts.compile_scope == "regional"  # per block kind
+                     else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
+            aoti, status = build(transformer, example, key, opts.cache_dir)
             cuda = opts.device.startswith("cuda")
             compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
             note = f"AOTI packages {status}" + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)")

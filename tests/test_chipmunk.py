@@ -143,12 +143,17 @@ def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
         assert torch.equal(chipmunk.select_key_columns(scores, count), expected)
 
 
-def test_block_means_with_a_partial_last_block():
+def test_block_means_of_partial_and_whole_blocks():
     torch.manual_seed(12)
     x = torch.randn(2, 300, 8)
     assert chipmunk.block_sizes(300, 128, "cpu").tolist() == [128.0, 128.0, 44.0]
     expected = torch.stack([x[:, start:start + 128].mean(1) for start in range(0, 300, 128)], 1)
     torch.testing.assert_close(chipmunk.block_means(x, 128), expected, rtol=1e-6, atol=1e-6)
+    whole = torch.randn(2, 256, 5, dtype=torch.bfloat16)  # whole blocks, bf16: summed in float32, no padding copy
+    expected = whole.float().view(2, 2, 128, 5).mean(2)
+    got = chipmunk.block_means(whole, 128)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_single_block_proj_out_adds_linear2_bias_once():

@@ -1,4 +1,5 @@
-"""Inductor flags and a GELU inductor compiles well, torch.compile (full or regional), and torch.export + AOTInductor + CUDA graphs.
+"""Inductor tuning (flags, a GELU that inductor compiles to cheap code), torch.compile (full or regional), and
+torch.export + AOTInductor (the whole transformer, or one package per block kind) + CUDA graphs.
 
 The export path keeps its compiled packages on disk under `--cache-dir`, in a file whose name is a
 hash of everything that changes the compiled code (GPU, torch/diffusers versions, input shapes and
@@ -209,14 +210,17 @@ class BlockTensors(torch.nn.Module):
                           image_rotary_emb=image_rotary_emb)
 
 
-def install_regional_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor], key: dict[str, Any],
-                          cache_dir: str | Path, require_cached: bool = False) -> str:
+def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor],
+                                key: dict[str, Any], cache_dir: str | Path,
+                                require_cached: bool = False) -> tuple[Callable, str]:
     """Regional export: one AOTInductor package per block kind (double-stream, single-stream), each built from the
     first block of its kind and loaded once per block with that block's weights; every block's forward then runs
     its package. The repeated blocks compile once per kind, as regional torch.compile does: the whole 57-block
     transformer did not finish building in 8 minutes on a 16-core H200 host (results/h200/
     stages_export_aoti_attempt_2026-12-01.log). The glue between blocks (embedders, RoPE, output layer) stays
-    eager Python: CUDA-graph the transformer's forward to replay it with the blocks. Returns a status line."""
+    eager Python: CUDA-graph the returned forward to replay it with the blocks.
+
+    Returns (the transformer's forward taking the tensor kwargs, a status line), like load_or_build_aoti."""
     first: dict[str, dict[str, Any]] = {}
 
     def keep(kind):
@@ -244,7 +248,8 @@ def install_regional_aoti(transformer: torch.nn.Module, example_kwargs: dict[str
         for block in blocks[1:]:
             block.forward = _package_forward(load_package_with_weights(path, BlockTensors(block)))
         statuses.append(f"{len(blocks)} {kind} blocks ({status} {path.name})")
-    return "regional: " + ", ".join(statuses)
+    eager_forward = transformer.forward  # Python glue, blocks now on their packages
+    return (lambda **tensors: eager_forward(**tensors, return_dict=False)), "regional: " + ", ".join(statuses)
 
 
 def _package_forward(loaded: Any) -> Callable:

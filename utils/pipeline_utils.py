@@ -262,10 +262,9 @@ def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
     example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
     key = compile_utils.export_cache_key(pipeline, example, stack_flags(args))
     if args.compile_scope == "regional":  # a package per block kind; the eager glue is replayed in the CUDA graph
-        status = compile_utils.install_regional_aoti(pipeline.transformer, example, key, args.cache_dir,
-                                                     require_cached=args.use_cached_model)
-        eager = pipeline.transformer.forward
-        compiled = lambda **tensors: eager(**tensors, return_dict=False)  # noqa: E731
+        compiled, status = compile_utils.load_or_build_regional_aoti(pipeline.transformer, example, key,
+                                                                     args.cache_dir,
+                                                                     require_cached=args.use_cached_model)
     else:
         compiled, status = compile_utils.load_or_build_aoti(pipeline.transformer, example, key, args.cache_dir,
                                                             require_cached=args.use_cached_model)
