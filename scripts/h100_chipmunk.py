@@ -198,6 +198,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     x, w1, b1, w2, b2, _, act, out_cache = mlp_inputs(s, device, dtype, 16)
     dense_mlp_ms = bench_ms(lambda: F.linear(F.gelu(F.linear(x, w1, b1), approximate="tanh"), w2, b2), dry)
     w2_t = w2.t().contiguous()
+    layer_out = torch.empty(out_cache.shape, dtype=x.dtype, device=x.device)  # the layer's output, as the layer asks
     blocks = -(-s["tokens"] // s["block"])
     # Each token block gathers its own neuron rows of W1 and W2^T, so the weight traffic depends on how much the
     # blocks' sets overlap (L2 serves the shared rows). Independent random sets per block are the worst case and
@@ -210,7 +211,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
             if sparse_mlp is None:
                 fn = lambda: C.sparse_mlp_reference(x, w1, b1, w2, index, act, out_cache, s["block"])  # noqa: E731
             else:
-                fn = lambda: sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"])  # noqa: E731
+                fn = lambda: sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out)  # noqa: E731
             ms = bench_ms(fn, dry)
             mlp_rows.append({"neuron_sets": sets, "top_keys": fraction, "neurons": count, "ms": ms,
                              "speedup_vs_dense": dense_mlp_ms / ms})
@@ -240,7 +241,8 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     x, w1, b1, w2, _, neurons, act, out_cache = mlp_inputs(s, device, dtype, neurons_30)
     w2_t = w2.t().contiguous()
     calls = {"sparse attention": lambda: T.sparse_attention(q, k, v, index, s["group"], o_cache),
-             "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"])}
+             "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"],
+                                                out=torch.empty(out_cache.shape, dtype=x.dtype, device=x.device))}
     rows = []
     for name, fn in calls.items():
         fn()  # autotune outside the profile

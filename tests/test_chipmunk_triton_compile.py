@@ -84,9 +84,10 @@ def kernel_args():
                      dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
                           N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192)),
         "sparse_fc2": (ct._sparse_fc2_kernel, None,
-                       dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, sdb=delta.stride(0),
-                            sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), L=L, NK=NK_MLP, NOUT=DM, NB=NB,
-                            TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+                       dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM),
+                            sdb=delta.stride(0), sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1),
+                            slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
+                            WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M)),
     }
 
 

@@ -599,6 +599,7 @@ class SparseMlpLayer:
         step, last = s.begin((tuple(x.shape), x.dtype, x.device))
         triton_ops = _kernels_for(x)
         hidden = self.w1.shape[0]
+        output = None  # the sparse Triton path's output, rounded by fc2's epilogue
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             pre = F.linear(x, self.w1, self.b1)
             act = gelu_tanh(pre)
@@ -614,8 +615,11 @@ class SparseMlpLayer:
             if triton_ops:
                 if self.w2_t is None or self.w2_t.device != x.device:
                     self.w2_t = self.w2.t().contiguous()
+                # A new tensor every call (never the cache itself: a compiled graph could reuse a handed-out
+                # cache's buffer for later temporaries), written by fc2's epilogue.
+                output = torch.empty(s.tensors["out_cache"].shape, dtype=x.dtype, device=x.device)
                 pre_means = triton_ops.sparse_mlp(x, self.w1, self.b1, self.w2_t, index, s.tensors["act_cache"],
-                                                  s.tensors["out_cache"], cfg.bm)
+                                                  s.tensors["out_cache"], cfg.bm, out=output)
             else:
                 pre = sparse_mlp_reference(x, self.w1, self.b1, self.w2, index, s.tensors["act_cache"],
                                            s.tensors["out_cache"], cfg.bm)
@@ -624,6 +628,8 @@ class SparseMlpLayer:
             s.tensors["pre_mean"].scatter_(2, s.tensors["neuron_index_int64"], pre_means)
             s.stats["sparse"] += 1
         s.last_step = step
+        if output is not None:
+            return output
         # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled graph
         # reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
         return s.tensors["out_cache"].to(x.dtype, copy=True)

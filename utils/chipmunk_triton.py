@@ -215,8 +215,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                                       dict(BLOCK_N=16, BLOCK_K=16)),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
-    def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, sdb, sdl, sob, sol, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, LOW, sdb, sdl, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
+                           WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest, as in fc1:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the programs in flight share a W2^T column slice (L2)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -239,7 +240,10 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             acc += tl.dot(delta, w)
         mask = (rows[:, None] < L) & (cols[None, :] < NOUT)
         out_ptr = OUT + b * sob + rows[:, None] * sol + cols[None, :]
-        tl.store(out_ptr, tl.load(out_ptr, mask=mask, other=0.0) + acc, mask=mask)
+        updated = tl.load(out_ptr, mask=mask, other=0.0) + acc
+        tl.store(out_ptr, updated, mask=mask)
+        if WRITE_LOW:  # the layer's output in the model's dtype, here instead of a pass over the float32 cache
+            tl.store(LOW + b * slb + rows[:, None] * sll + cols[None, :], updated.to(LOW.dtype.element_ty), mask=mask)
 
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
@@ -343,16 +347,21 @@ def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
-               act_cache: torch.Tensor, out_cache: torch.Tensor, block: int) -> torch.Tensor:
+               act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
+               out: torch.Tensor | None = None) -> torch.Tensor:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
-    (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one.
+    (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
+    given ((B, L, out), last dim contiguous, any float dtype), receives the updated out_cache rounded to its dtype
+    by fc2's epilogue: the layer's output without another pass over the cache.
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
     B, L, DM = x.shape
     NB, NK = neuron_index.shape[1], neuron_index.shape[2]
     NOUT = w2_t.shape[1]
     if x.stride(-1) != 1 or out_cache.stride(-1) != 1 or out_cache.dtype != torch.float32:
         raise ValueError("sparse_mlp needs x (last dim contiguous) and a float32 out_cache")
+    if out is not None and (out.shape != out_cache.shape or out.stride(-1) != 1):
+        raise ValueError(f"sparse_mlp: out must be {tuple(out_cache.shape)} with its last dim contiguous")
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
@@ -367,6 +376,8 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
         act_cache.stride(2), delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
-    _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
-                              out_cache.stride(1), L, NK, NOUT, NB, block, BLOCK_M=block_m)
+    low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
+    _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1), out_cache.stride(0),
+                              out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB, block,
+                              WRITE_LOW=out is not None, BLOCK_M=block_m)
     return pre_sum / block_sizes(L, block, x.device)[None, :, None]
