@@ -140,12 +140,15 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     x, w1, b1, w2, b2, index, act, out_cache = mlp_inputs(s, device, dtype, count)
     act_ref, out_ref = act.clone(), out_cache.clone()
     pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, s["block"])
-    means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, s["block"])
+    layer_out = torch.empty(out_cache.shape, dtype=x.dtype, device=x.device)
+    means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, s["block"], out=layer_out)
     layer = C.SparseMlpLayer.__new__(C.SparseMlpLayer)  # only for its block-mean helper
     ref_means = C.SparseMlpLayer._selected_block_means(layer, pre, s["tokens"])
     rows.append({"check": f"sparse MLP: activation cache ({count}/{s['hidden']} neurons)",
                  "rel_err": rel_err(act, act_ref)})
     rows.append({"check": "sparse MLP: output cache", "rel_err": rel_err(out_cache, out_ref)})
+    rows.append({"check": "sparse MLP: layer output from fc2's epilogue",
+                 "rel_err": rel_err(layer_out, out_ref.to(layer_out.dtype))})
     rows.append({"check": "sparse MLP: fc1 pre-activation block means", "rel_err": rel_err(means, ref_means)})
     for r in rows:
         r["passed"] = None if r["rel_err"] is None else passed(r["rel_err"])
