@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.attention import FA3_SOURCE, _FA3_FUNC, fa3_attention, fa3_fp8_attention, fa3_unavailable_reason  # noqa: E402
+from utils.attention import (FA3_SOURCE, _FA3_FUNC, fa3_attention, fa3_fp8_attention,  # noqa: E402
+                             fa3_unavailable_reason)
 from utils.benchmark_utils import command_line, environment_record  # noqa: E402
 
 

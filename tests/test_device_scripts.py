@@ -12,13 +12,14 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
     stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "inductor_flags", "cudagraphs", "export_aoti"]
     subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
                     "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
-                    "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")], cwd=ROOT, check=True, capture_output=True, text=True)
+                    "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")],
+                   cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads(next(tmp_path.glob("stages_tiny_64x64_2steps.json")).read_text())
     assert [row["stage"] for row in record["rows"]] == stages
     assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
     assert record["rows"][-2]["note"].startswith("torch.compile mode reduce-overhead")
     assert record["rows"][-1]["note"].startswith("AOTI packages regional: 2 double blocks (built")
-    assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 MLPs each) + 4 single
+    assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 each) + 4 single
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
     assert "| cudagraphs |" in table and record["command"] in table
 
@@ -85,3 +86,30 @@ def test_aoti_packages_go_out_and_are_restored_for_the_next_command(tmp_path):
     printed = _source_env(work, TORCHINDUCTOR_CACHE_DIR=tmp_path / "ic", FLUX_AOTI_DIR=fresh).stdout
     assert "AOTI packages restored" in printed
     assert (fresh / "flux_double_block_abc.pt2").read_bytes() == b"package"
+
+
+def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
+    """On a GPU each timed row carries its largest kernels (device ms and launches per step); the markdown lists
+    them under the table (the CPU dry run has no device time, so the rows are made here)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("h100_stages", ROOT / "scripts" / "h100_stages.py")
+    stages = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stages)
+    kernels = [{"kernel": "triton_red_fused_abs_amax_cat_gelu_view_3", "kind": "fused (inductor)", "ms": 4.7,
+                "calls": 38.0},
+               {"kernel": "nvjet_sm90_qqtst_128x128_128x6_2x1_v_bz_ovscale_bias_TNT", "kind": "matmul", "ms": 39.77,
+                "calls": 209.0}]
+    record = {"ckpt": "random:flux-dev", "random_weights": True,
+              "environment": {"gpu": "GPU", "torch": "t", "diffusers": "d", "torchao": "a", "fa3": "f"},
+              "shapes": {"height": 64, "width": 64, "steps": 2, "image_tokens": 16, "max_sequence_length": 32},
+              "compile_scope": "regional", "compile_mode": "default", "quant_granularity": "row", "step_runs": 2,
+              "e2e_runs": 1, "command": "python scripts/h100_stages.py", "applied_untimed": [],
+              "rows": [{"stage": "float8_quant", "step_ms": 94.2, "step_vs_eager": 0.55, "e2e_s": 2.86,
+                        "e2e_speedup": 1.74,
+                        "apply_and_compile_s": 199, "step_device_ms_by_kind": {"matmul": 39.77}, "note": "",
+                        "top_kernels": kernels}]}
+    stages.write_markdown(record, tmp_path / "t.md")
+    text = (tmp_path / "t.md").read_text()
+    assert "Largest kernels of one `float8_quant` step" in text
+    assert "| 4.70 | 38 | fused (inductor) | `triton_red_fused_abs_amax_cat_gelu_view_3` |" in text

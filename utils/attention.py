@@ -52,7 +52,8 @@ def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.custom_op("flux_harness::fa3_attention", mutates_args=(), device_types=None)
-def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Non-causal attention on (batch, seq, heads, head_dim) tensors, output in `out_dtype` (default: q's dtype).
 
     q/k/v in bf16 run FA3's bf16 kernel; in float8 e4m3 (see `fa3_fp8_attention`) its fp8 kernel. FA3 on a Hopper
