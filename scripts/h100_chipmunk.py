@@ -243,9 +243,9 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     neurons_30 = C.rounded_count(0.3, s["hidden"], multiple)
     x, w1, b1, w2, _, neurons, act, out_cache = mlp_inputs(s, device, dtype, neurons_30)
     w2_t = w2.t().contiguous()
+    layer_out = torch.empty(out_cache.shape, dtype=x.dtype, device=x.device)  # the layer's output, as the layer asks
     calls = {"sparse attention": lambda: T.sparse_attention(q, k, v, index, s["group"], o_cache),
-             "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"],
-                                                out=torch.empty(out_cache.shape, dtype=x.dtype, device=x.device))}
+             "sparse MLP": lambda: T.sparse_mlp(x, w1, b1, w2_t, neurons, act, out_cache, s["block"], out=layer_out)}
     rows = []
     for name, fn in calls.items():
         fn()  # autotune outside the profile
@@ -370,13 +370,12 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
         rows.append({"run": name, "seconds": seconds, "rel_err_vs_eager_1": rel_err(latents, reference),
                      "bitwise_equal": bool(torch.equal(latents, reference)),
                      "same_layer_decisions": per_generation == stats_eager})
-    noise = rows[1]["rel_err_vs_eager_1"]
+    # Graphs must match eager as closely as eager matches itself (its second generation against its first).
+    tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
     graphed = [r for r in rows if r["run"].startswith("graphs")]
     return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
-            # Graphs must match eager as closely as eager matches itself (atomics in fc2 reorder float adds).
-            "tolerance": max(1e-3, 10 * noise),
-            "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= max(1e-3, 10 * noise)
-                          for r in graphed)}
+            "tolerance": tolerance,
+            "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
 def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
