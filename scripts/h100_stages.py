@@ -2,7 +2,7 @@
 
     bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + sigmoid GELU
     -> + inductor flags (optimize() applies these two as one layer: its inductor tuning)
-    -> + CUDA graphs (compile mode reduce-overhead) (-> export_aoti + CUDA graphs: list it in --stages)
+    -> + CUDA graphs (the compiled forward recorded whole) (-> export_aoti + CUDA graphs: list it in --stages)
 
 Each stage adds one layer to the previous stage's pipeline through the same functions optimize() uses,
 re-compiles (regional compile of the repeated blocks unless --compile_scope full), then records the
@@ -133,10 +133,13 @@ def main() -> None:
             note = f"tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
-        elif stage == "cudagraphs":  # the same compiled blocks, replayed as CUDA graphs: no per-kernel launch cost
-            compiled, compile_mode = True, "reduce-overhead"
-            note = "torch.compile mode reduce-overhead (CUDA graph trees)"
+        elif stage == "cudagraphs":  # the same compiled blocks and glue, replayed as one graph: no host work
+            compiled = True
+            note = "the whole forward as one CUDA graph" if opts.device.startswith("cuda") else \
+                "CPU dry run: no CUDA graphs"
         elif stage == "export_aoti":
+            if hasattr(transformer.forward, "eager_forward"):  # the step graph of the cudagraphs stage
+                transformer.forward = transformer.forward.eager_forward
             torch._dynamo.reset()
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block._compiled_call_impl = None  # export the plain modules, not the compiled wrappers
@@ -152,6 +155,8 @@ def main() -> None:
             continue
         if compiled and stage != "export_aoti":
             recompile()
+        if stage == "cudagraphs" and opts.device.startswith("cuda"):
+            compile_utils.install_step_graph(transformer)
         with torch.no_grad():
             transformer(**step_kwargs)  # compiles (cold) when needed
         apply_s = time.perf_counter() - t_apply

@@ -17,7 +17,7 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
     record = json.loads(next(tmp_path.glob("stages_tiny_64x64_2steps.json")).read_text())
     assert [row["stage"] for row in record["rows"]] == stages
     assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
-    assert record["rows"][-2]["note"].startswith("torch.compile mode reduce-overhead")
+    assert record["rows"][-2]["note"] == "CPU dry run: no CUDA graphs"
     assert record["rows"][-1]["note"].startswith("AOTI packages regional: 2 double blocks (built")
     assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 each) + 4 single
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()

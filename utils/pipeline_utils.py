@@ -220,16 +220,23 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     defaulted = " (default on CPU)" if getattr(args, "compile_export_mode_defaulted", False) and not cuda else ""
     if mode == "disabled":
         _report(report, "compile_export", f"skipped (--compile_export_mode disabled{defaulted}): eager")
-    elif mode == "compile" and getattr(transformer, "chipmunk_layers", None) and args.compile_mode in \
-            compile_utils.CUDAGRAPH_MODES:
-        # Inductor's CUDA graph trees would replay one recorded step whatever Chipmunk's schedule says: compile
-        # without them, then record one graph per Chipmunk step kind around the whole forward.
+    elif mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES:
+        # Compiled without inductor's CUDA graph trees, then recorded around the whole forward. Graph trees record
+        # each compiled block apart and leave the glue between blocks to the host, which a host slower than the GPU
+        # turns into the step time; and they would replay one recorded step whatever Chipmunk's schedule says, so
+        # Chipmunk records one graph per step kind.
         inductor_mode = compile_utils.WITHOUT_CUDAGRAPHS[args.compile_mode]
         compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode)
-        from utils.chipmunk_graphs import install_step_graphs
+        if getattr(transformer, "chipmunk_layers", None):
+            from utils.chipmunk_graphs import install_step_graphs
 
+            graphs = install_step_graphs(pipeline)
+        elif cuda:
+            graphs = compile_utils.install_step_graph(transformer)
+        else:
+            graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
-                                          f"{install_step_graphs(pipeline)}")
+                                          f"{graphs}")
     elif mode == "compile":
         compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode)
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode})")
