@@ -1,0 +1,82 @@
+"""Which ingredient of the float8 FLUX block makes `aoti_load_package` crash on the GPU?
+
+The regional export_aoti builds of the float8 stack (QKV fusion, FA3 fp8 op, torchao float8, sigmoid GELU) built,
+then the process died with a segmentation fault inside `torch._inductor.aoti_load_package` (torch 2.11, H200,
+results/h200/stages_cudagraphs_2026-12-01.log), while the same code loads and matches eager on CPU. Each case here
+builds a small package with one ingredient and loads it, printing before every step, so a crash names its step.
+Run each case in its own process (a segfault ends only that case):
+
+    for c in linear linear_in_so fa3_op fa3_op_fp8 float8 float8_in_so; do
+        python3 -X faulthandler scripts/h100_aoti_probe.py --case $c; done
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from utils import compile_utils  # noqa: E402
+from utils.attention import fa3_attention, fa3_fp8_attention  # noqa: E402
+
+CASES = ("linear", "linear_in_so", "fa3_op", "fa3_op_fp8", "float8", "float8_in_so")
+
+
+class Attend(torch.nn.Module):
+    """A projection into q/k/v (FLUX's head size) and the FA3 custom op, bf16 or fp8 inputs."""
+
+    def __init__(self, fp8: bool):
+        super().__init__()
+        self.qkv, self.fp8 = torch.nn.Linear(256, 3 * 256), fp8
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 128)).unbind(2)
+        return (fa3_fp8_attention if self.fp8 else fa3_attention)(q, k, v).flatten(2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--case", choices=CASES, required=True)
+    case = parser.parse_args().case
+
+    def say(what):
+        print(f"[probe] {case}: {what}", flush=True)
+
+    torch.manual_seed(0)
+    model = Attend(fp8=case == "fa3_op_fp8") if case.startswith("fa3") else \
+        torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(1024, 256))
+    model = model.to("cuda", torch.bfloat16)
+    x = torch.randn(1, 512, 256, device="cuda", dtype=torch.bfloat16)
+    if case.startswith("float8"):
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
+    with torch.no_grad():
+        ref = model(x).float()
+        t0 = time.perf_counter()
+        exported = torch.export.export(model, (x,), strict=False)
+        say(f"exported in {time.perf_counter() - t0:.0f} s")
+        path = Path(tempfile.mkdtemp()) / f"{case}.pt2"
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path),
+            inductor_configs={"aot_inductor.package_constants_in_so": case.endswith("_in_so")})
+        say(f"built in {time.perf_counter() - t0:.0f} s; loading")
+        loaded = torch._inductor.aoti_load_package(str(path))
+        say(f"loaded; constants {loaded.get_constant_fqns()}")
+        weights = {k: v for k, v in compile_utils.export_constants(model).items()
+                   if k in set(loaded.get_constant_fqns())}
+        loaded.load_constants(weights, check_full_update=True, user_managed=True)
+        say("constants loaded (user-managed); running")
+        out = loaded(x)
+        out = (out[0] if isinstance(out, (list, tuple)) else out).float()
+        torch.cuda.synchronize()
+    rel = ((out - ref).norm() / ref.norm()).item()
+    say(f"ran: relative difference to eager {rel:.2e} -> {'PASS' if rel < 2e-2 else 'FAIL'}")
+
+
+if __name__ == "__main__":
+    main()
