@@ -146,7 +146,14 @@ def main() -> None:
             key = compile_utils.export_cache_key(pipe, example, {"stages": stages, "quant": opts.quant_granularity})
             build = (compile_utils.load_or_build_regional_aoti if opts.compile_scope == "regional"  # per block kind
                      else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
-            aoti, status = build(transformer, example, key, opts.cache_dir)
+            try:
+                aoti, status = build(transformer, example, key, opts.cache_dir)
+            except compile_utils.PackageLoadError as e:  # the loader crashed in a child: record it, keep the rows
+                record.setdefault("failed", {})[stage] = str(e).splitlines()[0]
+                print(f"[stage] {stage:<15} FAILED: {e}", flush=True)
+                (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+                write_markdown(record, out_dir / f"{name}.md")
+                continue
             cuda = opts.device.startswith("cuda")
             compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
             note = f"AOTI packages {status}" + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)")
@@ -208,6 +215,7 @@ def write_markdown(record: dict, path: Path) -> None:
         lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.2f} | {r['e2e_s']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | "
                      f"{kinds_text(r.get('step_device_ms_by_kind') or {})} | {r['note']} |")
+    lines += [f"| {stage} | failed | | | | | | {why} |" for stage, why in record.get("failed", {}).items()]
     for r in record["rows"]:
         if r.get("top_kernels"):
             lines += ["", f"Largest kernels of one `{r['stage']}` step (device ms and launches per step):", "",

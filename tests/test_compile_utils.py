@@ -176,3 +176,12 @@ def test_regional_export_builds_one_package_per_block_kind_and_matches_eager(tmp
     _, status = compile_utils.load_or_build_regional_aoti(again.transformer, example, key, tmp_path,
                                                           require_cached=True)
     assert "(cached flux_double_block_" in status and "(cached flux_single_block_" in status
+
+
+def test_a_package_its_loader_cannot_load_is_refused_with_the_alternative_before_this_process_loads_it(tmp_path):
+    # On the lent H200 the AOTI loader crashed on every CUDA package (results/h200/aoti_probe_2026-12-01.md): the
+    # package is first loaded in a child process, and a failure there is an error naming what to use instead.
+    bad = tmp_path / "flux_double_block_0.pt2"
+    bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
+    with pytest.raises(compile_utils.PackageLoadError, match="in a child process.*--compile_mode reduce-overhead"):
+        compile_utils.load_package_with_weights(bad, torch.nn.Linear(4, 4))

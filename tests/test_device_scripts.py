@@ -109,7 +109,9 @@ def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
                         "e2e_speedup": 1.74,
                         "apply_and_compile_s": 199, "step_device_ms_by_kind": {"matmul": 39.77}, "note": "",
                         "top_kernels": kernels}]}
+    record["failed"] = {"export_aoti": "export_aoti: loading the AOTInductor package p.pt2 crashed (signal 11)"}
     stages.write_markdown(record, tmp_path / "t.md")
     text = (tmp_path / "t.md").read_text()
     assert "Largest kernels of one `float8_quant` step" in text
+    assert "| export_aoti | failed | | | | | | export_aoti: loading the AOTInductor package p.pt2 crashed" in text
     assert "| 4.70 | 38 | fused (inductor) | `triton_red_fused_abs_amax_cat_gelu_view_3` |" in text

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -169,8 +171,36 @@ def _load_or_build_package(module: torch.nn.Module, kwargs: dict[str, Any], key:
     return load_package_with_weights(path, module), status
 
 
+class PackageLoadError(RuntimeError):
+    """An AOTInductor package that its loader cannot load on this machine (found in a child process)."""
+
+
+_LOADS_CHECKED: set[tuple[str, float]] = set()
+
+
+def check_package_loads(path: Path) -> None:
+    """Load the package once in a child process before this process does. On the lent H200 (torch 2.11) the AOTI
+    loader crashed with a segmentation fault on every CUDA package, even a plain bf16 MLP (results/h200/
+    aoti_probe_2026-12-01.md): in the run itself that ends the process and loses its results so far."""
+    if (str(path), path.stat().st_mtime) in _LOADS_CHECKED:
+        return
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
+            f"import torch, utils.attention; "  # registers the FA3 custom op that the package may call
+            f"torch._inductor.aoti_load_package({str(path)!r})")
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if child.returncode != 0:
+        how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else f"failed (exit {child.returncode})"
+        raise PackageLoadError(
+            f"export_aoti: loading the AOTInductor package {path} {how} in a child process, so this process does not "
+            f"load it. This torch build ({torch.__version__}) cannot run it here. Use --compile_export_mode compile "
+            f"--compile_mode reduce-overhead instead: it records the compiled forward as one CUDA graph, the same "
+            f"whole-step replay.\n{child.stderr[-1500:]}")
+    _LOADS_CHECKED.add((str(path), path.stat().st_mtime))
+
+
 def load_package_with_weights(path: Path, module: torch.nn.Module) -> Any:
     """The AOTInductor package at `path`, running on `module`'s tensors (not copied: user-managed constants)."""
+    check_package_loads(path)
     loaded = torch._inductor.aoti_load_package(str(path))
     # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
     wanted = set(loaded.get_constant_fqns())

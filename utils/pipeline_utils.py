@@ -268,13 +268,14 @@ def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
 def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
     example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
     key = compile_utils.export_cache_key(pipeline, example, stack_flags(args))
-    if args.compile_scope == "regional":  # a package per block kind; the eager glue is replayed in the CUDA graph
-        compiled, status = compile_utils.load_or_build_regional_aoti(pipeline.transformer, example, key,
-                                                                     args.cache_dir,
-                                                                     require_cached=args.use_cached_model)
-    else:
-        compiled, status = compile_utils.load_or_build_aoti(pipeline.transformer, example, key, args.cache_dir,
-                                                            require_cached=args.use_cached_model)
+    build = compile_utils.load_or_build_regional_aoti if args.compile_scope == "regional" else \
+        compile_utils.load_or_build_aoti  # regional: a package per block kind; the glue is replayed in the CUDA graph
+    try:
+        compiled, status = build(pipeline.transformer, example, key, args.cache_dir,
+                                 require_cached=args.use_cached_model)
+    except compile_utils.PackageLoadError as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.compile_scope != "regional":
         status += " " + compile_utils.export_package_path(args.cache_dir, key).name
     compile_utils.install_compiled_forward(pipeline.transformer, compile_utils.cudagraph(compiled))
     return f"applied: torch.export + AOTInductor ({status}) + CUDA graphs"
