@@ -379,8 +379,8 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
 
 
 def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
-    """Every variant gets CUDA graphs where it can hold them: the dense stack through inductor's graph trees,
-    Chipmunk through its step graphs; feature caching's data-dependent steps cannot be replayed."""
+    """Every variant gets CUDA graphs where it can hold them: the dense stack's whole forward as one graph,
+    Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed."""
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     graphs = [] if dry else ["--compile_mode", "reduce-overhead"]
