@@ -2,7 +2,10 @@
 
     bf16 eager -> + compile -> + QKV fusion -> + FA3 bf16 -> + FA3 fp8 -> + float8 quant -> + sigmoid GELU
     -> + inductor flags (optimize() applies these two as one layer: its inductor tuning)
-    -> + CUDA graphs (the compiled forward recorded whole) (-> export_aoti + CUDA graphs: list it in --stages)
+    -> + CUDA graphs (the compiled forward recorded whole)
+
+Listed in --stages only when asked for: persistent_reductions (an experiment, before inductor_flags) and
+export_aoti + CUDA graphs (last).
 
 Each stage adds one layer to the previous stage's pipeline through the same functions optimize() uses,
 re-compiles (regional compile of the repeated blocks unless --compile_scope full), then records the
@@ -37,8 +40,8 @@ from utils.benchmark_utils import (command_line, create_parser, device_kernel_ti
                                    environment_record, ms_by_kind, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
 
-STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "sigmoid_gelu", "inductor_flags",
-          "cudagraphs", "export_aoti")
+STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "sigmoid_gelu",
+          "persistent_reductions", "inductor_flags", "cudagraphs", "export_aoti")
 TOP_KERNELS = 30  # kernels kept per timed stage in the record: enough to name every kind's largest items
 
 
@@ -52,7 +55,9 @@ def main() -> None:
     parser.add_argument("--num_inference_steps", type=int, default=None)
     parser.add_argument("--height", type=int, default=1024)
     parser.add_argument("--width", type=int, default=1024)
-    parser.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"comma list from {STAGES}")
+    parser.add_argument("--stages", default=",".join(s for s in STAGES if s not in ("persistent_reductions",
+                                                                                   "export_aoti")),
+                        help=f"comma list from {STAGES}")
     parser.add_argument("--compile_scope", default="regional", choices=("regional", "full"))
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode (default: inductor's default)")
     parser.add_argument("--quant_granularity", default="row", choices=("tensor", "row"))
@@ -74,7 +79,7 @@ def main() -> None:
     timed = opts.timed.split(",") if opts.timed else stages
     if set(timed) - set(stages) or "eager" not in timed:
         parser.error("--timed must be a subset of --stages that includes eager (the reference of the run)")
-    for stage in ("sigmoid_gelu", "inductor_flags"):
+    for stage in ("sigmoid_gelu", "persistent_reductions", "inductor_flags"):
         if stage in timed and "compile" not in stages:
             parser.error(f"{stage} only acts on compiled code: list compile in --stages (it may stay untimed)")
 
@@ -131,6 +136,13 @@ def main() -> None:
             note = quantize_float8(transformer, opts.quant_granularity) if opts.device.startswith("cuda") else "skipped on CPU"
         elif stage == "sigmoid_gelu":  # optimize() applies it in its inductor layer; timed apart here
             note = f"tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
+        elif stage == "persistent_reductions":  # an experiment, not yet part of optimize()
+            # float8's per-row activation scales reduce rows of 12288-15360 elements, beyond inductor's persistent
+            # threshold (1024): the looped reduction reads each row twice (amax, then cast), at 1.3-2.0 TB/s on
+            # the H200. multi_kernel raises the threshold 16x and benchmarks both forms per kernel, keeping the
+            # faster (results/NOTES.md, session 7).
+            torch._inductor.config.triton.multi_kernel = 1
+            note = "inductor multi_kernel=1: persistent (one-read) row reductions where they benchmark faster"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
         elif stage == "cudagraphs":  # the same compiled blocks and glue, replayed as one graph: no host work
@@ -143,7 +155,9 @@ def main() -> None:
             torch._dynamo.reset()
             for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
                 block._compiled_call_impl = None  # export the plain modules, not the compiled wrappers
-            key = compile_utils.export_cache_key(pipe, example, {"stages": stages, "quant": opts.quant_granularity})
+            exported_layers = [s for s in stages[:stages.index(stage)] if s != "cudagraphs"]  # what the graph holds
+            key = compile_utils.export_cache_key(pipe, example, {"stages": exported_layers,
+                                                                 "quant": opts.quant_granularity})
             build = (compile_utils.load_or_build_regional_aoti if opts.compile_scope == "regional"  # per block kind
                      else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
             try:

@@ -9,7 +9,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_stage_table_dry_run_writes_every_stage(tmp_path):
-    stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "inductor_flags", "cudagraphs", "export_aoti"]
+    stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "persistent_reductions", "inductor_flags",
+              "cudagraphs", "export_aoti"]
     subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
                     "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
                     "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")],
@@ -20,6 +21,7 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
     assert record["rows"][-2]["note"] == "CPU dry run: no CUDA graphs"
     assert record["rows"][-1]["note"].startswith("AOTI packages regional: 2 double blocks (built")
     assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 each) + 4 single
+    assert record["rows"][4]["note"].startswith("inductor multi_kernel=1")
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()
     assert "| cudagraphs |" in table and record["command"] in table
 
