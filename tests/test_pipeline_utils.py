@@ -211,3 +211,24 @@ def test_float8_quantizes_only_the_blocks_linears(make_args, float8_on_cpu):
     assert "x_embedder" in outside and "proj_out" in outside and "transformer_blocks.0.ff.net.2" in in_blocks
     assert all(t is torch.nn.Parameter for t in outside.values()), outside
     assert all(t is not torch.nn.Parameter and "Float8" in t.__name__ for t in in_blocks.values()), in_blocks
+
+
+def test_float8_leaves_the_inductor_config_to_the_inductor_layer(make_args, float8_on_cpu):
+    # torchao's float8 config turns on coordinate-descent tuning process-wide unless told not to: with it, an ablation
+    # with --disable_inductor_tuning_flags still tuned (every float8 record before session 7 did).
+    import torch._inductor.config as cfg
+
+    from utils.pipeline_utils import quantize_float8
+
+    transformer = load_pipeline(validate_args(make_args())).transformer.to(torch.bfloat16)
+    names = ("coordinate_descent_tuning", "coordinate_descent_check_all_directions", "force_fuse_int_mm_with_mul")
+    before = {name: getattr(cfg, name) for name in names}
+    try:
+        for name in names:
+            setattr(cfg, name, False)
+        quantize_float8(transformer, "row")
+        assert {name: getattr(cfg, name) for name in names} == dict.fromkeys(names, False)
+        assert "Float8" in type(transformer.transformer_blocks[0].ff.net[2].weight).__name__  # it did quantize
+    finally:
+        for name, value in before.items():
+            setattr(cfg, name, value)

@@ -254,7 +254,11 @@ def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
         raise SystemExit(f"error: float8 quantization needs torchao (pip install torchao), or pass --disable_quant "
                          f"[{e}]") from None
     gran = PerTensor() if granularity == "tensor" else PerRow()
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=gran), filter_fn=in_blocks)
+    # set_inductor_config=False: torchao otherwise turns on coordinate-descent tuning (and more) process-wide, which
+    # belongs to the inductor layer and its --disable_inductor_tuning_flags; it did so in every float8 record
+    # before 2026-12-01's session 7 (results/NOTES.md).
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
+              filter_fn=in_blocks)
     return f"applied: torchao float8 dynamic activation + weight, {type(gran).__name__}, linears of the blocks"
 
 
