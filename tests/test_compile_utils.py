@@ -26,8 +26,8 @@ def exported(tmp_path_factory):
 
 
 def test_exported_package_matches_eager_on_fresh_inputs(exported):
-    pipe, example, _, _, compiled, status = exported
-    assert status == "built"
+    pipe, example, key, cache_dir, compiled, status = exported
+    assert status == f"built {compile_utils.export_package_path(cache_dir, key).name}"
     torch.manual_seed(7)
     fresh = {k: torch.randn_like(v) if k in ("hidden_states", "encoder_hidden_states", "pooled_projections") else v
              for k, v in example.items()}
@@ -42,7 +42,7 @@ def test_exported_package_matches_eager_on_fresh_inputs(exported):
 def test_matching_package_is_loaded_from_the_cache(exported):
     pipe, example, key, cache_dir, _, _ = exported
     _, status = compile_utils.load_or_build_aoti(pipe.transformer, example, key, cache_dir, require_cached=True)
-    assert status == "cached"
+    assert status == f"cached {compile_utils.export_package_path(cache_dir, key).name}"
 
 
 def test_mismatched_key_or_sidecar_rebuilds_and_never_loads(exported, monkeypatch):
@@ -110,7 +110,7 @@ def test_float8_weights_reach_the_package_as_their_inner_tensors(tmp_path, float
     model = Wrapper()
     key = {"test": "float8", "inputs": [32, 64]}
     compiled, status = compile_utils.load_or_build_aoti(model, {"hidden_states": x}, key, tmp_path)
-    assert status == "built"
+    assert status == f"built {compile_utils.export_package_path(tmp_path, key).name}"
     with torch.no_grad():
         out = compiled(hidden_states=x)
     out = (out[0] if isinstance(out, (list, tuple)) else out).float()

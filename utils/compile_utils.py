@@ -213,12 +213,12 @@ def load_or_build_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, t
                        cache_dir: str | Path, require_cached: bool = False) -> tuple[Callable, str]:
     """The AOTInductor-compiled transformer for these inputs, from the cache or built now.
 
-    Returns (callable taking the tensor kwargs, "cached" | "built").
+    Returns (callable taking the tensor kwargs, "cached <package>" | "built <package>").
     """
     path = export_package_path(cache_dir, key)
     loaded, status = _load_or_build_package(transformer, {**example_kwargs, "return_dict": False}, key, path,
                                             require_cached)
-    return (lambda **tensors: loaded(**tensors, return_dict=False)), status
+    return (lambda **tensors: loaded(**tensors, return_dict=False)), f"{status} {path.name}"
 
 
 class BlockTensors(torch.nn.Module):

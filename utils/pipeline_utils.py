@@ -279,8 +279,6 @@ def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
                                  require_cached=args.use_cached_model)
     except compile_utils.PackageLoadError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.compile_scope != "regional":
-        status += " " + compile_utils.export_package_path(args.cache_dir, key).name
     compile_utils.install_compiled_forward(pipeline.transformer, compile_utils.cudagraph(compiled))
     return f"applied: torch.export + AOTInductor ({status}) + CUDA graphs"
 
