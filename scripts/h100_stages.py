@@ -142,6 +142,11 @@ def main() -> None:
             # the H200. multi_kernel raises the threshold 16x and benchmarks both forms per kernel, keeping the
             # faster (results/NOTES.md, session 7).
             torch._inductor.config.triton.multi_kernel = 1
+            # torch 2.11 + its Triton: a graph with multi-kernels loaded from the FX-graph cache crashes
+            # (MultiKernelCall.load_cache reads JITFunction.cache_key, whose _hash_lock is None after the cache
+            # round trip: 'NoneType' object does not support the context manager protocol; H200, 2026-12-01).
+            # Compile such graphs afresh; Triton's autotuning results are cached apart and still reused.
+            torch._inductor.config.fx_graph_cache = False
             note = "inductor multi_kernel=1: persistent (one-read) row reductions where they benchmark faster"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())
@@ -226,7 +231,7 @@ def write_markdown(record: dict, path: Path) -> None:
              "step device ms by kernel kind (profiler) | note |",
              "|---|---|---|---|---|---|---|---|"]
     for r in record["rows"]:
-        lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.2f} | {r['e2e_s']:.2f} | "
+        lines.append(f"| {r['stage']} | {r['step_ms']:.1f} | {r['step_vs_eager']:.3f} | {r['e2e_s']:.2f} | "
                      f"{r['e2e_speedup']:.2f}x | {r['apply_and_compile_s']:.0f} | "
                      f"{kinds_text(r.get('step_device_ms_by_kind') or {})} | {r['note']} |")
     lines += [f"| {stage} | failed | | | | | | {why} |" for stage, why in record.get("failed", {}).items()]

@@ -170,6 +170,8 @@ def test_single_block_proj_out_adds_linear2_bias_once():
     clock = StepClock(build_tiny_pipeline().scheduler)  # step_index None: the first step, dense
     split = chipmunk.ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, 7, clock, chipmunk.MlpConfig(bm=16))
     torch.testing.assert_close(split(torch.cat([attn_out, x], dim=2)), expected, rtol=1e-5, atol=1e-5)
+    # The attention-output half is an nn.Linear, so the float8 layer quantizes it like the other projections.
+    assert [name for name, m in split.named_modules() if isinstance(m, torch.nn.Linear)] == ["attn_out"]
 
 
 # --- the layer in the pipeline ----------------------------------------------------------------------

@@ -708,8 +708,13 @@ class ChipmunkSingleProjOut(torch.nn.Module):
         super().__init__()
         dim = proj_out.out_features
         self.dim = dim
-        self.weight_attn = torch.nn.Parameter(proj_out.weight[:, :dim].detach(), requires_grad=False)
-        self.bias = proj_out.bias
+        # The attention-output part stays an nn.Linear (with linear2's bias, added once), so the float8 layer
+        # quantizes it like every other dense projection; only fc2's half is held for the sparse gathers.
+        self.attn_out = torch.nn.Linear(dim, dim, bias=proj_out.bias is not None, device=proj_out.weight.device,
+                                        dtype=proj_out.weight.dtype)
+        self.attn_out.weight = torch.nn.Parameter(proj_out.weight[:, :dim].detach(), requires_grad=False)
+        if proj_out.bias is not None:
+            self.attn_out.bias = proj_out.bias
         self.w1, self.b1 = proj_mlp.weight, proj_mlp.bias
         self.w2 = torch.nn.Parameter(proj_out.weight[:, dim:].detach(), requires_grad=False)
         self.layer = SparseMlpLayer(layer_index, clock, config, self.w1, self.b1, self.w2, None)
@@ -717,7 +722,7 @@ class ChipmunkSingleProjOut(torch.nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         attn_output, x = hidden_states.split([self.dim, hidden_states.shape[-1] - self.dim], dim=-1)
         mlp = chipmunk_mlp_op(x.contiguous(), self.layer.id, self.dim)
-        return F.linear(attn_output, self.weight_attn, self.bias) + mlp
+        return self.attn_out(attn_output) + mlp
 
 
 # --- applying it to a FLUX pipeline ----------------------------------------------------------------
