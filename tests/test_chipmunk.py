@@ -134,6 +134,28 @@ def test_reference_mlp_delta_with_all_neurons_tracks_the_dense_mlp():
     torch.testing.assert_close(out_cache, F.linear(expected_act, w2), rtol=1e-5, atol=1e-5)
 
 
+def test_dense_fc1_for_the_kernels_writes_the_neuron_major_cache_in_place():
+    from utils.flux_builders import build_tiny_pipeline
+    from utils.step_clock import StepClock
+
+    torch.manual_seed(4)
+    B, L, d, hidden, block = 1, 70, 24, 64, 32  # a partial last block
+    w1, b1 = torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden)
+    layer = chipmunk.SparseMlpLayer(0, StepClock(build_tiny_pipeline().scheduler), chipmunk.MlpConfig(bm=block),
+                                    w1, b1, torch.randn(16, hidden), None)
+    layer.state.begin(((B, L, d), torch.float32, "cpu"))
+    addresses = []
+    for x in (torch.randn(B, L, d), torch.randn(B, L, d)):  # the first call makes the cache, the second reuses it
+        act, pre_mean = layer._dense_fc1_neuron_major(x)
+        pre = F.linear(x, w1, b1)
+        torch.testing.assert_close(act, F.gelu(pre, approximate="tanh"), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pre_mean, chipmunk.block_means(pre, block), rtol=1e-5, atol=1e-5)
+        assert act.transpose(1, 2).is_contiguous()  # neuron-major storage, as the sparse kernels read it
+        assert act is layer.state.tensors["act_cache"]
+        addresses.append(act.data_ptr())
+    assert addresses[0] == addresses[1]  # written in place: a step graph holds the buffer's address
+
+
 def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
     torch.manual_seed(11)
     for shape, size, count in (((2, 3, 5), 100, 17), ((1, 4, 6), 4608, 768), ((1, 34), 12288, 4300)):
