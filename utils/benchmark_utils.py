@@ -13,6 +13,7 @@ import os
 import platform
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import contextmanager
@@ -291,6 +292,7 @@ def environment_record(device: str) -> dict[str, Any]:
         "diffusers": _version("diffusers"),
         "transformers": _version("transformers"),
         "torchao": _version("torchao"),
+        "triton": _version("triton"),  # the Chipmunk kernels and inductor's generated code compile with it
         "fa3": _version("fa3-fwd") or _version("flash_attn_3") or _version("flashattn-hopper"),
         "cache_dit": _version("cache-dit"),
         "device": device,
@@ -300,7 +302,19 @@ def environment_record(device: str) -> dict[str, Any]:
     }
     if env["gpu"]:
         env["cudnn"] = torch.backends.cudnn.version()
+        # The clock limit and power cap: a power-capped GPU runs the same kernels slower when kept busy (CUDA graphs).
+        env["gpu_max_sm_clock_mhz"], env["gpu_power_limit_w"] = _nvidia_smi("clocks.max.sm", "power.limit")
     return env
+
+
+def _nvidia_smi(*fields: str) -> list[str | None]:
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits",
+                              f"--id={torch.cuda.current_device()}"], capture_output=True, text=True, timeout=10)
+        values = [v.strip() for v in out.stdout.splitlines()[0].split(",")]
+        return values if out.returncode == 0 and len(values) == len(fields) else [None] * len(fields)
+    except (OSError, IndexError, RuntimeError, subprocess.SubprocessError):  # no tool, no GPU, a timeout
+        return [None] * len(fields)
 
 
 def cpu_model() -> str:
