@@ -2,6 +2,7 @@
 interval=1 three-way check, on the tiny pipeline with the PyTorch reference (CPU, float32). The Triton
 kernels are checked against the reference through Triton's CPU interpreter (small shapes)."""
 
+import math
 import os
 import subprocess
 import sys
@@ -139,14 +140,19 @@ def test_dense_fc1_for_the_kernels_writes_the_neuron_major_cache_in_place():
     from utils.step_clock import StepClock
 
     torch.manual_seed(4)
-    B, L, d, hidden, block = 1, 70, 24, 64, 32  # a partial last block
-    w1, b1 = torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden)
+    B, L, d, hidden, block = 1, 96, 24, 64, 32  # whole blocks, as FLUX's sizes (a partial one is padded: a copy)
+    # Parameters, as the model's: their requires_grad once made matmul copy its transposed result.
+    w1, b1 = torch.nn.Parameter(torch.randn(hidden, d) / d ** 0.5), torch.nn.Parameter(torch.randn(hidden))
     layer = chipmunk.SparseMlpLayer(0, StepClock(build_tiny_pipeline().scheduler), chipmunk.MlpConfig(bm=block),
                                     w1, b1, torch.randn(16, hidden), None)
     layer.state.begin(((B, L, d), torch.float32, "cpu"))
     addresses = []
     for x in (torch.randn(B, L, d), torch.randn(B, L, d)):  # the first call makes the cache, the second reuses it
-        act, pre_mean = layer._dense_fc1_neuron_major(x)
+        with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+            act, pre_mean = layer._dense_fc1_neuron_major(x)
+        copies = [e.input_shapes for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
+                  and any(math.prod(shape) >= L * hidden for shape in e.input_shapes if shape)]
+        assert not copies, copies  # the cache is written by GELU, not by a transposing copy
         pre = F.linear(x, w1, b1)
         torch.testing.assert_close(act, F.gelu(pre, approximate="tanh"), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(pre_mean, chipmunk.block_means(pre, block), rtol=1e-5, atol=1e-5)
