@@ -327,6 +327,16 @@ for shape, count in (((2, 3, 300), 40), ((1, 4608), 768), ((4, 12288), 4352)):
     assert torch.equal(T.top_ascending(scores, count), scores.topk(count, -1).indices.sort(-1).values.int())
 ties = torch.tensor([[1.0, 3.0, 3.0, 2.0, 3.0, 0.0], [-1.0, -0.5, 0.0, -2.0, 5.0, -0.25]])
 assert T.top_ascending(ties, 2).tolist() == [[1, 2], [2, 4]]
+# A neuron set with its random keys in one kernel: the same as the two launches it replaces (hashed noise over the
+# rest, the top set scored 2.0), for int seeds (one whose hash offset fits int32: 0) and a seed in a tensor.
+for shape, top, total in (((1, 3, 300), 60, 90), ((2, 12288), 3686, 4352)):
+    change = torch.randn(*shape)
+    for seed in (1_000_007, 0):
+        noise = C.hashed_uniform(shape, seed, "cpu")
+        expected = T.top_ascending(noise.scatter_(-1, T.top_ascending(change, top).long(), 2.0), total)
+        for given in (seed, torch.tensor(seed)):
+            got = T.top_and_random(change, top, total, given)
+            assert torch.equal(got, expected), (shape, seed, (got != expected).sum())
 d, hidden, out, block, K = 32, 64, 24, 32, 20
 x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
 index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()

@@ -37,7 +37,8 @@ NK_ATTN = chipmunk.rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
 NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
-ELEMENTWISE = {"activation_delta", "top_neurons", "top_keys"}  # kernels without a tl.dot: no wgmma expected
+ELEMENTWISE = {"activation_delta", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
+               "top_and_random_neurons_seed_in_tensor"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2"}  # loops over gathered rows
 
 
@@ -58,6 +59,11 @@ def kernel_args():
                 svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M,
                 EVEN_N=NK_ATTN % 128 == 0)
     mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
+    seed_mix, golden, mix1, mix2 = chipmunk.HASH_CONSTANTS
+    top_and_random = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, SEED=meta(1, dtype=torch.int64),
+                          offset=chipmunk.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
+                          mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
+                          sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384)
     return {
         "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
                     dict(qk, LSE=lse, L=L, LK=L, BLOCK_M=ATTN_BLOCK_M)),
@@ -80,6 +86,9 @@ def kernel_args():
         "top_neurons": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)],
                         dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, N=HIDDEN, K=NK_MLP, sx=HIDDEN,
                              so=NK_MLP, BLOCK=16384)),
+        "top_and_random_neurons": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)], top_and_random),
+        "top_and_random_neurons_seed_in_tensor": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
+                                                  dict(top_and_random, SEED_IN_TENSOR=True)),
         "top_keys": (ct._top_ascending_kernel, [dict(num_warps=8, num_stages=1)],
                      dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
                           N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192)),

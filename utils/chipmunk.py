@@ -276,6 +276,21 @@ def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
 
 
+def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
+    """The `top` largest entries along the last dim plus `total - top` others at random (the highest of a
+    hashed_uniform noise draw), indices ascending, int32: Chipmunk's neuron set with its random keys. One kernel
+    launch on the Triton path (utils.chipmunk_triton.top_and_random)."""
+    triton_ops = _kernels_for(scores)
+    if triton_ops is not None and scores.shape[-1] <= triton_ops.TOP_ASCENDING_MAX_ROW:
+        return triton_ops.top_and_random(scores, top, total, seed)
+    index = top_ascending(scores, top)
+    if total == top:
+        return index
+    # The top set scores 2 > any noise in [0, 1), so one more selection takes it and the random keys.
+    noise = hashed_uniform(scores.shape, seed, scores.device)
+    return top_ascending(noise.scatter_(-1, index.long(), 2.0), total)
+
+
 # --- PyTorch reference: MLP ------------------------------------------------------------------------
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -380,7 +395,7 @@ def hashed_uniform(shape: tuple[int, ...], seed: torch.Tensor | int, device: tor
     changes between replays (a torch.Generator's seed would be frozen at capture)."""
     z = torch.arange(1, math.prod(shape) + 1, device=device, dtype=torch.int64)
     # int64 arithmetic wraps, as the hash wants; an int seed stays on the host (a tensor made of it would be a copy)
-    offset = seed.long() * _SEED_MIX if isinstance(seed, torch.Tensor) else _signed64(seed * _SEED_MIX % (1 << 64))
+    offset = seed.long() * _SEED_MIX if isinstance(seed, torch.Tensor) else hash_offset(seed)
     z = (z + offset) * _GOLDEN
     z = (z ^ _shift_right(z, 30)) * _MIX1
     z = (z ^ _shift_right(z, 27)) * _MIX2
@@ -394,6 +409,12 @@ def _signed64(value: int) -> int:
 
 _GOLDEN, _MIX1, _MIX2 = (_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 _SEED_MIX = 0x632BE59BD9B4E019
+HASH_CONSTANTS = (_SEED_MIX, _GOLDEN, _MIX1, _MIX2)  # as signed int64, for the Triton kernel
+
+
+def hash_offset(seed: int) -> int:
+    """hashed_uniform's seed term, seed * _SEED_MIX wrapped to signed int64."""
+    return _signed64(seed * _SEED_MIX % (1 << 64))
 
 
 def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
@@ -671,15 +692,10 @@ class SparseMlpLayer:
         change = (now - s.tensors["pre_mean"]).abs()
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))
-        index = top_ascending(change, top)
-        if total > top:
-            # The random keys: the highest of a noise draw among the other neurons. The top set scores 2 > any
-            # noise in [0, 1), so one more selection takes it and the random keys, in ascending order.
-            # Deterministic per (layer, step), so runs that compute the same steps draw the same neurons, on any
-            # device, eager or replayed from a CUDA graph (where the step is a device tensor the replays update).
-            step_value = s.clock.step_tensor if s.clock.step_tensor is not None else step
-            scores = hashed_uniform(change.shape, 1_000_003 * (s.index + 1) + step_value, x.device)
-            index = top_ascending(scores.scatter_(-1, index.long(), 2.0), total)
+        # Deterministic per (layer, step), so runs that compute the same steps draw the same random neurons, on any
+        # device, eager or replayed from a CUDA graph (where the step is a device tensor the replays update).
+        step_value = s.clock.step_tensor if s.clock.step_tensor is not None else step
+        index = top_and_random(change, top, total, 1_000_003 * (s.index + 1) + step_value)
         s.store("neuron_index", index)
         s.store("neuron_index_int64", index.long())  # scatter_'s index type, made once per selection
         s.flags["neurons"] = True

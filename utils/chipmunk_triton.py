@@ -248,27 +248,76 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
     @triton.jit
+    def _kth_largest(key, valid, K, BITS: tl.constexpr):
+        """The K-th largest of the valid int32 keys (signed order), found bit by bit from the top: the largest t with
+        count(key >= t) >= K. BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS)."""
+        if BITS == 32:
+            threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
+        else:
+            threshold = tl.zeros((), tl.int32)
+        for bit in tl.static_range(BITS - 1, -1, -1):
+            # Setting the bit is an xor: every lower bit of the threshold is still 0 (bit 31 of a signed threshold
+            # starts set, and clearing it moves from INT_MIN to 0, the same as adding 2^31 unsigned).
+            if bit == 31:
+                candidate = threshold ^ -2147483648
+            else:
+                candidate = threshold ^ (1 << bit)
+            count = tl.sum((valid & (key >= candidate)).to(tl.int32), 0)
+            threshold = tl.where(count >= K, candidate, threshold)
+        return threshold
+
+    @triton.jit
+    def _take_ascending(key, valid, threshold, K):
+        """The K entries at or above the threshold, ties to the lower index: a mask over the row."""
+        above = valid & (key > threshold)
+        tied = valid & (key == threshold)
+        take_tied = K - tl.sum(above.to(tl.int32), 0)
+        return above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= take_tied))
+
+    @triton.jit
+    def _float_key(X, row, sx, offs, valid):
+        """The row's float values as int32 keys of the same order (flip the magnitude bits of negatives)."""
+        bits = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+        return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
     def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr):
         """One row per program: the indices of its K largest values, ascending, ties to the lower index. A bitwise
         search for the K-th largest value's order-preserving key, then a compaction by running counts: one launch
-        where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100 traces)."""
+        where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100 traces). int32 keys:
+        the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200, session 8)."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
-        x = tl.load(X + row * sx + offs, mask=offs < N, other=0.0).to(tl.float32)
-        bits = x.to(tl.int32, bitcast=True)
-        # float -> int64 key in [0, 2^32) with the same order: flip all bits of negatives, the sign bit of the rest
-        key = tl.where(bits < 0, (~bits).to(tl.int64) & 0xFFFFFFFF, bits.to(tl.int64) + 0x80000000)
-        key = tl.where(offs < N, key, -1)  # padding sorts below everything
-        threshold = tl.zeros((), tl.int64)
-        for bit in tl.static_range(31, -1, -1):  # the largest t with count(key >= t) >= K
-            candidate = threshold + (1 << bit)
-            threshold = tl.where(tl.sum((key >= candidate).to(tl.int32), 0) >= K, candidate, threshold)
-        above = key > threshold
-        tied = key == threshold
-        take_tied = K - tl.sum(above.to(tl.int32), 0)
-        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= take_tied))
-        position = tl.cumsum(chosen.to(tl.int32), 0) - 1
-        tl.store(OUT + row * so + position, offs.to(tl.int32), mask=chosen)
+        valid = offs < N
+        key = _float_key(X, row, sx, offs, valid)
+        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32), K)
+        tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
+
+    @triton.jit(do_not_specialize=["offset"])
+    def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
+                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+        """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
+        in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
+        numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
+        this equals top_ascending(hashed_uniform(...).scatter_(-1, top, 2.0), TOTAL) (the reference) without the
+        noise tensor, the scatter and the second launch. The seed is offset (seed * seed_mix, wrapped) or, when
+        SEED_IN_TENSOR, read from SEED (a device scalar that CUDA-graph replays update)."""
+        row = tl.program_id(0).to(tl.int64)
+        offs = tl.arange(0, BLOCK)
+        valid = offs < N
+        key = _float_key(X, row, sx, offs, valid)
+        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32), TOP)
+        if SEED_IN_TENSOR:
+            offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
+        z = (row * N + offs + 1 + offset).to(tl.uint64, bitcast=True)
+        z = z * golden.to(tl.uint64, bitcast=True)
+        z = (z ^ (z >> 30)) * mix1.to(tl.uint64, bitcast=True)
+        z = (z ^ (z >> 27)) * mix2.to(tl.uint64, bitcast=True)
+        z = z ^ (z >> 31)
+        # The noise's top 24 bits order it as its floats do; the top set ranks above every noise value (2.0 there).
+        score = tl.where(top, 1 << 24, (z >> 40).to(tl.int32))
+        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25), TOTAL)
+        tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
 
 def _check_head_dim(q: torch.Tensor) -> int:
@@ -342,8 +391,35 @@ def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
     out = torch.empty(rows.shape[0], count, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(size)
     _top_ascending_kernel[(rows.shape[0],)](rows, out, size, count, rows.stride(0), out.stride(0), BLOCK=block,
-                                            num_warps=4 if INTERPRET else min(16, max(4, block // 1024)))
+                                            num_warps=_selection_warps(block))
     return out.view(*scores.shape[:-1], count)
+
+
+def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
+    """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
+    indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays)."""
+    from utils.chipmunk import HASH_CONSTANTS, hash_offset
+
+    size = scores.shape[-1]
+    if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
+        raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
+                         f"{TOP_ASCENDING_MAX_ROW})")
+    rows = scores.reshape(-1, size)
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(rows.shape[0], total, device=scores.device, dtype=torch.int32)
+    in_tensor = isinstance(seed, torch.Tensor)
+    seed_mix, golden, mix1, mix2 = HASH_CONSTANTS
+    block = triton.next_power_of_2(size)
+    _top_and_random_kernel[(rows.shape[0],)](
+        rows, out, seed if in_tensor else rows, 0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2,
+        size, top, total, rows.stride(0), out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block,
+        num_warps=_selection_warps(block))
+    return out.view(*scores.shape[:-1], total)
+
+
+def _selection_warps(block: int) -> int:
+    return 4 if INTERPRET else min(16, max(4, block // 1024))
 
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
