@@ -669,7 +669,7 @@ class SparseMlpLayer:
         # under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result (the H200 trace showed
         # the same 0.35 ms copy per layer as before).
         pre_t = torch.matmul(self.w1.detach(), x.transpose(1, 2))
-        pre_t += self.b1[:, None]
+        pre_t += self.b1.detach()[:, None]  # (GELU's out= below takes no tensor that requires grad)
         pre_mean = block_means(pre_t.transpose(1, 2), self.config.bm)
         cache = s.tensors.get("act_cache")
         if cache is None or cache.shape != pre_t.transpose(1, 2).shape or cache.dtype != pre_t.dtype:
@@ -749,8 +749,7 @@ class ChipmunkSingleProjOut(torch.nn.Module):
         self.dim = dim
         # The attention-output part stays an nn.Linear (with linear2's bias, added once), so the float8 layer
         # quantizes it like every other dense projection; only fc2's half is held for the sparse gathers.
-        self.attn_out = torch.nn.Linear(dim, dim, bias=proj_out.bias is not None, device=proj_out.weight.device,
-                                        dtype=proj_out.weight.dtype)
+        self.attn_out = torch.nn.Linear(dim, dim, bias=proj_out.bias is not None, device="meta")  # no init: replaced
         self.attn_out.weight = torch.nn.Parameter(proj_out.weight[:, :dim].detach(), requires_grad=False)
         if proj_out.bias is not None:
             self.attn_out.bias = proj_out.bias
