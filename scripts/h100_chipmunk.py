@@ -378,21 +378,29 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
             "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
-def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> dict:
+def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float8: bool = False) -> dict:
     """Every variant gets CUDA graphs where it can hold them: the dense stack's whole forward as one graph,
-    Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed."""
+    Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed.
+    The variants are bf16 (stack_args); `float8` adds the pair with float8 linears (Chipmunk's then only in its
+    dense projections: the sparse MLP gathers bf16 weights), after the others."""
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     graphs = [] if dry else ["--compile_mode", "reduce-overhead"]
     with_graphs = " (dry run: no CUDA graphs)" if dry else " (CUDA graphs)"
+    per_kind = with_graphs.replace("graphs", "graphs per step kind")
     variants = {
         "dense stack" + with_graphs: graphs,
-        "chipmunk" + with_graphs.replace("graphs", "graphs per step kind"): ["--chipmunk_config", config, *graphs],
+        "chipmunk" + per_kind: ["--chipmunk_config", config, *graphs],
         "chipmunk, no CUDA graphs": ["--chipmunk_config", config],
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ["--chipmunk_config", config, "--cache_mode", "hicache",
                                                                "--interval", "5", "--max_order", "2",
                                                                "--first_enhance", "3", "--hicache_scale", "0.6"],
     }
+    with_float8 = set()  # these run without stack_args' --disable_quant
+    if float8:
+        variants["dense stack + float8" + with_graphs] = graphs
+        variants["chipmunk + float8 (dense projections)" + per_kind] = ["--chipmunk_config", config, *graphs]
+        with_float8 = set(list(variants)[-2:])
     rows = []
     for name, extra in variants.items():
         left = deadline - time.time()
@@ -400,7 +408,8 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> di
             rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
             continue
         before = set((out / "e2e").glob("bench_*.json")) if (out / "e2e").exists() else set()
-        rc, tail = run_child([sys.executable, "run_benchmark.py", *common, *extra], left if not dry else 600)
+        flags = [a for a in common if a != "--disable_quant"] if name in with_float8 else common
+        rc, tail = run_child([sys.executable, "run_benchmark.py", *flags, *extra], left if not dry else 600)
         new = sorted(set((out / "e2e").glob("bench_*.json")) - before) if (out / "e2e").exists() else []
         if rc != 0 or not new:
             rows.append({"variant": name, "exit_code": rc, "log_tail": tail})
@@ -411,10 +420,13 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float) -> di
         rows.append({"variant": name, "median_s": record["latency_s"]["median"],
                      "step_ms": 1e3 * record["stages_s"]["denoising_total"]["median"] / steps,
                      "stack": record["stack"], "record": new[-1].name})
-    dense = next((r.get("median_s") for r in rows if r["variant"].startswith("dense stack")), None)
+    # Each variant against the dense stack of its own precision (bf16, or float8 linears).
+    dense = {precision: next((r.get("median_s") for r in rows if r["variant"].startswith("dense stack")
+                              and (r["variant"] in with_float8) == precision), None) for precision in (False, True)}
     for r in rows:
-        if dense and r.get("median_s"):
-            r["speedup_vs_dense"] = dense / r["median_s"]
+        reference = dense[r["variant"] in with_float8]
+        if reference and r.get("median_s"):
+            r["speedup_vs_dense"] = reference / r["median_s"]
     return {"steps": steps, "runs": runs, "rows": rows}
 
 
@@ -472,7 +484,8 @@ def markdown(record: dict) -> str:
     e2e = record.get("e2e")
     if e2e:
         lines += [f"## End to end ({e2e['steps']} steps, median of {e2e['runs']})", "",
-                  "| variant | median s | mean step ms | speedup vs dense |", "|---|---|---|---|"]
+                  "| variant | median s | mean step ms | speedup vs the dense stack of its precision |",
+                  "|---|---|---|---|"]
         for r in e2e["rows"]:
             if "median_s" in r:
                 lines.append(f"| {r['variant']} | {r['median_s']:.3f} | {r['step_ms']:.1f} | "
@@ -512,6 +525,9 @@ def main() -> int:
     parser.add_argument("--interval1_steps", type=int, default=12)
     parser.add_argument("--e2e_steps", type=int, default=50)
     parser.add_argument("--e2e_runs", type=int, default=2)
+    parser.add_argument("--e2e_float8", action="store_true",
+                        help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
+                             "Chipmunk's own comparison)")
     args = parser.parse_args()
     t_start = time.time()
     deadline = t_start + args.budget_s
@@ -556,7 +572,8 @@ def main() -> int:
             record["graphs"] = part_graphs(out, dry, 4 if dry else 12)
             ok &= record["graphs"].get("passed", True)
         elif part == "e2e":
-            record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline)
+            record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline,
+                                     args.e2e_float8)
         elif part == "trace":
             record["trace"] = part_trace(out, dry, 4 if dry else 12, deadline)
         else:

@@ -117,3 +117,35 @@ def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
     assert "Largest kernels of one `float8_quant` step" in text
     assert "| export_aoti | failed | | | | | | export_aoti: loading the AOTInductor package p.pt2 crashed" in text
     assert "| 4.70 | 38 | fused (inductor) | `triton_red_fused_abs_amax_cat_gelu_view_3` |" in text
+
+
+def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch):
+    """--e2e_float8 adds the dense stack and Chipmunk with float8 linears; the bf16 variants keep --disable_quant.
+    Each variant is compared with the dense stack of its own precision. (Commands captured, not run.)"""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+
+    commands = []
+
+    def fake_child(cmd, timeout):
+        commands.append(cmd)
+        results = Path(cmd[cmd.index("--results_dir") + 1])
+        results.mkdir(parents=True, exist_ok=True)
+        seconds = 2.0 if "--chipmunk_config" in cmd else 3.0  # Chipmunk 1.5x faster in this fake
+        (results / f"bench_{len(commands)}.json").write_text(json.dumps(
+            {"latency_s": {"median": seconds}, "stages_s": {"denoising_total": {"median": seconds}}, "stack": {}}))
+        return 0, ""
+
+    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
+    part = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), float8=True)
+    by_name = {row["variant"]: row for row in part["rows"]}
+    float8_names = {"dense stack + float8 (CUDA graphs)",
+                    "chipmunk + float8 (dense projections) (CUDA graphs per step kind)"}
+    assert float8_names < set(by_name) and len(commands) == len(by_name) == 6
+    for cmd in commands:
+        name = next(n for n in by_name if by_name[n]["record"] == f"bench_{commands.index(cmd) + 1}.json")
+        assert ("--disable_quant" in cmd) == (name not in float8_names), (name, cmd)
+        graphed = "(CUDA graphs" in name  # every variant that can hold graphs, and says so
+        assert ("--compile_mode" in cmd) == graphed and graphed == ("hicache" not in name and "no CUDA" not in name)
+    assert by_name["chipmunk + float8 (dense projections) (CUDA graphs per step kind)"]["speedup_vs_dense"] == 1.5
+    assert by_name["dense stack + float8 (CUDA graphs)"]["speedup_vs_dense"] == 1.0
