@@ -150,8 +150,26 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows.append({"check": "sparse MLP: layer output from fc2's epilogue",
                  "rel_err": rel_err(layer_out, out_ref.to(layer_out.dtype))})
     rows.append({"check": "sparse MLP: fc1 pre-activation block means", "rel_err": rel_err(means, ref_means)})
+    del x, w1, b1, w2, b2, index, act, out_cache, act_ref, out_ref, pre, layer_out
+
+    # Selection, as a reselection step calls it ((blocks, hidden) float32 changes): the top set against torch.topk
+    # (random floats: no ties), and the one-launch neuron set + random keys against the two launches it replaced,
+    # for an int seed and a seed in a device tensor (CUDA-graph replays). Indices: these must match exactly.
+    blocks = -(-s["tokens"] // s["block"])
+    change = torch.randn(blocks, s["hidden"], device=device)
+    top = int(round(0.3 * s["hidden"]))
+    exact = change.topk(top, -1).indices.sort(-1).values.int()
+    rows.append({"check": f"top set ({top}/{s['hidden']} neurons) vs torch.topk: index mismatch", "exact": True,
+                 "rel_err": float((T.top_ascending(change, top) != exact).float().mean())})
+    seed = 1_000_007
+    noise = C.hashed_uniform(change.shape, seed, device)
+    composed = T.top_ascending(noise.scatter_(-1, T.top_ascending(change, top).long(), 2.0), count)
+    for given, label in ((seed, "int seed"), (torch.tensor(seed, device=device), "seed in a device tensor")):
+        got = T.top_and_random(change, top, count, given)
+        rows.append({"check": f"top + random keys in one launch ({label}) vs two launches: index mismatch",
+                     "exact": True, "rel_err": float((got != composed).float().mean())})
     for r in rows:
-        r["passed"] = None if r["rel_err"] is None else passed(r["rel_err"])
+        r["passed"] = None if r["rel_err"] is None else (r["rel_err"] == 0 if r.get("exact") else passed(r["rel_err"]))
     return {"rows": rows, "passed": all(r["passed"] for r in rows if r["passed"] is not None)}
 
 
