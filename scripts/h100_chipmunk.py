@@ -414,11 +414,10 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
                                                                "--interval", "5", "--max_order", "2",
                                                                "--first_enhance", "3", "--hicache_scale", "0.6"],
     }
-    with_float8 = set()  # these run without stack_args' --disable_quant
-    if float8:
-        variants["dense stack + float8" + with_graphs] = graphs
-        variants["chipmunk + float8 (dense projections)" + per_kind] = ["--chipmunk_config", config, *graphs]
-        with_float8 = set(list(variants)[-2:])
+    with_float8 = {"dense stack + float8" + with_graphs: graphs,  # these run without stack_args' --disable_quant
+                   "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs]} \
+        if float8 else {}
+    variants.update(with_float8)
     rows = []
     for name, extra in variants.items():
         left = deadline - time.time()

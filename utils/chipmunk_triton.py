@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from utils.chipmunk import block_sizes
+from utils.chipmunk import HASH_CONSTANTS, block_sizes, hash_offset
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
@@ -398,8 +398,6 @@ def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
 def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
     """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
     indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays)."""
-    from utils.chipmunk import HASH_CONSTANTS, hash_offset
-
     size = scores.shape[-1]
     if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
