@@ -136,17 +136,8 @@ def main() -> None:
             note = quantize_float8(transformer, opts.quant_granularity) if opts.device.startswith("cuda") else "skipped on CPU"
         elif stage == "sigmoid_gelu":  # optimize() applies it in its inductor layer; timed apart here
             note = f"tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
-        elif stage == "persistent_reductions":  # an experiment, not yet part of optimize()
-            # float8's per-row activation scales reduce rows of 12288-15360 elements, beyond inductor's persistent
-            # threshold (1024): the looped reduction reads each row twice (amax, then cast), at 1.3-2.0 TB/s on
-            # the H200. multi_kernel raises the threshold 16x and benchmarks both forms per kernel, keeping the
-            # faster (results/NOTES.md, session 7).
-            torch._inductor.config.triton.multi_kernel = 1
-            # torch 2.11 + its Triton: a graph with multi-kernels loaded from the FX-graph cache crashes
-            # (MultiKernelCall.load_cache reads JITFunction.cache_key, whose _hash_lock is None after the cache
-            # round trip: 'NoneType' object does not support the context manager protocol; H200, 2026-12-01).
-            # Compile such graphs afresh; Triton's autotuning results are cached apart and still reused.
-            torch._inductor.config.fx_graph_cache = False
+        elif stage == "persistent_reductions":  # part of the inductor_flags layer; this stage times it untuned
+            compile_utils.set_inductor_flags(compile_utils.PERSISTENT_REDUCTION_FLAGS)
             note = "inductor multi_kernel=1: persistent (one-read) row reductions where they benchmark faster"
         elif stage == "inductor_flags":
             note = ", ".join(f"{k}={v}" for k, v in compile_utils.set_inductor_tuning_flags().items())

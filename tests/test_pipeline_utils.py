@@ -83,15 +83,19 @@ def test_qkv_fusion_is_lossless(make_args):
 
 def test_inductor_flags_toggle(make_args):
     cfg = torch._inductor.config
-    before = cfg.coordinate_descent_tuning
+    before = (cfg.coordinate_descent_tuning, cfg.triton.multi_kernel, cfg.fx_graph_cache)
     try:
-        cfg.coordinate_descent_tuning = False
+        cfg.coordinate_descent_tuning, cfg.triton.multi_kernel, cfg.fx_graph_cache = False, 0, True
         pipe, _ = _optimized(make_args, "--disable_inductor_tuning_flags")
-        assert cfg.coordinate_descent_tuning is False and pipe.harness_stack["inductor_flags"].startswith("skipped")
-        _optimized(make_args)
+        assert pipe.harness_stack["inductor_flags"].startswith("skipped")
+        assert (cfg.coordinate_descent_tuning, cfg.triton.multi_kernel, cfg.fx_graph_cache) == (False, 0, True)
+        pipe, _ = _optimized(make_args)
         assert cfg.coordinate_descent_tuning is True and cfg.epilogue_fusion is False
+        # persistent reductions, with the FX-graph cache off (torch 2.11 crashes loading multi-kernel graphs)
+        assert cfg.triton.multi_kernel == 1 and cfg.fx_graph_cache is False
+        assert "triton.multi_kernel=1" in pipe.harness_stack["inductor_flags"]
     finally:
-        cfg.coordinate_descent_tuning = before
+        cfg.coordinate_descent_tuning, cfg.triton.multi_kernel, cfg.fx_graph_cache = before
 
 
 def test_inductor_layer_swaps_gelu_only_for_compiled_code(make_args):

@@ -24,18 +24,37 @@ from diffusers.models.modeling_outputs import Transformer2DModelOutput
 from torch.utils._pytree import tree_leaves, tree_map
 
 
-def set_inductor_tuning_flags() -> dict[str, Any]:
-    """flux-fast's inductor settings, grouped here so an ablation can drop them in one flag."""
-    flags = dict(
-        conv_1x1_as_mm=True,  # the VAE's 1x1 convolutions as matmuls
-        epilogue_fusion=False,  # measured faster for FLUX in flux-fast
-        coordinate_descent_tuning=True,  # tune Triton block sizes of generated kernels
-        coordinate_descent_check_all_directions=True,
-    )
-    cfg = torch._inductor.config
-    for k, v in flags.items():
-        setattr(cfg, k, v)
+# float8's per-row activation scales reduce rows of 12288-15360 elements, beyond inductor's persistent threshold: the
+# looped form reads each row twice. multi_kernel benchmarks the persistent (one-read) form against it per kernel and
+# keeps the faster (~2 ms a step on the H200, results/NOTES.md session 8).
+PERSISTENT_REDUCTION_FLAGS: dict[str, Any] = {
+    "triton.multi_kernel": 1,
+    # torch 2.11: a graph with multi-kernels loaded from the FX-graph cache crashes (MultiKernelCall.load_cache:
+    # JITFunction.cache_key's _hash_lock is None after the round trip). Graphs are compiled afresh; Triton's
+    # autotuning results, the slow part, are cached apart and still reused.
+    "fx_graph_cache": False,
+}
+
+
+def set_inductor_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """Sets inductor config entries by name ("triton.multi_kernel" for a nested one); returns them."""
+    for name, value in flags.items():
+        section, _, key = name.rpartition(".")
+        setattr(getattr(torch._inductor.config, section) if section else torch._inductor.config, key, value)
     return flags
+
+
+def set_inductor_tuning_flags() -> dict[str, Any]:
+    """flux-fast's inductor settings plus persistent row reductions, grouped here so an ablation can drop them in one
+    flag. Measured together on the H200 (random:flux-dev 1024^2, float8 stack, one CUDA graph per forward): 84.2 ms
+    per step against 88.1 without the tuning (results/h200/stages_tuned_multi_kernel_cudagraphs_2026-12-02.md)."""
+    return set_inductor_flags({
+        "conv_1x1_as_mm": True,  # the VAE's 1x1 convolutions as matmuls
+        "epilogue_fusion": False,  # measured faster for FLUX in flux-fast
+        "coordinate_descent_tuning": True,  # tune Triton block sizes of generated kernels
+        "coordinate_descent_check_all_directions": True,
+        **PERSISTENT_REDUCTION_FLAGS,
+    })
 
 
 class TanhGELU(torch.nn.Module):
