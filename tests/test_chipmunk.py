@@ -293,6 +293,7 @@ def test_chipmunk_blocks_compile_once_per_block_kind_without_graph_breaks_and_ma
 # --- Triton kernels, through the CPU interpreter ------------------------------------------------------
 
 KERNEL_CHECK = r"""
+import itertools
 import torch
 from utils import chipmunk as C, chipmunk_triton as T
 assert T.TRITON_AVAILABLE, T.UNAVAILABLE_REASON
@@ -337,10 +338,16 @@ for shape, top, total in (((1, 3, 300), 60, 90), ((2, 12288), 3686, 4352)):
         for given in (seed, torch.tensor(seed)):
             got = T.top_and_random(change, top, total, given)
             assert torch.equal(got, expected), (shape, seed, (got != expected).sum())
-d, hidden, out, block, K = 32, 64, 24, 32, 20
-x, w1, b1, w2 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
-index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
-for layout in (lambda t: t, C.neuron_major):  # the kernel takes the activation cache in any strides
+# The MLP kernels' loops drop their load masks when every tile is full (16 wide, interpreted): (inputs, outputs,
+# neurons) = (32, 24, 20) takes fc1's unmasked loop and fc2's fully masked one, (24, 32, 32) the other two, and
+# (32, 32, 20), (32, 24, 32) fc2's loads masked along one dim. 80 tokens in blocks of 32: a partial last row tile.
+# The activation cache in either layout (the kernel takes any strides).
+hidden, block = 64, 32
+shapes = ((32, 24, 20), (24, 32, 32), (32, 32, 20), (32, 24, 32))
+for (d, out, K), layout in itertools.product(shapes, (lambda t: t, C.neuron_major)):
+    x, w1, b1 = torch.randn(B, L, d), torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden)
+    w2 = torch.randn(out, hidden) / 8
+    index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
     act, out_cache = layout(torch.randn(B, L, hidden)), torch.randn(B, L, out)
     act_ref, out_ref, act_before = act.clone(), out_cache.clone(), act.clone()
     pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)

@@ -39,7 +39,8 @@ G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
 ELEMENTWISE = {"activation_delta", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
                "top_and_random_neurons_seed_in_tensor"}
-GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2"}  # loops over gathered rows
+GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
+            "sparse_fc2_uneven"}  # loops over gathered rows
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -64,6 +65,16 @@ def kernel_args():
                           offset=chipmunk.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
                           mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
                           sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384)
+    fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
+               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1), snb=delta.stride(0),
+               snl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M,
+               EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0)
+    fc2 = dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM), sdb=delta.stride(0),
+               sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM,
+               NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M,
+               EVEN_K=NK_MLP % ct._largest(ct._sparse_fc2_kernel, "BLOCK_K") == 0,
+               EVEN_N=DM % ct._largest(ct._sparse_fc2_kernel, "BLOCK_N") == 0)
+    assert fc1["EVEN_D"] and fc2["EVEN_K"] and fc2["EVEN_N"], "FLUX's shapes take the loops without masks"
     return {
         "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
                     dict(qk, LSE=lse, L=L, LK=L, BLOCK_M=ATTN_BLOCK_M)),
@@ -72,11 +83,9 @@ def kernel_args():
                             BLOCK_M=ATTN_BLOCK_M)),
         "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False)),
         "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True)),
-        "sparse_fc1": (ct._sparse_fc1_kernel, None,
-                       dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
-                            PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1),
-                            snb=delta.stride(0), snl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB,
-                            TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+        "sparse_fc1": (ct._sparse_fc1_kernel, None, fc1),
+        # Shapes that leave partial tiles take the masked loads (other neuron counts, model widths).
+        "sparse_fc1_uneven": (ct._sparse_fc1_kernel, None, dict(fc1, EVEN_D=False)),
         "activation_delta": (ct._activation_delta_kernel, [dict(BLOCK_K=64, num_warps=4, num_stages=3)],
                              dict(NEW=delta, IDX=mlp_index, ACT=act, DELTA=delta, snb=delta.stride(0),
                                   snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
@@ -92,11 +101,8 @@ def kernel_args():
         "top_keys": (ct._top_ascending_kernel, [dict(num_warps=8, num_stages=1)],
                      dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
                           N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192)),
-        "sparse_fc2": (ct._sparse_fc2_kernel, None,
-                       dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM),
-                            sdb=delta.stride(0), sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1),
-                            slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
-                            WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M)),
+        "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
+        "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
     }
 
 
