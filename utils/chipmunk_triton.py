@@ -248,9 +248,17 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
     @triton.jit
-    def _kth_largest(key, valid, K, BITS: tl.constexpr):
-        """The K-th largest of the valid int32 keys (signed order), found bit by bit from the top: the largest t with
-        count(key >= t) >= K. BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS)."""
+    def _kth_largest(key, valid, K, BITS: tl.constexpr, RADIX: tl.constexpr):
+        """The K-th largest of the valid int32 keys (signed order): the largest t with count(key >= t) >= K.
+        BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS). Both searches give the same t."""
+        if RADIX:
+            return _kth_largest_radix(key, valid, K, BITS)
+        else:
+            return _kth_largest_bitwise(key, valid, K, BITS)
+
+    @triton.jit
+    def _kth_largest_bitwise(key, valid, K, BITS: tl.constexpr):
+        """_kth_largest bit by bit from the top: BITS block-wide sums, one after another."""
         if BITS == 32:
             threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
         else:
@@ -264,6 +272,32 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 candidate = threshold ^ (1 << bit)
             count = tl.sum((valid & (key >= candidate)).to(tl.int32), 0)
             threshold = tl.where(count >= K, candidate, threshold)
+        return threshold
+
+    @triton.jit
+    def _kth_largest_radix(key, valid, K, BITS: tl.constexpr):
+        """_kth_largest by radix select, 8-bit digits from the top: ceil(BITS / 8) histograms instead of BITS sums.
+        Each pass counts the next digit of the keys that share the threshold's digits found so far, takes the highest
+        digit d with at least K of them at d or above, and leaves K minus those above d for the next digit.
+        Per-element values are recomputed from `key` each pass rather than kept: 16 warps leave 128 registers."""
+        PASSES: tl.constexpr = (BITS + 7) // 8
+        threshold = tl.zeros((), tl.int32)  # the digits found so far, in the keys' own bits
+        for p in tl.static_range(PASSES):
+            shift = 8 * (PASSES - 1 - p)  # a constexpr (p is); for BITS=25 the top digit is 1 bit wide
+            # Flipping the sign bit orders the top digit of signed keys as unsigned digits.
+            flip = 0x80 if BITS == 32 and p == 0 else 0
+            digit = ((key >> shift) & 0xFF) ^ flip
+            matching = valid
+            if p > 0:
+                matching = matching & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
+            # No mask= on tl.histogram (older Tritons lack it): the other lanes count into bin 0, which is never read:
+            # bin 0 is taken whenever no higher bin has K keys at or above it.
+            hist = tl.histogram(tl.where(matching, digit, 0), 256)
+            at_or_above = key.shape[0] - tl.cumsum(hist, 0) + hist  # right for bins >= 1; bin 0's is >= K anyway
+            enough = at_or_above >= K  # true for bins 0..d: at_or_above does not increase
+            d = tl.sum(enough.to(tl.int32), 0) - 1
+            K -= tl.sum(tl.where(enough, 0, hist), 0)  # the matching keys above digit d are all taken
+            threshold = threshold | ((d ^ flip) << shift)
         return threshold
 
     @triton.jit
@@ -281,21 +315,22 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
     @triton.jit
-    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr):
-        """One row per program: the indices of its K largest values, ascending, ties to the lower index. A bitwise
-        search for the K-th largest value's order-preserving key, then a compaction by running counts: one launch
-        where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100 traces). int32 keys:
-        the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200, session 8)."""
+    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr, RADIX: tl.constexpr):
+        """One row per program: the indices of its K largest values, ascending, ties to the lower index. A search
+        (radix or bitwise: RADIX) for the K-th largest value's order-preserving key, then a compaction by running
+        counts: one launch where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100
+        traces). int32 keys: the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200,
+        session 8)."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32), K)
+        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, RADIX), K)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
     @triton.jit(do_not_specialize=["offset"])
     def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
-                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, RADIX: tl.constexpr):
         """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
         in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
         numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
@@ -306,7 +341,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32), TOP)
+        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, RADIX), TOP)
         if SEED_IN_TENSOR:
             offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
         z = (row * N + offs + 1 + offset).to(tl.uint64, bitcast=True)
@@ -316,7 +351,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         z = z ^ (z >> 31)
         # The noise's top 24 bits order it as its floats do; the top set ranks above every noise value (2.0 there).
         score = tl.where(top, 1 << 24, (z >> 40).to(tl.int32))
-        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25), TOTAL)
+        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25, RADIX), TOTAL)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
 
@@ -377,31 +412,40 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_inde
 
 
 TOP_ASCENDING_MAX_ROW = 16384  # one row per program, held in registers (FLUX: 4608 keys, 12288 neurons)
+# How the selection kernels find the K-th largest key: "radix" (ceil(bits / 8) histogram passes) or "bitwise" (one
+# block-wide sum per bit: 32, or 32 + 25 in top_and_random). Both give the same indices. The bitwise path stays for
+# comparison until the device shows radix is faster (the wrappers' `search` keyword times either).
+SELECTION_SEARCH = "radix"
+SELECTION_SEARCHES = ("radix", "bitwise")
 
 
-def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
+def top_ascending(scores: torch.Tensor, count: int, search: str = SELECTION_SEARCH) -> torch.Tensor:
     """Same as utils.chipmunk.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
-    launch, for rows of at most TOP_ASCENDING_MAX_ROW."""
+    launch, for rows of at most TOP_ASCENDING_MAX_ROW. `search`: one of SELECTION_SEARCHES (same result)."""
     size = scores.shape[-1]
     if not 0 < count <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_ascending: count {count} of {size} (rows of at most {TOP_ASCENDING_MAX_ROW})")
+    _check_search(search)
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], count, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(size)
     _top_ascending_kernel[(rows.shape[0],)](rows, out, size, count, rows.stride(0), out.stride(0), BLOCK=block,
-                                            num_warps=_selection_warps(block))
+                                            RADIX=search == "radix", num_warps=_selection_warps(block))
     return out.view(*scores.shape[:-1], count)
 
 
-def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
+def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
+                   search: str = SELECTION_SEARCH) -> torch.Tensor:
     """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
-    indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays)."""
+    indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays).
+    `search`: one of SELECTION_SEARCHES (same result)."""
     size = scores.shape[-1]
     if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
                          f"{TOP_ASCENDING_MAX_ROW})")
+    _check_search(search)
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -412,8 +456,13 @@ def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tenso
     _top_and_random_kernel[(rows.shape[0],)](
         rows, out, seed if in_tensor else rows, 0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2,
         size, top, total, rows.stride(0), out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block,
-        num_warps=_selection_warps(block))
+        RADIX=search == "radix", num_warps=_selection_warps(block))
     return out.view(*scores.shape[:-1], total)
+
+
+def _check_search(search: str) -> None:
+    if search not in SELECTION_SEARCHES:
+        raise ValueError(f"selection search {search!r}: one of {SELECTION_SEARCHES}")
 
 
 def _selection_warps(block: int) -> int:
