@@ -48,6 +48,14 @@ GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(2c (
 LOG2E = 1.4426950408889634
 
 
+# How the selection kernels find the K-th largest key: "radix" (ceil(bits / 8) histogram passes) or "bitwise" (one
+# block-wide sum per bit: 32, or 32 + 25 in top_and_random). Both give the same indices. On a GPU the autotuner picks
+# the faster for the row length (search=None); an explicit search runs that one (the tests, the device benchmark).
+# The interpreter runs SELECTION_SEARCH.
+SELECTION_SEARCH = "radix"
+SELECTION_SEARCHES = ("radix", "bitwise")
+
+
 def _configs(full: list[dict], interpreted: dict) -> list:
     """Autotune candidates; a single small one under the interpreter (no timing there)."""
     if INTERPRET:
@@ -62,6 +70,21 @@ def _row_tile(rows_per_group: int, cap: int) -> int:
         if tile <= cap and rows_per_group % tile == 0:
             return tile
     raise ValueError(f"Chipmunk Triton kernels need the group/block size ({rows_per_group}) to be a multiple of 16")
+
+
+def _selection_configs() -> list:
+    """Both searches for the K-th largest key at each warp count: the autotuner times them on the GPU at hand. The
+    radix one needs 4 histogram passes where the bitwise one needs 32 (57 in top_and_random) block-wide sums, but how
+    tl.histogram lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before)."""
+    if INTERPRET:
+        return [triton.Config({"RADIX": SELECTION_SEARCH == "radix"}, num_warps=4, num_stages=1)]
+    return [triton.Config({"RADIX": radix}, num_warps=w, num_stages=1) for radix in (True, False) for w in (4, 8, 16)]
+
+
+def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
+    """Keeps the configs with the warp count the row length needs (fewer warps spill a 16,384-key row)."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    return [c for c in configs if c.num_warps == _selection_warps(block)]
 
 
 if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahead of time for sm_90
@@ -314,6 +337,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         bits = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
+    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK"],
+                     prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit
     def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr, RADIX: tl.constexpr):
         """One row per program: the indices of its K largest values, ascending, ties to the lower index. A search
@@ -328,6 +353,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, RADIX), K)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
+    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK", "SEED_IN_TENSOR"],
+                     prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit(do_not_specialize=["offset"])
     def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
                                SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, RADIX: tl.constexpr):
@@ -412,16 +439,12 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_inde
 
 
 TOP_ASCENDING_MAX_ROW = 16384  # one row per program, held in registers (FLUX: 4608 keys, 12288 neurons)
-# How the selection kernels find the K-th largest key: "radix" (ceil(bits / 8) histogram passes) or "bitwise" (one
-# block-wide sum per bit: 32, or 32 + 25 in top_and_random). Both give the same indices. The bitwise path stays for
-# comparison until the device shows radix is faster (the wrappers' `search` keyword times either).
-SELECTION_SEARCH = "radix"
-SELECTION_SEARCHES = ("radix", "bitwise")
 
 
-def top_ascending(scores: torch.Tensor, count: int, search: str = SELECTION_SEARCH) -> torch.Tensor:
+def top_ascending(scores: torch.Tensor, count: int, search: str | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
-    launch, for rows of at most TOP_ASCENDING_MAX_ROW. `search`: one of SELECTION_SEARCHES (same result)."""
+    launch, for rows of at most TOP_ASCENDING_MAX_ROW. `search`: one of SELECTION_SEARCHES (same result), or None for
+    the autotuner's pick."""
     size = scores.shape[-1]
     if not 0 < count <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_ascending: count {count} of {size} (rows of at most {TOP_ASCENDING_MAX_ROW})")
@@ -431,16 +454,16 @@ def top_ascending(scores: torch.Tensor, count: int, search: str = SELECTION_SEAR
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], count, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(size)
-    _top_ascending_kernel[(rows.shape[0],)](rows, out, size, count, rows.stride(0), out.stride(0), BLOCK=block,
-                                            RADIX=search == "radix", num_warps=_selection_warps(block))
+    _launch_selection(_top_ascending_kernel, (rows.shape[0],), search, rows, out, size, count, rows.stride(0),
+                      out.stride(0), BLOCK=block)
     return out.view(*scores.shape[:-1], count)
 
 
 def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
-                   search: str = SELECTION_SEARCH) -> torch.Tensor:
+                   search: str | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
     indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays).
-    `search`: one of SELECTION_SEARCHES (same result)."""
+    `search`: one of SELECTION_SEARCHES (same result), or None for the autotuner's pick."""
     size = scores.shape[-1]
     if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
@@ -453,16 +476,25 @@ def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tenso
     in_tensor = isinstance(seed, torch.Tensor)
     seed_mix, golden, mix1, mix2 = HASH_CONSTANTS
     block = triton.next_power_of_2(size)
-    _top_and_random_kernel[(rows.shape[0],)](
-        rows, out, seed if in_tensor else rows, 0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2,
-        size, top, total, rows.stride(0), out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block,
-        RADIX=search == "radix", num_warps=_selection_warps(block))
+    _launch_selection(
+        _top_and_random_kernel, (rows.shape[0],), search, rows, out, seed if in_tensor else rows,
+        0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2, size, top, total, rows.stride(0),
+        out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block)
     return out.view(*scores.shape[:-1], total)
 
 
-def _check_search(search: str) -> None:
-    if search not in SELECTION_SEARCHES:
-        raise ValueError(f"selection search {search!r}: one of {SELECTION_SEARCHES}")
+def _check_search(search: str | None) -> None:
+    if search is not None and search not in SELECTION_SEARCHES:
+        raise ValueError(f"selection search {search!r}: one of {SELECTION_SEARCHES}, or None")
+
+
+def _launch_selection(kernel, grid: tuple, search: str | None, *args, BLOCK: int, **kwargs) -> None:
+    """The autotuned kernel (search None), or its plain JIT function with the search and warps given."""
+    if search is None:
+        kernel[grid](*args, BLOCK=BLOCK, **kwargs)
+    else:
+        kernel.fn[grid](*args, BLOCK=BLOCK, RADIX=search == "radix", num_warps=_selection_warps(BLOCK), num_stages=1,
+                        **kwargs)
 
 
 def _selection_warps(block: int) -> int:
