@@ -365,6 +365,53 @@ print("kernels match the reference")
 """
 
 
+# The two searches for the K-th largest key (radix and bitwise) against each other and the PyTorch reference: random
+# rows, rows of few values (many ties, -0.0 and +0.0 among them), short odd rows (padding lanes), K = 1 and K = N, and
+# random bit patterns (every int32 key, NaNs too). torch.topk breaks ties its own way, so tied rows are checked against
+# the kernels' rule (a stable sort of the order-preserving keys: ties to the lower index, -0.0 below +0.0) and, for
+# the selected values, against the reference.
+SELECTION_CHECK = r"""
+import torch
+from utils import chipmunk as C, chipmunk_triton as T
+assert T.TRITON_AVAILABLE, T.UNAVAILABLE_REASON
+torch.manual_seed(5)
+
+def key_order_top(x, count):
+    bits = x.view(torch.int32)
+    keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # as the kernels' _float_key
+    return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :count].sort(-1).values.int()
+
+def both(fn, *args):
+    radix, bitwise, tuned = fn(*args, search="radix"), fn(*args, search="bitwise"), fn(*args)  # tuned: the default
+    assert torch.equal(radix, bitwise), (fn.__name__, args[1:], (radix != bitwise).sum())
+    assert torch.equal(tuned, radix), (fn.__name__, args[1:])
+    return radix
+
+seed = 1_000_007
+few_levels = lambda *shape: (torch.randn(*shape) * 2).round()  # ~9 values per row, -0.0 among them
+bit_patterns = torch.randint(-2**31, 2**31, (2, 777), dtype=torch.int32)
+bit_patterns[0, :4] = torch.tensor([-2**31, 2**31 - 1, 0, -1], dtype=torch.int32)  # -0.0, +0.0, the extreme keys
+for scores, counts in ((torch.randn(2, 12288), (4352,)), (few_levels(2, 12288), (1, 4352, 12288)),
+                       (few_levels(3, 37), (1, 5, 37)), (torch.randn(2, 1), (1,)),
+                       (bit_patterns.view(torch.float32), (1, 300, 777))):
+    ties = scores.unique().numel() < scores.numel()
+    for count in counts:
+        got = both(T.top_ascending, scores, count)
+        assert torch.equal(got, key_order_top(scores, count)), (scores.shape, count)
+        if not ties:
+            assert torch.equal(got, C.top_ascending(scores, count))
+        elif not scores.isnan().any():
+            assert torch.equal(scores.gather(-1, got.long()).sort(-1).values,
+                               scores.gather(-1, C.top_ascending(scores, count).long()).sort(-1).values)
+    for top, total in {(counts[0], counts[-1]), (counts[-1], counts[-1]), (max(1, counts[0] * 3 // 4), counts[0])}:
+        got = both(T.top_and_random, scores, top, total, seed)
+        noise = C.hashed_uniform(scores.shape, seed, "cpu")
+        assert torch.equal(got, key_order_top(noise.scatter_(-1, key_order_top(scores, top).long(), 2.0), total))
+        if not ties:
+            assert torch.equal(got, C.top_and_random(scores, top, total, seed))
+print("selection searches agree")
+"""
+
 LAYER_CHECK = r"""
 import os, tempfile
 import torch, yaml
@@ -415,5 +462,15 @@ def test_chipmunk_layers_on_the_triton_path_match_the_reference_path():
     assert "layers match" in run_interpreted(LAYER_CHECK, timeout=600)
 
 
-def test_triton_kernels_match_the_reference_in_the_interpreter():
-    assert "kernels match the reference" in run_interpreted(KERNEL_CHECK, timeout=120)
+@pytest.fixture(scope="module")
+def kernel_checks_output():
+    """KERNEL_CHECK and SELECTION_CHECK in one interpreter: importing utils.chipmunk (diffusers) alone takes ~12 s."""
+    return run_interpreted(KERNEL_CHECK + SELECTION_CHECK, timeout=150)
+
+
+def test_triton_kernels_match_the_reference_in_the_interpreter(kernel_checks_output):
+    assert "kernels match the reference" in kernel_checks_output
+
+
+def test_radix_and_bitwise_selection_give_the_same_indices_as_the_reference(kernel_checks_output):
+    assert "selection searches agree" in kernel_checks_output

@@ -48,6 +48,14 @@ GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(2c (
 LOG2E = 1.4426950408889634
 
 
+# How the selection kernels find the K-th largest key: "radix" (ceil(bits / 8) histogram passes) or "bitwise" (one
+# block-wide sum per bit: 32, or 32 + 25 in top_and_random). Both give the same indices. On a GPU the autotuner picks
+# the faster for the row length (search=None); an explicit search runs that one (the tests, the device benchmark).
+# The interpreter runs SELECTION_SEARCH.
+SELECTION_SEARCH = "radix"
+SELECTION_SEARCHES = ("radix", "bitwise")
+
+
 def _configs(full: list[dict], interpreted: dict) -> list:
     """Autotune candidates; a single small one under the interpreter (no timing there)."""
     if INTERPRET:
@@ -62,6 +70,21 @@ def _row_tile(rows_per_group: int, cap: int) -> int:
         if tile <= cap and rows_per_group % tile == 0:
             return tile
     raise ValueError(f"Chipmunk Triton kernels need the group/block size ({rows_per_group}) to be a multiple of 16")
+
+
+def _selection_configs() -> list:
+    """Both searches for the K-th largest key at each warp count: the autotuner times them on the GPU at hand. The
+    radix one needs 4 histogram passes where the bitwise one needs 32 (57 in top_and_random) block-wide sums, but how
+    tl.histogram lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before)."""
+    if INTERPRET:
+        return [triton.Config({"RADIX": SELECTION_SEARCH == "radix"}, num_warps=4, num_stages=1)]
+    return [triton.Config({"RADIX": radix}, num_warps=w, num_stages=1) for radix in (True, False) for w in (4, 8, 16)]
+
+
+def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
+    """Keeps the configs with the warp count the row length needs (fewer warps spill a 16,384-key row)."""
+    block = kwargs.get("BLOCK", named_args.get("BLOCK"))
+    return [c for c in configs if c.num_warps == _selection_warps(block)]
 
 
 if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahead of time for sm_90
@@ -277,9 +300,17 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
     @triton.jit
-    def _kth_largest(key, valid, K, BITS: tl.constexpr):
-        """The K-th largest of the valid int32 keys (signed order), found bit by bit from the top: the largest t with
-        count(key >= t) >= K. BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS)."""
+    def _kth_largest(key, valid, K, BITS: tl.constexpr, RADIX: tl.constexpr):
+        """The K-th largest of the valid int32 keys (signed order): the largest t with count(key >= t) >= K.
+        BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS). Both searches give the same t."""
+        if RADIX:
+            return _kth_largest_radix(key, valid, K, BITS)
+        else:
+            return _kth_largest_bitwise(key, valid, K, BITS)
+
+    @triton.jit
+    def _kth_largest_bitwise(key, valid, K, BITS: tl.constexpr):
+        """_kth_largest bit by bit from the top: BITS block-wide sums, one after another."""
         if BITS == 32:
             threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
         else:
@@ -296,6 +327,32 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         return threshold
 
     @triton.jit
+    def _kth_largest_radix(key, valid, K, BITS: tl.constexpr):
+        """_kth_largest by radix select, 8-bit digits from the top: ceil(BITS / 8) histograms instead of BITS sums.
+        Each pass counts the next digit of the keys that share the threshold's digits found so far, takes the highest
+        digit d with at least K of them at d or above, and leaves K minus those above d for the next digit.
+        Per-element values are recomputed from `key` each pass rather than kept: 16 warps leave 128 registers."""
+        PASSES: tl.constexpr = (BITS + 7) // 8
+        threshold = tl.zeros((), tl.int32)  # the digits found so far, in the keys' own bits
+        for p in tl.static_range(PASSES):
+            shift = 8 * (PASSES - 1 - p)  # a constexpr (p is); for BITS=25 the top digit is 1 bit wide
+            # Flipping the sign bit orders the top digit of signed keys as unsigned digits.
+            flip = 0x80 if BITS == 32 and p == 0 else 0
+            digit = ((key >> shift) & 0xFF) ^ flip
+            matching = valid
+            if p > 0:
+                matching = matching & ((key >> (shift + 8)) == (threshold >> (shift + 8)))
+            # No mask= on tl.histogram (older Tritons lack it): the other lanes count into bin 0, which is never read:
+            # bin 0 is taken whenever no higher bin has K keys at or above it.
+            hist = tl.histogram(tl.where(matching, digit, 0), 256)
+            at_or_above = key.shape[0] - tl.cumsum(hist, 0) + hist  # right for bins >= 1; bin 0's is >= K anyway
+            enough = at_or_above >= K  # true for bins 0..d: at_or_above does not increase
+            d = tl.sum(enough.to(tl.int32), 0) - 1
+            K -= tl.sum(tl.where(enough, 0, hist), 0)  # the matching keys above digit d are all taken
+            threshold = threshold | ((d ^ flip) << shift)
+        return threshold
+
+    @triton.jit
     def _take_ascending(key, valid, threshold, K):
         """The K entries at or above the threshold, ties to the lower index: a mask over the row."""
         above = valid & (key > threshold)
@@ -309,22 +366,27 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         bits = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
+    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK"],
+                     prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit
-    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr):
-        """One row per program: the indices of its K largest values, ascending, ties to the lower index. A bitwise
-        search for the K-th largest value's order-preserving key, then a compaction by running counts: one launch
-        where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100 traces). int32 keys:
-        the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200, session 8)."""
+    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr, RADIX: tl.constexpr):
+        """One row per program: the indices of its K largest values, ascending, ties to the lower index. A search
+        (radix or bitwise: RADIX) for the K-th largest value's order-preserving key, then a compaction by running
+        counts: one launch where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100
+        traces). int32 keys: the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200,
+        session 8)."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32), K)
+        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, RADIX), K)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
+    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK", "SEED_IN_TENSOR"],
+                     prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit(do_not_specialize=["offset"])
     def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
-                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, RADIX: tl.constexpr):
         """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
         in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
         numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
@@ -335,7 +397,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32), TOP)
+        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, RADIX), TOP)
         if SEED_IN_TENSOR:
             offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
         z = (row * N + offs + 1 + offset).to(tl.uint64, bitcast=True)
@@ -345,7 +407,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         z = z ^ (z >> 31)
         # The noise's top 24 bits order it as its floats do; the top set ranks above every noise value (2.0 there).
         score = tl.where(top, 1 << 24, (z >> 40).to(tl.int32))
-        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25), TOTAL)
+        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25, RADIX), TOTAL)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
 
@@ -408,29 +470,34 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_inde
 TOP_ASCENDING_MAX_ROW = 16384  # one row per program, held in registers (FLUX: 4608 keys, 12288 neurons)
 
 
-def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
+def top_ascending(scores: torch.Tensor, count: int, search: str | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
-    launch, for rows of at most TOP_ASCENDING_MAX_ROW."""
+    launch, for rows of at most TOP_ASCENDING_MAX_ROW. `search`: one of SELECTION_SEARCHES (same result), or None for
+    the autotuner's pick."""
     size = scores.shape[-1]
     if not 0 < count <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_ascending: count {count} of {size} (rows of at most {TOP_ASCENDING_MAX_ROW})")
+    _check_search(search)
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(rows.shape[0], count, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(size)
-    _top_ascending_kernel[(rows.shape[0],)](rows, out, size, count, rows.stride(0), out.stride(0), BLOCK=block,
-                                            num_warps=_selection_warps(block))
+    _launch_selection(_top_ascending_kernel, (rows.shape[0],), search, rows, out, size, count, rows.stride(0),
+                      out.stride(0), BLOCK=block)
     return out.view(*scores.shape[:-1], count)
 
 
-def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
+def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
+                   search: str | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
-    indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays)."""
+    indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays).
+    `search`: one of SELECTION_SEARCHES (same result), or None for the autotuner's pick."""
     size = scores.shape[-1]
     if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
                          f"{TOP_ASCENDING_MAX_ROW})")
+    _check_search(search)
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
@@ -438,11 +505,25 @@ def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tenso
     in_tensor = isinstance(seed, torch.Tensor)
     seed_mix, golden, mix1, mix2 = HASH_CONSTANTS
     block = triton.next_power_of_2(size)
-    _top_and_random_kernel[(rows.shape[0],)](
-        rows, out, seed if in_tensor else rows, 0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2,
-        size, top, total, rows.stride(0), out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block,
-        num_warps=_selection_warps(block))
+    _launch_selection(
+        _top_and_random_kernel, (rows.shape[0],), search, rows, out, seed if in_tensor else rows,
+        0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2, size, top, total, rows.stride(0),
+        out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block)
     return out.view(*scores.shape[:-1], total)
+
+
+def _check_search(search: str | None) -> None:
+    if search is not None and search not in SELECTION_SEARCHES:
+        raise ValueError(f"selection search {search!r}: one of {SELECTION_SEARCHES}, or None")
+
+
+def _launch_selection(kernel, grid: tuple, search: str | None, *args, BLOCK: int, **kwargs) -> None:
+    """The autotuned kernel (search None), or its plain JIT function with the search and warps given."""
+    if search is None:
+        kernel[grid](*args, BLOCK=BLOCK, **kwargs)
+    else:
+        kernel.fn[grid](*args, BLOCK=BLOCK, RADIX=search == "radix", num_warps=_selection_warps(BLOCK), num_stages=1,
+                        **kwargs)
 
 
 def _selection_warps(block: int) -> int:
