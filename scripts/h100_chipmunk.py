@@ -238,14 +238,38 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
                              "speedup_vs_dense": dense_mlp_ms / ms})
     attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
+    selection = part_speed_selection(s, device, blocks, multiple_n, dry) if use_triton else []
     return {
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
         "column_sums_ms (dense steps only)": colsum_ms, "column_sums_with_fa3_lse_ms": colsum_lse_ms,
         "attention": attn_rows,
         "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows,
+        "selection": selection,
         "targets": {"attention_16.5%_>=3x": attn_target["speedup_vs_dense"] >= 3.0,
                     "mlp_30%_>=2x": mlp_target["speedup_vs_dense"] >= 2.0},
     }
+
+
+def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry: bool) -> list[dict]:
+    """The selection kernels as a reselection step launches them (neuron sets: one row per token block; key sets: one
+    row per head and query group), with each search for the K-th largest key and with the autotuner's pick."""
+    neurons = torch.randn(blocks, s["hidden"], device=device)
+    top, total = C.rounded_count(0.3, s["hidden"], 1), C.rounded_count(0.35, s["hidden"], multiple_n)
+    keys = torch.randn(s["heads"] * -(-s["tokens"] // s["group"]), s["tokens"], device=device)
+    key_count = C.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
+    calls = {"top_and_random (neuron sets + random keys)": lambda search: T.top_and_random(neurons, top, total, 7,
+                                                                                           search=search),
+             "top_ascending (attention key sets)": lambda search: T.top_ascending(keys, key_count, search=search)}
+    rows = []
+    for name, call in calls.items():
+        row = {"call": name, **{f"{search or 'autotuned'}_ms": bench_ms(lambda: call(search), dry)
+                                for search in (*T.SELECTION_SEARCHES, None)}}
+        kernel = T._top_and_random_kernel if name.startswith("top_and_random") else T._top_ascending_kernel
+        best = getattr(kernel, "best_config", None)
+        row["autotuned_pick"] = None if best is None else \
+            ("radix" if best.kwargs.get("RADIX") else "bitwise") + f", {best.num_warps} warps"
+        rows.append(row)
+    return rows
 
 
 # --- profile: per-kernel device time --------------------------------------------------------------------
@@ -480,6 +504,11 @@ def markdown(record: dict) -> str:
                   "| MLP neuron sets | top_keys | neurons | ms | speedup |", "|---|---|---|---|---|"]
         lines += [f"| {r.get('neuron_sets', 'independent')} | {r['top_keys']} | {r['neurons']} | {r['ms']:.3f} | "
                   f"{r['speedup_vs_dense']:.2f}x |" for r in sp["mlp"]]
+        if sp.get("selection"):
+            lines += ["", "Selection kernels (the K-th largest key found by radix select or bit by bit; ms):", "",
+                      "| call | radix | bitwise | autotuned | autotuner's pick |", "|---|---|---|---|---|"]
+            lines += [f"| {r['call']} | {r['radix_ms']:.4f} | {r['bitwise_ms']:.4f} | {r['autotuned_ms']:.4f} | "
+                      f"{r['autotuned_pick']} |" for r in sp["selection"]]
         lines += ["", f"targets: {sp['targets']}", ""]
     i1 = record.get("interval1")
     if i1:

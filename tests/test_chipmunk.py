@@ -305,6 +305,12 @@ torch.testing.assert_close(T.attention_column_sums(q, k, group), sums, rtol=1e-5
 # With the rows' log-sum-exp handed in (natural log, (B, H, L), as FA3 returns it) the first pass is skipped.
 lse = torch.logsumexp(torch.einsum("blhd,bmhd->bhlm", q, k) * D ** -0.5, dim=-1)
 torch.testing.assert_close(T.attention_column_sums(q, k, group, lse), sums, rtol=1e-5, atol=1e-5)
+# A program walks GROUPS_PER_PROGRAM (2 interpreted) consecutive groups: 7 groups of 16 rows over 100 queries leave the
+# last program one group, itself ragged (4 rows); 70 keys end in a partial key tile; q and k are views with strides.
+qk2 = torch.randn(2, 100, 2, 3, 32)
+q2, k2 = qk2[:, :, 0], qk2[:, :70, 1]
+torch.testing.assert_close(T.attention_column_sums(q2, k2, 16), C.attention_column_sums(q2, k2, 16),
+                           rtol=1e-5, atol=1e-6)
 # The once-per-process check before trusting a kernel's log-sum-exp: right units pass, log2 units or a layout
 # transposed to (B, L, H) do not.
 assert C.attention_lse_matches(q, k, lse, T)

@@ -111,24 +111,38 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             m = m_new
         tl.store(LSE + bh * L + rows, m + tl.log2(s_sum), mask=rows < L)  # log2 domain
 
-    @triton.autotune(configs=_configs([dict(BLOCK_N=128, w=4, s=3), dict(BLOCK_N=64, w=4, s=3),
-                                       dict(BLOCK_N=128, w=8, s=3)], dict(BLOCK_N=16)), key=["LK", "D", "GROUP"])
+    # One program per K tile of one head walks the row tiles of GROUPS_PER_PROGRAM consecutive query groups in one flat
+    # loop (Triton software-pipelines its Q loads), summing the probabilities in a 2D accumulator that is reduced over
+    # the rows, stored and reset only at a group's last tile. On the H200 (L=4352, 24 heads of 128, GROUP=192) the
+    # first kernel (a program per K tile and group, a row sum per 64-row tile) took 497 us, 233 TFLOP/s for its QK^T
+    # pass; the flat loop alone still ~490 us (a row sum crosses warps every tile); with the 2D accumulator 283-330 us
+    # for the configs below (a standalone sweep, results/h200/traces_session9/column_sum_sweep_2026-12-02.txt).
+    @triton.autotune(configs=_configs([dict(BLOCK_N=128, GROUPS_PER_PROGRAM=4, w=4, s=2),
+                                       dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=2),
+                                       dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=3),
+                                       dict(BLOCK_N=64, GROUPS_PER_PROGRAM=8, w=4, s=2),
+                                       dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=8, s=3)],
+                                      dict(BLOCK_N=16, GROUPS_PER_PROGRAM=2)), key=["L", "LK", "D", "GROUP"])
     @triton.jit
     def _column_sum_kernel(Q, K, LSE, OUT, sqb, sql, sqh, skb, skl, skh, L, LK, H, G, scale_log2,
-                           D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        pid_n, g, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+                           D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           GROUPS_PER_PROGRAM: tl.constexpr):
+        pid_n, pid_g, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
+        TILES: tl.constexpr = GROUP // BLOCK_M  # row tiles per group
+        g0 = pid_g * GROUPS_PER_PROGRAM
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         d = tl.arange(0, D)
         k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + d[None, :], mask=cols[:, None] < LK, other=0.0)
-        acc = tl.zeros([BLOCK_N], tl.float32)
-        for i in tl.static_range(0, GROUP, BLOCK_M):
-            rows = g * GROUP + i + tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for t in range(tl.minimum(GROUPS_PER_PROGRAM, G - g0) * TILES):  # the last program may get fewer groups
+            rows = g0 * GROUP + t * BLOCK_M + tl.arange(0, BLOCK_M)
             q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + d[None, :], mask=rows[:, None] < L, other=0.0)
-            lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))
-            p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
-            acc += tl.sum(tl.where(rows[:, None] < L, p, 0.0), 0)
-        tl.store(OUT + (bh * G + g) * LK + cols, acc, mask=cols < LK)
+            lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))  # rows past L: exp2(-inf) = 0
+            acc += tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
+            if t % TILES == TILES - 1:
+                tl.store(OUT + (bh * G + g0 + t // TILES) * LK + cols, tl.sum(acc, 0), mask=cols < LK)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
     # --- attention: sparse over gathered keys ------------------------------------------------------
 
@@ -430,7 +444,8 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: tor
     # The kernels work in the log2 domain.
     lse = (lse.float() * LOG2E).contiguous() if lse is not None else row_lse_log2(q, k, block_m)
     out = torch.empty(B, H, G, LK, device=q.device, dtype=torch.float32)
-    grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), G, B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), triton.cdiv(G, meta["GROUPS_PER_PROGRAM"]),  # noqa: E731
+                         B * H)
     _column_sum_kernel[grid](q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
                              k.stride(2), L, LK, H, G, scale_log2, D=D, GROUP=group, BLOCK_M=block_m)
     return out
