@@ -149,3 +149,30 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
         assert ("--compile_mode" in cmd) == graphed and graphed == ("hicache" not in name and "no CUDA" not in name)
     assert by_name["chipmunk + float8 (dense projections) (CUDA graphs per step kind)"]["speedup_vs_dense"] == 1.5
     assert by_name["dense stack + float8 (CUDA graphs)"]["speedup_vs_dense"] == 1.0
+
+
+def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path, monkeypatch):
+    """A child killed at the budget (run_child's 124) is recorded as cut by the budget, and a real non-zero exit as a
+    failure: session 9's record called a budget cut "FAILED (exit 124)"."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+
+    outcomes = iter([(0, None), (124, "timed out after 5 s"), (1, "Traceback ...")])
+
+    def fake_child(cmd, timeout):
+        rc, tail = next(outcomes, (0, None))
+        if rc == 0:
+            results = Path(cmd[cmd.index("--results_dir") + 1])
+            results.mkdir(parents=True, exist_ok=True)
+            (results / f"bench_{len(list(results.glob('bench_*.json')))}.json").write_text(json.dumps(
+                {"latency_s": {"median": 3.0}, "stages_s": {"denoising_total": {"median": 3.0}}, "stack": {}}))
+        return rc, tail or ""
+
+    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
+    rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"))["rows"]
+    assert rows[0]["median_s"] == 3.0
+    assert rows[1]["skipped"].startswith("budget: cut after") and "exit_code" not in rows[1]
+    assert rows[2]["exit_code"] == 1 and "skipped" not in rows[2]
+    assert "FAILED (exit 1)" in h100_chipmunk.markdown({"environment": {}, "command": "x", "dry_run": False,
+                                                        "part_seconds": {},
+                                                        "e2e": {"steps": 4, "runs": 1, "rows": rows}})
