@@ -8,6 +8,12 @@ Run each case in its own process (a segfault ends only that case):
 
     for c in linear linear_in_so fa3_op fa3_op_fp8 float8 float8_in_so; do
         python3 -X faulthandler scripts/h100_aoti_probe.py --case $c; done
+
+For the native stack of the crash, build outside the debugger (the build spawns compilers for minutes under it) and
+load under it:
+
+    python3 scripts/h100_aoti_probe.py --case linear_in_so --build_only /tmp/p.pt2
+    cuda-gdb -batch -ex run -ex bt --args python3 scripts/h100_aoti_probe.py --case linear_in_so --load_only /tmp/p.pt2
 """
 
 from __future__ import annotations
@@ -42,7 +48,12 @@ class Attend(torch.nn.Module):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=CASES, required=True)
-    case = parser.parse_args().case
+    step = parser.add_mutually_exclusive_group()
+    step.add_argument("--build_only", metavar="PATH", help="build the package at PATH and stop")
+    step.add_argument("--load_only", metavar="PATH", help="load and run the package built at PATH by --build_only")
+    parser.add_argument("--device", default="cuda", help="cpu checks the script itself (the crash is on CUDA)")
+    opts = parser.parse_args()
+    case = opts.case
 
     def say(what):
         print(f"[probe] {case}: {what}", flush=True)
@@ -50,21 +61,25 @@ def main() -> None:
     torch.manual_seed(0)
     model = Attend(fp8=case == "fa3_op_fp8") if case.startswith("fa3") else \
         torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(approximate="tanh"), torch.nn.Linear(1024, 256))
-    model = model.to("cuda", torch.bfloat16)
-    x = torch.randn(1, 512, 256, device="cuda", dtype=torch.bfloat16)
+    model = model.to(opts.device, torch.bfloat16)
+    x = torch.randn(1, 512, 256, device=opts.device, dtype=torch.bfloat16)
     if case.startswith("float8"):
         from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
         quantize_(model, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()))
     with torch.no_grad():
         ref = model(x).float()
-        t0 = time.perf_counter()
-        exported = torch.export.export(model, (x,), strict=False)
-        say(f"exported in {time.perf_counter() - t0:.0f} s")
-        path = Path(tempfile.mkdtemp()) / f"{case}.pt2"
-        torch._inductor.aoti_compile_and_package(
-            exported, package_path=str(path),
-            inductor_configs={"aot_inductor.package_constants_in_so": case.endswith("_in_so")})
-        say(f"built in {time.perf_counter() - t0:.0f} s; loading")
+        path = Path(opts.load_only or opts.build_only or Path(tempfile.mkdtemp()) / f"{case}.pt2")
+        if not opts.load_only:  # the same seed builds the same weights for a later --load_only
+            t0 = time.perf_counter()
+            exported = torch.export.export(model, (x,), strict=False)
+            say(f"exported in {time.perf_counter() - t0:.0f} s")
+            torch._inductor.aoti_compile_and_package(
+                exported, package_path=str(path),
+                inductor_configs={"aot_inductor.package_constants_in_so": case.endswith("_in_so")})
+            say(f"built {path} in {time.perf_counter() - t0:.0f} s")
+            if opts.build_only:
+                return
+        say(f"loading {path}")
         loaded = torch._inductor.aoti_load_package(str(path))
         say(f"loaded; constants {loaded.get_constant_fqns()}")
         weights = {k: v for k, v in compile_utils.export_constants(model).items()
@@ -73,7 +88,6 @@ def main() -> None:
         say("constants loaded (user-managed); running")
         out = loaded(x)
         out = (out[0] if isinstance(out, (list, tuple)) else out).float()
-        torch.cuda.synchronize()
     rel = ((out - ref).norm() / ref.norm()).item()
     say(f"ran: relative difference to eager {rel:.2e} -> {'PASS' if rel < 2e-2 else 'FAIL'}")
 

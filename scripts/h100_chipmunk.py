@@ -240,6 +240,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
     selection = part_speed_selection(s, device, blocks, multiple_n, dry) if use_triton else []
     return {
+        "autotuned": autotune_picks() if use_triton else {},
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
         "column_sums_ms (dense steps only)": colsum_ms, "column_sums_with_fa3_lse_ms": colsum_lse_ms,
         "attention": attn_rows,
@@ -248,6 +249,20 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
         "targets": {"attention_16.5%_>=3x": attn_target["speedup_vs_dense"] >= 3.0,
                     "mlp_30%_>=2x": mlp_target["speedup_vs_dense"] >= 2.0},
     }
+
+
+def autotune_picks() -> dict[str, dict[str, str]]:
+    """Each autotuned Chipmunk kernel's chosen config per tuning key (the shapes the speed part ran)."""
+    import triton
+
+    picks = {}
+    for name in dir(T):
+        kernel = getattr(T, name)
+        if isinstance(kernel, triton.runtime.Autotuner) and kernel.cache:
+            picks[name] = {", ".join(map(str, key)): ", ".join(f"{k}={v}" for k, v in config.kwargs.items())
+                           + f", warps {config.num_warps}, stages {config.num_stages}"
+                           for key, config in kernel.cache.items()}
+    return picks
 
 
 def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry: bool) -> list[dict]:
@@ -512,6 +527,11 @@ def markdown(record: dict) -> str:
                       "| call | radix | bitwise | autotuned | autotuner's pick |", "|---|---|---|---|---|"]
             lines += [f"| {r['call']} | {r['radix_ms']:.4f} | {r['bitwise_ms']:.4f} | {r['autotuned_ms']:.4f} | "
                       f"{r['autotuned_pick']} |" for r in sp["selection"]]
+        if sp.get("autotuned"):
+            lines += ["", "Autotuner's picks (tuning key: the kernel's size arguments):", "",
+                      "| kernel | key | config |", "|---|---|---|"]
+            lines += [f"| `{name}` | {key} | {config} |" for name, picks in sp["autotuned"].items()
+                      for key, config in picks.items()]
         lines += ["", f"targets: {sp['targets']}", ""]
     i1 = record.get("interval1")
     if i1:

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -176,3 +178,17 @@ def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path
     assert "FAILED (exit 1)" in h100_chipmunk.markdown({"environment": {}, "command": "x", "dry_run": False,
                                                         "part_seconds": {},
                                                         "e2e": {"steps": 4, "runs": 1, "rows": rows}})
+
+
+def test_chipmunk_speed_record_names_the_autotuners_picks(monkeypatch):
+    """The speed part lists each autotuned kernel's chosen config per tuning key, so a record says which tile ran."""
+    triton = pytest.importorskip("triton")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+    from utils import chipmunk_triton as T
+
+    key = (4608, 3712, 3072, 128)
+    monkeypatch.setitem(T._sparse_fc1_kernel.cache, key,
+                        triton.Config({"BLOCK_K": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3))
+    picks = h100_chipmunk.autotune_picks()
+    assert picks["_sparse_fc1_kernel"]["4608, 3712, 3072, 128"] == "BLOCK_K=256, BLOCK_D=64, warps 8, stages 3"
