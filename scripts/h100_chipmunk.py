@@ -152,6 +152,18 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows.append({"check": "sparse MLP: fc1 pre-activation block means", "rel_err": rel_err(means, ref_means)})
     del x, w1, b1, w2, b2, index, act, out_cache, act_ref, out_ref, pre, layer_out
 
+    # A dense MLP step's epilogue over W1 x^T (bias, GELU into the neuron-major cache, block means) against torch.
+    pre_t = torch.randn(1, s["hidden"], s["tokens"], device=device, dtype=dtype)
+    bias = torch.randn(s["hidden"], device=device, dtype=dtype)
+    act_t = torch.empty_like(pre_t)
+    means = T.dense_mlp_epilogue(pre_t, bias, act_t, s["block"])
+    biased = (pre_t.float() + bias.float()[:, None]).transpose(1, 2)
+    rows.append({"check": "dense MLP step epilogue: GELU into the neuron-major cache",
+                 "rel_err": rel_err(act_t.transpose(1, 2), C.gelu_tanh(biased))})
+    rows.append({"check": "dense MLP step epilogue: block means", "rel_err": rel_err(means, C.block_means(biased,
+                                                                                                     s["block"]))})
+    del pre_t, act_t, biased
+
     # Selection, as a reselection step calls it ((blocks, hidden) float32 changes): the top set against torch.topk
     # (random floats: no ties), and the one-launch neuron set + random keys against the two launches it replaced,
     # for an int seed and a seed in a device tensor (CUDA-graph replays). Indices: these must match exactly.

@@ -367,6 +367,15 @@ for (d, out, K), layout in itertools.product(shapes, (lambda t: t, C.neuron_majo
     assert not torch.equal(act, act_before) and act.stride() == act_before.stride()  # updated in place, same layout
     rows = (torch.arange(3 * block) < L).view(3, block)
     torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
+# A dense MLP step's epilogue over W1 x^T: bias, GELU into the neuron-major cache, block means (blocks of 32 and of
+# 24, a size that is no power of two; 80 tokens leave a partial last block).
+for block in (32, 24):
+    pre_t, b1 = torch.randn(2, 40, 80), torch.randn(40)
+    act_t = torch.full_like(pre_t, float("nan"))
+    means = T.dense_mlp_epilogue(pre_t, b1, act_t, block)
+    biased = (pre_t + b1[:, None]).transpose(1, 2)
+    torch.testing.assert_close(act_t.transpose(1, 2), C.gelu_tanh(biased), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means, C.block_means(biased, block), rtol=1e-5, atol=1e-6)
 print("kernels match the reference")
 """
 

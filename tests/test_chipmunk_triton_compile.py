@@ -37,7 +37,7 @@ NK_ATTN = chipmunk.rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
 NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
-ELEMENTWISE = {"activation_delta", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
+ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
                "top_and_random_neurons_seed_in_tensor", "top_neurons_bitwise", "top_and_random_neurons_bitwise"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
             "sparse_fc2_uneven"}  # loops over gathered rows
@@ -94,6 +94,11 @@ def kernel_args():
                                   snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
                                   sdb=delta.stride(0), sdl=delta.stride(1), L=L, NK=NK_MLP, NB=NB,
                                   TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+        "dense_mlp_epilogue": (ct._dense_mlp_epilogue_kernel, [dict(num_warps=8, num_stages=1)],
+                               dict(PRE=meta(B, HIDDEN, L), B1=meta(HIDDEN), ACT=meta(B, HIDDEN, L),
+                                    MEANS=meta(B, NB, HIDDEN, dtype=torch.float32), spb=HIDDEN * L, sph=L,
+                                    sab=HIDDEN * L, sah=L, L=L, HIDDEN=HIDDEN, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
+                                    BLOCK_H=8192 // MLP_BLOCK, BM=MLP_BLOCK)),
         # One row per program, as top_ascending launches it: MLP neuron sets (12288 wide), attention key sets (4608).
         # Both searches for the K-th largest key: the autotuner picks one per row length on the GPU.
         "top_neurons": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)], top_neurons),

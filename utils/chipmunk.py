@@ -623,7 +623,7 @@ class SparseMlpLayer:
         output = None  # the sparse Triton path's output, rounded by fc2's epilogue
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
             if triton_ops:
-                act, pre_mean = self._dense_fc1_neuron_major(x)
+                act, pre_mean = self._dense_fc1_neuron_major(x, triton_ops)
             else:
                 pre = F.linear(x, self.w1, self.b1)
                 act = s.store("act_cache", gelu_tanh(pre))
@@ -658,25 +658,27 @@ class SparseMlpLayer:
         # reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
         return s.tensors["out_cache"].to(x.dtype, copy=True)
 
-    def _dense_fc1_neuron_major(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dense_fc1_neuron_major(self, x: torch.Tensor, triton_ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense step's fc1 + GELU for the Triton path, computed transposed: (B, hidden, L) = W1 x^T is the
         activation cache's neuron-major storage itself, so GELU writes the cache in one pass. (Computing it token-major
         and copying it into the neuron-major cache took a transposing copy of ~0.35 ms per layer: 19.6 ms of a dense
-        step on the H200, results/NOTES.md session 8.) Returns the cache (the token-major view, as `neuron_major`
+        step on the H200, results/NOTES.md session 8.) With the kernels, the bias, GELU and block means are one pass
+        (`dense_mlp_epilogue`); torch's ops take three. Returns the cache (the token-major view, as `neuron_major`
         gives) and the block means of the pre-activations."""
         s = self.state
         # B, hidden, L; cuBLAS reads x transposed. Detached: with a weight that requires grad (a Parameter, even
         # under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result (the H200 trace showed
         # the same 0.35 ms copy per layer as before).
         pre_t = torch.matmul(self.w1.detach(), x.transpose(1, 2))
-        pre_t += self.b1.detach()[:, None]  # (GELU's out= below takes no tensor that requires grad)
-        pre_mean = block_means(pre_t.transpose(1, 2), self.config.bm)
         cache = s.tensors.get("act_cache")
         if cache is None or cache.shape != pre_t.transpose(1, 2).shape or cache.dtype != pre_t.dtype:
-            s.tensors["act_cache"] = F.gelu(pre_t, approximate="tanh").transpose(1, 2)
-        else:  # in place: a step graph holds the buffer's address
-            torch.ops.aten.gelu.out(pre_t, approximate="tanh", out=cache.transpose(1, 2))
-        return s.tensors["act_cache"], pre_mean
+            cache = s.tensors["act_cache"] = torch.empty_like(pre_t).transpose(1, 2)
+        # Written in place from here on: a step graph holds the buffer's address.
+        if triton_ops:
+            return cache, triton_ops.dense_mlp_epilogue(pre_t, self.b1.detach(), cache.transpose(1, 2), self.config.bm)
+        pre_t += self.b1.detach()[:, None]  # (GELU's out= below takes no tensor that requires grad)
+        torch.ops.aten.gelu.out(pre_t, approximate="tanh", out=cache.transpose(1, 2))
+        return cache, block_means(pre_t.transpose(1, 2), self.config.bm)
 
     def _selected_block_means(self, pre: torch.Tensor, length: int) -> torch.Tensor:
         B, nb, block, K = pre.shape

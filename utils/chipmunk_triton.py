@@ -256,6 +256,27 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         tl.store(DELTA + b * sdb + rows[:, None] * sdl + j[None, :], delta.to(DELTA.dtype.element_ty), mask=mask)
         tl.store(act_ptr, new, mask=mask)
 
+    # --- MLP: a dense step's epilogue over the transposed pre-activations ---------------------------------
+
+    @triton.jit
+    def _dense_mlp_epilogue_kernel(PRE, B1, ACT, MEANS, spb, sph, sab, sah, L, HIDDEN, NB, TOKENS_PER_BLOCK,
+                                   BLOCK_H: tl.constexpr, BM: tl.constexpr):
+        """One tile of BLOCK_H neurons x one token block of (B, hidden, L) = W1 x^T: adds the bias, writes GELU(tanh)
+        into the neuron-major activation cache, and stores the block's mean pre-activation per neuron."""
+        pid_h, blk, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+        start = blk * TOKENS_PER_BLOCK
+        end = tl.minimum(start + TOKENS_PER_BLOCK, L)
+        t = start + tl.arange(0, BM)  # BM: the block size rounded up to a power of two
+        mask = (h[:, None] < HIDDEN) & (t[None, :] < end)
+        pre = tl.load(PRE + b * spb + h[:, None] * sph + t[None, :], mask=mask, other=0.0).to(tl.float32)
+        pre += tl.load(B1 + h, mask=h < HIDDEN, other=0.0).to(tl.float32)[:, None]
+        count = (end - start).to(tl.float32)
+        tl.store(MEANS + (b * NB + blk) * HIDDEN + h, tl.sum(tl.where(mask, pre, 0.0), 1) / count, mask=h < HIDDEN)
+        z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # gelu_tanh(x) = x * sigmoid(2z), as in fc1
+        tl.store(ACT + b * sab + h[:, None] * sah + t[None, :], (pre / (1.0 + tl.exp(-z2))).to(ACT.dtype.element_ty),
+                 mask=mask)
+
     # --- MLP: fc2 on gathered rows of W2^T, added into the output cache -----------------------------
 
     # BLOCK_N=128 at 4 warps and BLOCK_N=256 at 8 spill on sm_90 (~330 B: 128 fp32 accumulator registers per thread,
@@ -548,6 +569,23 @@ def _selection_warps(block: int) -> int:
 def _largest(kernel, meta: str) -> int:
     """The largest tile any autotune config of the kernel gives `meta`: a size it divides suits every config."""
     return max(config.kwargs[meta] for config in kernel.configs)
+
+
+def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tensor, block: int) -> torch.Tensor:
+    """A dense MLP step's fc1 epilogue in one pass over pre_t = W1 x^T (B, hidden, L), L contiguous: act_t (the same
+    shape and layout: the neuron-major activation cache) = gelu_tanh(pre_t + b1), and the block means of the biased
+    pre-activations, (B, nb, hidden) float32, as utils.chipmunk.block_means gives them. Where torch took three passes
+    (the broadcast bias add, GELU, the block sums: ~245 us a layer on the H200, results/NOTES.md session 9)."""
+    B, hidden, L = pre_t.shape
+    if pre_t.stride(-1) != 1 or act_t.shape != pre_t.shape or act_t.stride(-1) != 1:
+        raise ValueError("dense_mlp_epilogue needs pre_t and act_t of one shape, (B, hidden, L) with L contiguous")
+    nb = math.ceil(L / block)
+    means = torch.empty(B, nb, hidden, device=pre_t.device, dtype=torch.float32)
+    block_h = 16 if INTERPRET else max(1, 8192 // triton.next_power_of_2(block))  # ~8k elements a program
+    _dense_mlp_epilogue_kernel[(triton.cdiv(hidden, block_h), nb, B)](
+        pre_t, b1.contiguous(), act_t, means, pre_t.stride(0), pre_t.stride(1), act_t.stride(0), act_t.stride(1), L,
+        hidden, nb, block, BLOCK_H=block_h, BM=triton.next_power_of_2(block), num_warps=4 if INTERPRET else 8)
+    return means
 
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
