@@ -293,8 +293,7 @@ def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry
                                 for search in (*T.SELECTION_SEARCHES, None)}}
         kernel = T._top_and_random_kernel if name.startswith("top_and_random") else T._top_ascending_kernel
         best = getattr(kernel, "best_config", None)
-        row["autotuned_pick"] = None if best is None else \
-            ("radix" if best.kwargs.get("RADIX") else "bitwise") + f", {best.num_warps} warps"
+        row["autotuned_pick"] = None if best is None else f"{best.kwargs.get('SEARCH')}, {best.num_warps} warps"
         rows.append(row)
     return rows
 
@@ -535,10 +534,12 @@ def markdown(record: dict) -> str:
         lines += [f"| {r.get('neuron_sets', 'independent')} | {r['top_keys']} | {r['neurons']} | {r['ms']:.3f} | "
                   f"{r['speedup_vs_dense']:.2f}x |" for r in sp["mlp"]]
         if sp.get("selection"):
-            lines += ["", "Selection kernels (the K-th largest key found by radix select or bit by bit; ms):", "",
-                      "| call | radix | bitwise | autotuned | autotuner's pick |", "|---|---|---|---|---|"]
-            lines += [f"| {r['call']} | {r['radix_ms']:.4f} | {r['bitwise_ms']:.4f} | {r['autotuned_ms']:.4f} | "
-                      f"{r['autotuned_pick']} |" for r in sp["selection"]]
+            searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
+            lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"
+                      ".SELECTION_SEARCHES):", "", "| call | " + " | ".join(searches) + " | autotuner's pick |",
+                      "|---|" + "---|" * (len(searches) + 1)]
+            lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches)
+                      + f" | {r['autotuned_pick']} |" for r in sp["selection"]]
         if sp.get("autotuned"):
             lines += ["", "Autotuner's picks (tuning key: the kernel's size arguments):", "",
                       "| kernel | key | config |", "|---|---|---|"]

@@ -380,7 +380,7 @@ print("kernels match the reference")
 """
 
 
-# The two searches for the K-th largest key (radix and bitwise) against each other and the PyTorch reference: random
+# The searches for the K-th largest key (bitwise, pairs, radix) against each other and the PyTorch reference: random
 # rows, rows of few values (many ties, -0.0 and +0.0 among them), short odd rows (padding lanes), K = 1 and K = N, and
 # random bit patterns (every int32 key, NaNs too). torch.topk breaks ties its own way, so tied rows are checked against
 # the kernels' rule (a stable sort of the order-preserving keys: ties to the lower index, -0.0 below +0.0) and, for
@@ -396,11 +396,12 @@ def key_order_top(x, count):
     keys = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # as the kernels' _float_key
     return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :count].sort(-1).values.int()
 
-def both(fn, *args):
-    radix, bitwise, tuned = fn(*args, search="radix"), fn(*args, search="bitwise"), fn(*args)  # tuned: the default
-    assert torch.equal(radix, bitwise), (fn.__name__, args[1:], (radix != bitwise).sum())
-    assert torch.equal(tuned, radix), (fn.__name__, args[1:])
-    return radix
+def both(fn, *args):  # every search, and the default (the autotuner's pick on a GPU)
+    bitwise = fn(*args, search="bitwise")
+    for search in (*T.SELECTION_SEARCHES, None):
+        got = fn(*args, search=search)
+        assert torch.equal(got, bitwise), (fn.__name__, search, args[1:], (got != bitwise).sum())
+    return bitwise
 
 seed = 1_000_007
 few_levels = lambda *shape: (torch.randn(*shape) * 2).round()  # ~9 values per row, -0.0 among them
@@ -487,5 +488,5 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(kernel_checks_out
     assert "kernels match the reference" in kernel_checks_output
 
 
-def test_radix_and_bitwise_selection_give_the_same_indices_as_the_reference(kernel_checks_output):
+def test_every_selection_search_gives_the_same_indices_as_the_reference(kernel_checks_output):
     assert "selection searches agree" in kernel_checks_output

@@ -48,12 +48,13 @@ GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(2c (
 LOG2E = 1.4426950408889634
 
 
-# How the selection kernels find the K-th largest key: "radix" (ceil(bits / 8) histogram passes) or "bitwise" (one
-# block-wide sum per bit: 32, or 32 + 25 in top_and_random). Both give the same indices. On a GPU the autotuner picks
-# the faster for the row length (search=None); an explicit search runs that one (the tests, the device benchmark).
-# The interpreter runs SELECTION_SEARCH.
-SELECTION_SEARCH = "radix"
-SELECTION_SEARCHES = ("radix", "bitwise")
+# How the selection kernels find the K-th largest key: "bitwise" (one block-wide sum per bit: 32, or 32 + 25 in
+# top_and_random), "pairs" (two bits per sum, three counts packed in one int64: 16, or 16 + 13) or "radix"
+# (ceil(bits / 8) histogram passes). All give the same indices. On a GPU the autotuner picks the fastest for the row
+# length (search=None); an explicit search runs that one (the tests, the device benchmark). The interpreter runs
+# SELECTION_SEARCH.
+SELECTION_SEARCH = "pairs"
+SELECTION_SEARCHES = ("bitwise", "pairs", "radix")
 
 
 def _configs(full: list[dict], interpreted: dict) -> list:
@@ -73,14 +74,16 @@ def _row_tile(rows_per_group: int, cap: int) -> int:
 
 
 def _selection_configs() -> list:
-    """Both searches for the K-th largest key at each warp count: the autotuner times them on the GPU at hand. The
-    radix one needs 4 histogram passes where the bitwise one needs 32 (57 in top_and_random) block-wide sums, but how
-    tl.histogram lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on
-    the H200 with Triton 3.6, top_and_random took 142 us radix and 83 us bitwise, so the autotuner keeps bitwise there.
-    Each row length has one warp count (_selection_warps_only prunes the others)."""
+    """Every search for the K-th largest key at each warp count: the autotuner times them on the GPU at hand. Each
+    block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
+    bitwise takes 32 sums (57 in top_and_random), pairs 16 (29), radix 4 histogram passes (8), but how tl.histogram
+    lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with
+    Triton 3.6, top_and_random took 142 us radix and 83 us bitwise (pairs not yet measured). Each row length has one
+    warp count (_selection_warps_only prunes the others)."""
     if INTERPRET:
-        return [triton.Config({"RADIX": SELECTION_SEARCH == "radix"}, num_warps=4, num_stages=1)]
-    return [triton.Config({"RADIX": radix}, num_warps=w, num_stages=1) for radix in (True, False) for w in (4, 8, 16)]
+        return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
+    return [triton.Config({"SEARCH": search}, num_warps=w, num_stages=1) for search in SELECTION_SEARCHES
+            for w in (4, 8, 16)]
 
 
 def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
@@ -337,11 +340,13 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
     @triton.jit
-    def _kth_largest(key, valid, K, BITS: tl.constexpr, RADIX: tl.constexpr):
+    def _kth_largest(key, valid, K, BITS: tl.constexpr, SEARCH: tl.constexpr):
         """The K-th largest of the valid int32 keys (signed order): the largest t with count(key >= t) >= K.
         BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS). Both searches give the same t."""
-        if RADIX:
+        if SEARCH == "radix":
             return _kth_largest_radix(key, valid, K, BITS)
+        elif SEARCH == "pairs":
+            return _kth_largest_pairs(key, valid, K, BITS)
         else:
             return _kth_largest_bitwise(key, valid, K, BITS)
 
@@ -362,6 +367,39 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             count = tl.sum((valid & (key >= candidate)).to(tl.int32), 0)
             threshold = tl.where(count >= K, candidate, threshold)
         return threshold
+
+    @triton.jit
+    def _signed_candidate(threshold, bits, FLIP: tl.constexpr):
+        """threshold | bits, an unsigned-order search value, as the signed int32 key it compares like."""
+        return ((threshold | bits) ^ FLIP).to(tl.int32, bitcast=True)
+
+    @triton.jit
+    def _kth_largest_pairs(key, valid, K, BITS: tl.constexpr):
+        """_kth_largest two bits per block-wide sum: the counts of keys at or above the three candidates for the next
+        two bits are packed 20 bits apart in one int64 (a row holds at most 16,384 keys) and summed together, so
+        ceil(BITS / 2) sums instead of BITS. The search runs in unsigned order (the sign bit flipped for BITS=32) and
+        flips each candidate back rather than the keys: no second copy of the row in registers."""
+        FLIP: tl.constexpr = 0x80000000 if BITS == 32 else 0
+        threshold = tl.zeros((), tl.uint32)
+        for r in tl.static_range((BITS + 1) // 2):
+            shift = BITS - 2 * (r + 1)  # the pair's low bit; -1 in the last round of an odd BITS
+            if shift < 0:  # bit 0 alone
+                packed = (valid & (key >= _signed_candidate(threshold, 1, FLIP))).to(tl.int64)
+            else:
+                c1 = _signed_candidate(threshold, tl.full((), 1 << shift, tl.uint32), FLIP)
+                c2 = _signed_candidate(threshold, tl.full((), 2 << shift, tl.uint32), FLIP)
+                c3 = _signed_candidate(threshold, tl.full((), 3 << shift, tl.uint32), FLIP)
+                packed = ((valid & (key >= c1)).to(tl.int64) + ((valid & (key >= c2)).to(tl.int64) << 20)
+                          + ((valid & (key >= c3)).to(tl.int64) << 40))
+            counts = tl.sum(packed, 0)
+            # The candidates rise, so the counts fall: the next bits are how many of them keep >= K keys.
+            steps = ((counts & 0xFFFFF) >= K).to(tl.uint32) + (((counts >> 20) & 0xFFFFF) >= K).to(tl.uint32) + \
+                (((counts >> 40) & 0xFFFFF) >= K).to(tl.uint32)
+            if shift < 0:
+                threshold = threshold | steps
+            else:
+                threshold = threshold | (steps << shift)
+        return (threshold ^ FLIP).to(tl.int32, bitcast=True)
 
     @triton.jit
     def _kth_largest_radix(key, valid, K, BITS: tl.constexpr):
@@ -406,9 +444,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK"],
                      prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit
-    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr, RADIX: tl.constexpr):
+    def _top_ascending_kernel(X, OUT, N, K, sx, so, BLOCK: tl.constexpr, SEARCH: tl.constexpr):
         """One row per program: the indices of its K largest values, ascending, ties to the lower index. A search
-        (radix or bitwise: RADIX) for the K-th largest value's order-preserving key, then a compaction by running
+        (SEARCH: one of SELECTION_SEARCHES) for the K-th largest value's order-preserving key, then a compaction by running
         counts: one launch where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100
         traces). int32 keys: the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200,
         session 8)."""
@@ -416,14 +454,14 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, RADIX), K)
+        chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, SEARCH), K)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
     @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK", "SEED_IN_TENSOR"],
                      prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit(do_not_specialize=["offset"])
     def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
-                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, RADIX: tl.constexpr):
+                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, SEARCH: tl.constexpr):
         """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
         in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
         numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
@@ -431,12 +469,12 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         noise tensor, the scatter and the second launch. The seed is offset (seed * seed_mix, wrapped) or, when
         SEED_IN_TENSOR, read from SEED (a device scalar that CUDA-graph replays update)."""
         row = tl.program_id(0).to(tl.int64)
+        if SEED_IN_TENSOR:  # loaded first: after the first search it cost registers that spilled (sm_90, 16 warps)
+            offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
         offs = tl.arange(0, BLOCK)
         valid = offs < N
         key = _float_key(X, row, sx, offs, valid)
-        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, RADIX), TOP)
-        if SEED_IN_TENSOR:
-            offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
+        top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, SEARCH), TOP)
         z = (row * N + offs + 1 + offset).to(tl.uint64, bitcast=True)
         z = z * golden.to(tl.uint64, bitcast=True)
         z = (z ^ (z >> 30)) * mix1.to(tl.uint64, bitcast=True)
@@ -444,7 +482,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         z = z ^ (z >> 31)
         # The noise's top 24 bits order it as its floats do; the top set ranks above every noise value (2.0 there).
         score = tl.where(top, 1 << 24, (z >> 40).to(tl.int32))
-        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25, RADIX), TOTAL)
+        chosen = _take_ascending(score, valid, _kth_largest(score, valid, TOTAL, 25, SEARCH), TOTAL)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
 
@@ -560,7 +598,7 @@ def _launch_selection(kernel, grid: tuple, search: str | None, *args, BLOCK: int
     if search is None:
         kernel[grid](*args, BLOCK=BLOCK, **kwargs)
     else:
-        kernel.fn[grid](*args, BLOCK=BLOCK, RADIX=search == "radix", num_warps=_selection_warps(BLOCK), num_stages=1,
+        kernel.fn[grid](*args, BLOCK=BLOCK, SEARCH=search, num_warps=_selection_warps(BLOCK), num_stages=1,
                         **kwargs)
 
 
