@@ -9,6 +9,9 @@ Run each case in its own process (a segfault ends only that case):
     for c in linear linear_in_so fa3_op fa3_op_fp8 float8 float8_in_so; do
         python3 -X faulthandler scripts/h100_aoti_probe.py --case $c; done
 
+`--loader runner` skips the package: AOTInductor's plain .so (torch._inductor.aot_compile) loaded by the model
+container runner itself. If the crash is in the package loader, this path runs, and export_aoti could take it.
+
 For the native stack of the crash, build outside the debugger (the build spawns compilers for minutes under it) and
 load under it:
 
@@ -49,9 +52,13 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--case", choices=CASES, required=True)
     step = parser.add_mutually_exclusive_group()
-    step.add_argument("--build_only", metavar="PATH", help="build the package at PATH and stop")
+    step.add_argument("--build_only", metavar="PATH", help="build the package at PATH and stop (with --loader "
+                                                           "runner: PATH gets the built .so's path)")
     step.add_argument("--load_only", metavar="PATH", help="load and run the package built at PATH by --build_only")
     parser.add_argument("--device", default="cuda", help="cpu checks the script itself (the crash is on CUDA)")
+    parser.add_argument("--loader", choices=("package", "runner"), default="package",
+                        help="package: aoti_compile_and_package + aoti_load_package (what export_aoti uses); runner: "
+                             "aot_compile's .so (weights in it) + AOTIModelContainerRunner")
     opts = parser.parse_args()
     case = opts.case
 
@@ -73,13 +80,30 @@ def main() -> None:
             t0 = time.perf_counter()
             exported = torch.export.export(model, (x,), strict=False)
             say(f"exported in {time.perf_counter() - t0:.0f} s")
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(path),
-                inductor_configs={"aot_inductor.package_constants_in_so": case.endswith("_in_so")})
+            if opts.loader == "runner":  # a .so with the weights in it, no package around it
+                built = torch._inductor.aot_compile(exported.module(), (x,),
+                                                    options={"aot_inductor.package_constants_in_so": True})
+                if opts.build_only:  # the .so stays where inductor built it (its kernels may lie beside it)
+                    Path(opts.build_only).write_text(str(built))
+                path = Path(built)
+            else:
+                torch._inductor.aoti_compile_and_package(
+                    exported, package_path=str(path),
+                    inductor_configs={"aot_inductor.package_constants_in_so": case.endswith("_in_so")})
             say(f"built {path} in {time.perf_counter() - t0:.0f} s")
             if opts.build_only:
                 return
-        say(f"loading {path}")
+        if opts.loader == "runner" and opts.load_only:  # --build_only wrote the .so's path there
+            path = Path(Path(opts.load_only).read_text().strip())
+        say(f"loading {path} ({opts.loader})")
+        if opts.loader == "runner":
+            runner = (torch._C._aoti.AOTIModelContainerRunnerCuda(str(path), 1, opts.device) if opts.device != "cpu"
+                      else torch._C._aoti.AOTIModelContainerRunnerCpu(str(path), 1))
+            say("loaded; running")
+            out = runner.run([x])[0].float()
+            rel = ((out - ref).norm() / ref.norm()).item()
+            say(f"ran: relative difference to eager {rel:.2e} -> {'PASS' if rel < 2e-2 else 'FAIL'}")
+            return
         loaded = torch._inductor.aoti_load_package(str(path))
         say(f"loaded; constants {loaded.get_constant_fqns()}")
         weights = {k: v for k, v in compile_utils.export_constants(model).items()
