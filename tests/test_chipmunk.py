@@ -367,6 +367,28 @@ for (d, out, K), layout in itertools.product(shapes, (lambda t: t, C.neuron_majo
     assert not torch.equal(act, act_before) and act.stride() == act_before.stride()  # updated in place, same layout
     rows = (torch.arange(3 * block) < L).view(3, block)
     torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
+# fc2's epilogue in column chunks (the interpreted config above: 16-wide tiles in 4 chunks of 4) at the GPU's tiles,
+# 128x256 and 128x128 in chunks of 64 (here 32-row tiles): the float32 cache and its bf16 copy bit for bit as one
+# whole-tile update gives them, and as the reference. 300 outputs leave a partial last tile (masked chunks, one of
+# them wholly past the end), 256 none; 20 neurons take the masked K loop, 32 the unmasked one.
+for nout, K, (tile, chunk) in itertools.product((300, 256), (20, 32), ((256, 64), (128, 64))):
+    delta, w2_t = torch.randn(B, L, K), torch.randn(hidden, nout) / 8
+    index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
+    cache = torch.randn(B, L, nout)
+    expected = cache + torch.einsum("blk,blkn->bln", delta, w2_t[index[0, torch.arange(L) // block].long()][None])
+    results = []
+    for epilogue_n in (tile, chunk):
+        out_cache, low = cache.clone(), torch.full((B, L, nout), float("nan"), dtype=torch.bfloat16)
+        T._sparse_fc2_kernel.fn[(T.triton.cdiv(L, 32), T.triton.cdiv(nout, tile), B)](
+            delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1), out_cache.stride(0),
+            out_cache.stride(1), low.stride(0), low.stride(1), L, K, nout, 3, block, WRITE_LOW=True, BLOCK_M=32,
+            BLOCK_N=tile, BLOCK_K=16, EPILOGUE_N=epilogue_n, EVEN_K=K % 16 == 0, EVEN_N=nout % tile == 0,
+            num_warps=4, num_stages=1)
+        results.append((out_cache, low))
+    (whole, whole_low), (chunked, chunked_low) = results
+    assert torch.equal(chunked, whole) and torch.equal(chunked_low, whole_low), (nout, K, tile)
+    torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_low.float(), chunked.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)
 # A dense MLP step's epilogue over W1 x^T: bias, GELU into the neuron-major cache, block means (blocks of 32 and of
 # 24, a size that is no power of two; 80 tokens leave a partial last block).
 for block in (32, 24):

@@ -57,12 +57,13 @@ SELECTION_SEARCH = "pairs"
 SELECTION_SEARCHES = ("bitwise", "pairs", "radix")
 
 
-def _configs(full: list[dict], interpreted: dict) -> list:
-    """Autotune candidates; a single small one under the interpreter (no timing there)."""
+def _configs(full: list[dict], interpreted: dict, **common) -> list:
+    """Autotune candidates; a single small one under the interpreter (no timing there). `common`: meta-parameters
+    every full config takes (the interpreted one gives its own)."""
     if INTERPRET:
         return [triton.Config(interpreted, num_warps=4, num_stages=1)]
-    return [triton.Config({k: v for k, v in c.items() if k not in ("w", "s")}, num_warps=c["w"], num_stages=c["s"])
-            for c in full]
+    return [triton.Config(dict(common, **{k: v for k, v in c.items() if k not in ("w", "s")}), num_warps=c["w"],
+                          num_stages=c["s"]) for c in full]
 
 
 def _row_tile(rows_per_group: int, cap: int) -> int:
@@ -284,20 +285,28 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
 
     # --- MLP: fc2 on gathered rows of W2^T, added into the output cache -----------------------------
 
-    # BLOCK_N=128 at 4 warps and BLOCK_N=256 at 8 spill on sm_90 (~330 B: 128 fp32 accumulator registers per thread,
-    # and the epilogue's float32 cache tile beside them), so the wide tiles run at 8 warps with BLOCK_N <= 128.
-    # 128x128 tiles take 194 registers (one CTA per SM, so stages 4-5 cost no occupancy); 128x64 ones at 8 warps 104
-    # (two CTAs per SM, one's epilogue under the other's loop).
+    # The epilogue adds the tile into the float32 cache EPILOGUE_N columns at a time: the accumulator's column chunks
+    # (tl.reshape + tl.permute + tl.split, as Triton's persistent matmul tutorial subtiles its epilogue) load, add and
+    # store their part of the cache one after another, so that only a chunk of the cache tile is live beside the
+    # accumulator. Same sums, same rounding. sm_90 with Triton 3.8's ptxas at FLUX shapes, whole-tile -> 64-column
+    # epilogue: 128x256 at 8 warps 255 registers + 344 B spilled -> 212 registers, no spills (its only config change:
+    # ~12 KB loaded from L2 per MFLOP against ~16 KB at 128x128, and fc2 ran at ~395 TFLOP/s on the H200, likely bound
+    # by L2 -> SM traffic); 128x128 194 -> 128 (138 at BLOCK_K=128), so that BLOCK_K 64 at 3 stages and 32 at 4 could
+    # now fit two CTAs per SM (not yet measured on a GPU: the autotuner decides); 128x128 at 4 warps 255 + 328 B
+    # spilled -> 244 (not listed). 128x64 tiles are one chunk, unchanged: 104 registers at 8 warps, 212 at 4 (two CTAs
+    # per SM, one's epilogue under the other's loop). 32-column chunks would give ~198 at 128x256, 124 at 128x128.
     @triton.autotune(configs=_configs([dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
                                        dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
                                        dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
-                                       dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4)],
-                                      dict(BLOCK_N=16, BLOCK_K=16)),
+                                       dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
+                                       dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=4)],
+                                      dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), EPILOGUE_N=64),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
     def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, LOW, sdb, sdl, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
                            WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+                           BLOCK_K: tl.constexpr, EPILOGUE_N: tl.constexpr, EVEN_K: tl.constexpr,
+                           EVEN_N: tl.constexpr):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest, as in fc1:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the programs in flight share a W2^T column slice (L2)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -330,6 +339,38 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             else:
                 w = tl.load(w_ptr, mask=jvalid[:, None] & (cols[None, :] < NOUT), other=0.0)
             acc += tl.dot(delta, w)
+        # The cache update in BLOCK_N // EPILOGUE_N (1, 2 or 4) column chunks, one after another (see above).
+        tl.static_assert(BLOCK_N == EPILOGUE_N or BLOCK_N == 2 * EPILOGUE_N or BLOCK_N == 4 * EPILOGUE_N)
+        c0 = pid_n * BLOCK_N
+        if BLOCK_N == EPILOGUE_N:
+            _fc2_update_cache(acc, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW, EPILOGUE_N)
+        elif BLOCK_N == 2 * EPILOGUE_N:
+            h0, h1 = _column_halves(acc, BLOCK_M, BLOCK_N)
+            _fc2_update_cache(h0, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW, EPILOGUE_N)
+            _fc2_update_cache(h1, OUT, LOW, b, rows, c0 + EPILOGUE_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW,
+                              EPILOGUE_N)
+        else:
+            h0, h1 = _column_halves(acc, BLOCK_M, BLOCK_N)
+            q0, q1 = _column_halves(h0, BLOCK_M, BLOCK_N // 2)
+            q2, q3 = _column_halves(h1, BLOCK_M, BLOCK_N // 2)
+            _fc2_update_cache(q0, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW, EPILOGUE_N)
+            _fc2_update_cache(q1, OUT, LOW, b, rows, c0 + EPILOGUE_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW,
+                              EPILOGUE_N)
+            _fc2_update_cache(q2, OUT, LOW, b, rows, c0 + 2 * EPILOGUE_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW,
+                              EPILOGUE_N)
+            _fc2_update_cache(q3, OUT, LOW, b, rows, c0 + 3 * EPILOGUE_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW,
+                              EPILOGUE_N)
+
+    @triton.jit
+    def _column_halves(x, ROWS: tl.constexpr, COLS: tl.constexpr):
+        """x[:, :COLS // 2] and x[:, COLS // 2:] of a (ROWS, COLS) tile (tl.split halves the last dim, of size 2)."""
+        return tl.split(tl.permute(tl.reshape(x, [ROWS, 2, COLS // 2]), [0, 2, 1]))
+
+    @triton.jit
+    def _fc2_update_cache(acc, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW: tl.constexpr,
+                          WIDTH: tl.constexpr):
+        """Adds acc, columns c0 .. c0 + WIDTH of fc2's tile, into the float32 cache (and its rounded copy)."""
+        cols = c0 + tl.arange(0, WIDTH)
         mask = (rows[:, None] < L) & (cols[None, :] < NOUT)
         out_ptr = OUT + b * sob + rows[:, None] * sol + cols[None, :]
         updated = tl.load(out_ptr, mask=mask, other=0.0) + acc
