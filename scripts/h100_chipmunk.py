@@ -279,7 +279,8 @@ def autotune_picks() -> dict[str, dict[str, str]]:
 
 def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry: bool) -> list[dict]:
     """The selection kernels as a reselection step launches them (neuron sets: one row per token block; key sets: one
-    row per head and query group), with each search for the K-th largest key and with the autotuner's pick."""
+    row per head and query group), with each search for the K-th largest key and with the autotuner's pick (which
+    one it is: the record's "autotuned" picks)."""
     neurons = torch.randn(blocks, s["hidden"], device=device)
     top, total = C.rounded_count(0.3, s["hidden"], 1), C.rounded_count(0.35, s["hidden"], multiple_n)
     keys = torch.randn(s["heads"] * -(-s["tokens"] // s["group"]), s["tokens"], device=device)
@@ -287,15 +288,8 @@ def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry
     calls = {"top_and_random (neuron sets + random keys)": lambda search: T.top_and_random(neurons, top, total, 7,
                                                                                            search=search),
              "top_ascending (attention key sets)": lambda search: T.top_ascending(keys, key_count, search=search)}
-    rows = []
-    for name, call in calls.items():
-        row = {"call": name, **{f"{search or 'autotuned'}_ms": bench_ms(lambda: call(search), dry)
-                                for search in (*T.SELECTION_SEARCHES, None)}}
-        kernel = T._top_and_random_kernel if name.startswith("top_and_random") else T._top_ascending_kernel
-        best = getattr(kernel, "best_config", None)
-        row["autotuned_pick"] = None if best is None else f"{best.kwargs.get('SEARCH')}, {best.num_warps} warps"
-        rows.append(row)
-    return rows
+    return [{"call": name, **{f"{search or 'autotuned'}_ms": bench_ms(lambda: call(search), dry)
+                              for search in (*T.SELECTION_SEARCHES, None)}} for name, call in calls.items()]
 
 
 # --- profile: per-kernel device time --------------------------------------------------------------------
@@ -536,10 +530,10 @@ def markdown(record: dict) -> str:
         if sp.get("selection"):
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
             lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"
-                      ".SELECTION_SEARCHES):", "", "| call | " + " | ".join(searches) + " | autotuner's pick |",
-                      "|---|" + "---|" * (len(searches) + 1)]
-            lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches)
-                      + f" | {r['autotuned_pick']} |" for r in sp["selection"]]
+                      ".SELECTION_SEARCHES; the autotuner's pick is in the table below):", "",
+                      "| call | " + " | ".join(searches) + " |", "|---|" + "---|" * len(searches)]
+            lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches) + " |"
+                      for r in sp["selection"]]
         if sp.get("autotuned"):
             lines += ["", "Autotuner's picks (tuning key: the kernel's size arguments):", "",
                       "| kernel | key | config |", "|---|---|---|"]

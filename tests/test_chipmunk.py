@@ -135,7 +135,7 @@ def test_reference_mlp_delta_with_all_neurons_tracks_the_dense_mlp():
     torch.testing.assert_close(out_cache, F.linear(expected_act, w2), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_fc1_for_the_kernels_writes_the_neuron_major_cache_in_place():
+def test_dense_fc1_writes_the_neuron_major_cache_in_place():
     from utils.flux_builders import build_tiny_pipeline
     from utils.step_clock import StepClock
 
@@ -149,7 +149,7 @@ def test_dense_fc1_for_the_kernels_writes_the_neuron_major_cache_in_place():
     addresses = []
     for x in (torch.randn(B, L, d), torch.randn(B, L, d)):  # the first call makes the cache, the second reuses it
         with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
-            act, pre_mean = layer._dense_fc1_neuron_major(x)
+            act, pre_mean = layer._dense_fc1(x)
         copies = [e.input_shapes for e in prof.events() if e.name in ("aten::copy_", "aten::clone")
                   and any(math.prod(shape) >= L * hidden for shape in e.input_shapes if shape)]
         assert not copies, copies  # the cache is written by GELU, not by a transposing copy

@@ -476,14 +476,13 @@ class LayerState:
                                f"conditioning runs are not supported with Chipmunk's per-step caches)")
         return step, self.last_step
 
-    def store(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None, layout=None) -> torch.Tensor:
-        """Write `value` into the cache `name` in place, converting to the buffer's dtype and strides in the same
-        pass. On first use the buffer is `layout(value)` (default: value itself) in `dtype` (default: value's)."""
+    def store(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Write `value` into the cache `name` in place, converting to the buffer's dtype in the same pass. On first
+        use the buffer is `value` itself in `dtype` (default: value's)."""
         dtype = dtype or value.dtype
         buffer = self.tensors.get(name)
         if buffer is None or buffer.shape != value.shape or buffer.dtype != dtype:
-            buffer = value.to(dtype)
-            self.tensors[name] = layout(buffer) if layout else buffer
+            self.tensors[name] = value.to(dtype)
             return self.tensors[name]
         return buffer.copy_(value)
 
@@ -622,12 +621,7 @@ class SparseMlpLayer:
         hidden = self.w1.shape[0]
         output = None  # the sparse Triton path's output, rounded by fc2's epilogue
         if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
-            if triton_ops:
-                act, pre_mean = self._dense_fc1_neuron_major(x, triton_ops)
-            else:
-                pre = F.linear(x, self.w1, self.b1)
-                act = s.store("act_cache", gelu_tanh(pre))
-                pre_mean = block_means(pre, cfg.bm)
+            act, pre_mean = self._dense_fc1(x, triton_ops)
             s.store("out_cache", F.linear(act, self.w2, self.b2), dtype=torch.float32)
             s.store("pre_mean", pre_mean)  # the reference the change is measured against
             s.flags["neurons"] = False  # a neuron set is chosen against the new reference
@@ -658,13 +652,14 @@ class SparseMlpLayer:
         # reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
         return s.tensors["out_cache"].to(x.dtype, copy=True)
 
-    def _dense_fc1_neuron_major(self, x: torch.Tensor, triton_ops=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A dense step's fc1 + GELU for the Triton path, computed transposed: (B, hidden, L) = W1 x^T is the
-        activation cache's neuron-major storage itself, so GELU writes the cache in one pass. (Computing it token-major
-        and copying it into the neuron-major cache took a transposing copy of ~0.35 ms per layer: 19.6 ms of a dense
-        step on the H200, results/NOTES.md session 8.) With the kernels, the bias, GELU and block means are one pass
-        (`dense_mlp_epilogue`); torch's ops take three. Returns the cache (the token-major view, as `neuron_major`
-        gives) and the block means of the pre-activations."""
+    def _dense_fc1(self, x: torch.Tensor, triton_ops=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A dense step's fc1 + GELU, computed transposed: (B, hidden, L) = W1 x^T is the activation cache's
+        neuron-major storage itself (the layout the sparse kernels gather fast), so GELU writes the cache in one
+        pass. (Computing it token-major and copying it into the neuron-major cache took a transposing copy of
+        ~0.35 ms per layer: 19.6 ms of a dense step on the H200, results/NOTES.md session 8.) With the kernels, the
+        bias, GELU and block means are one pass (`dense_mlp_epilogue`); torch's ops, the reference path, take three.
+        Returns the cache (the token-major view, as `neuron_major` gives) and the block means of the
+        pre-activations."""
         s = self.state
         # B, hidden, L; cuBLAS reads x transposed. Detached: with a weight that requires grad (a Parameter, even
         # under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result (the H200 trace showed
