@@ -453,10 +453,10 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
     variants = {
         "dense stack" + with_graphs: graphs,
         "chipmunk" + per_kind: ["--chipmunk_config", config, *graphs],
-        "chipmunk, no CUDA graphs": ["--chipmunk_config", config],
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ["--chipmunk_config", config, "--cache_mode", "hicache",
                                                                "--interval", "5", "--max_order", "2",
                                                                "--first_enhance", "3", "--hicache_scale", "0.6"],
+        "chipmunk, no CUDA graphs": ["--chipmunk_config", config],  # last: the least informative if cut
     }
     with_float8 = {"dense stack + float8" + with_graphs: graphs,  # these run without stack_args' --disable_quant
                    "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs]} \

@@ -31,6 +31,12 @@ if ls .inductor_cache/inductor_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$TO
   cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
 fi
 
+# AOTInductor builds each package's .so with $CXX. The lent device sets CXX=/opt/gcc/bin/g++ (a wrapper around
+# g++-real 13.3), and every CUDA package it built crashed the loader (std::regex's locale facets, inside the .so);
+# /usr/bin/g++ builds packages that load and match eager (results/h200/aoti_session10/). Only that one value of CXX
+# is replaced.
+if [ "$CXX" = /opt/gcc/bin/g++ ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
+
 export FLUX_AOTI_DIR=${FLUX_AOTI_DIR:-/tmp/flux-harness-aoti}
 mkdir -p "$FLUX_AOTI_DIR"
 if ls .aoti_cache/aoti_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$FLUX_AOTI_DIR")" ]; then

@@ -3,6 +3,7 @@ matches eager, is reused from the cache, and is rebuilt (never misused) when its
 need a GPU and are not exercised here."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -179,9 +180,20 @@ def test_regional_export_builds_one_package_per_block_kind_and_matches_eager(tmp
 
 
 def test_a_package_its_loader_cannot_load_is_refused_with_the_alternative_before_this_process_loads_it(tmp_path):
-    # On the lent H200 the AOTI loader crashed on every CUDA package (results/h200/aoti_probe_2026-12-01.md): the
-    # package is first loaded in a child process, and a failure there is an error naming what to use instead.
+    # On the lent H200 the AOTI loader crashed on every CUDA package that its CXX built (results/h200/
+    # aoti_session10/): the package is first loaded in a child process, and a failure there is an error naming the
+    # compiler and the two ways out.
     bad = tmp_path / "flux_double_block_0.pt2"
     bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
-    with pytest.raises(compile_utils.PackageLoadError, match="in a child process.*--compile_mode reduce-overhead"):
+    with pytest.raises(compile_utils.PackageLoadError,
+                       match=f"in a child process.*{re.escape(compile_utils.cxx_compiler())}, from \\$CXX.*"
+                             f"{re.escape('CXX=/usr/bin/g++')}.*--compile_mode reduce-overhead"):
         compile_utils.load_package_with_weights(bad, torch.nn.Linear(4, 4))
+
+
+def test_the_cache_key_names_the_cxx_compiler_so_another_one_rebuilds_the_package(exported):
+    # The package's .so is the compiler's output: switching CXX (the fix for the loader crash) must not reuse it.
+    pipe, example, key, cache_dir, _, _ = exported
+    assert key["cxx"] == torch._inductor.config.cpp.cxx[1] == compile_utils.cxx_compiler()
+    other = {**key, "cxx": "/usr/bin/some-other-g++"}
+    assert compile_utils.export_package_path(cache_dir, other) != compile_utils.export_package_path(cache_dir, key)

@@ -153,10 +153,16 @@ def export_cache_key(pipeline, example_kwargs: dict[str, torch.Tensor], stack: d
         "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "diffusers": version("diffusers"),
+        "cxx": cxx_compiler(),  # the package's .so is built by it; a package built by another one is rebuilt
         "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(example_kwargs.items())},
         "transformer_config": {k: v for k, v in dict(pipeline.transformer.config).items() if not k.startswith("_")},
         "stack": stack,
     }
+
+
+def cxx_compiler() -> str:
+    """The C++ compiler AOTInductor builds its .so with: torch reads $CXX once, when inductor's config is imported."""
+    return torch._inductor.config.cpp.cxx[1]
 
 
 def export_package_path(cache_dir: str | Path, key: dict[str, Any], stem: str = "flux_transformer") -> Path:
@@ -198,9 +204,11 @@ _LOADS_CHECKED: set[tuple[str, float]] = set()
 
 
 def check_package_loads(path: Path) -> None:
-    """Load the package once in a child process before this process does. On the lent H200 (torch 2.11) the AOTI
-    loader crashed with a segmentation fault on every CUDA package, even a plain bf16 MLP (results/h200/
-    aoti_probe_2026-12-01.md): in the run itself that ends the process and loses its results so far."""
+    """Load the package once in a child process before this process does. On the lent H200 every CUDA package
+    that CXX=/opt/gcc/bin/g++ built crashed the loader with a segmentation fault, even a plain bf16 MLP
+    (results/h200/aoti_probe_2026-12-01.md); in the run itself that would end the process and lose its results
+    so far. The crash was in std::regex's locale facets inside the package's .so, and the same package built by
+    /usr/bin/g++ loaded and matched eager (results/h200/aoti_session10/)."""
     if (str(path), path.stat().st_mtime) in _LOADS_CHECKED:
         return
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
@@ -211,9 +219,11 @@ def check_package_loads(path: Path) -> None:
         how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else f"failed (exit {child.returncode})"
         raise PackageLoadError(
             f"export_aoti: loading the AOTInductor package {path} {how} in a child process, so this process does not "
-            f"load it. This torch build ({torch.__version__}) cannot run it here. Use --compile_export_mode compile "
-            f"--compile_mode reduce-overhead instead: it records the compiled forward as one CUDA graph, the same "
-            f"whole-step replay.\n{child.stderr[-1500:]}")
+            f"load it. A crash in the loader usually means the C++ compiler that built the .so ({cxx_compiler()}, "
+            f"from $CXX) links a libstdc++ other than the one this process loads: rerun with CXX set to the system "
+            f"compiler (CXX=/usr/bin/g++; the package is then rebuilt, its cache key names the compiler). Or use "
+            f"--compile_export_mode compile --compile_mode reduce-overhead: it records the compiled forward as one "
+            f"CUDA graph, the same whole-step replay.\n{child.stderr[-1500:]}")
     _LOADS_CHECKED.add((str(path), path.stat().st_mtime))
 
 
