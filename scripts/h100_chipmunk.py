@@ -11,9 +11,9 @@ Parts (--parts, comma-separated, run in this order; default all):
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   graphs     Chipmunk's step graphs (one CUDA graph per step kind) against the same stack run eagerly: latents
              and per-layer decisions, 12 steps at the e2e shapes, three generations (capture, replay).
-  e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps: dense stack, Chipmunk (published
-             config) with and without its step graphs, Chipmunk + HiCache (interval 5, order 2, fe 3,
-             scale 0.6), all with regional torch.compile, no float8 and no inductor tuning flags (the same stack
+  e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps, in this order: dense stack, Chipmunk
+             (published config) with its step graphs, Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6),
+             Chipmunk without graphs (last: the first to be cut by the budget), all with regional torch.compile, no float8 and no inductor tuning flags (the same stack
              but for the layer under test; the flags' coordinate-descent tuning would double four cold compiles
              for ~2%); CUDA graphs wherever the variant can hold them (not under feature caching).
   trace      the dense stack and Chipmunk (without and with its step graphs) as in e2e, 12 steps under

@@ -175,6 +175,7 @@ def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path
     assert rows[0]["median_s"] == 3.0
     assert rows[1]["skipped"].startswith("budget: cut after") and "exit_code" not in rows[1]
     assert rows[2]["exit_code"] == 1 and "skipped" not in rows[2]
+    assert rows[-1]["variant"] == "chipmunk, no CUDA graphs"  # last: the least informative to lose to the budget
     assert "FAILED (exit 1)" in h100_chipmunk.markdown({"environment": {}, "command": "x", "dry_run": False,
                                                         "part_seconds": {},
                                                         "e2e": {"steps": 4, "runs": 1, "rows": rows}})
