@@ -77,6 +77,8 @@ def main() -> None:
         ref = model(x).float()
         path = Path(opts.load_only or opts.build_only or Path(tempfile.mkdtemp()) / f"{case}.pt2")
         if not opts.load_only:  # the same seed builds the same weights for a later --load_only
+            say(f"C++ compiler {compile_utils.cxx_compiler()} ($CXX; /opt/gcc/bin/g++ built .so files that crashed "
+                f"the loader on the lent H200)")
             t0 = time.perf_counter()
             exported = torch.export.export(model, (x,), strict=False)
             say(f"exported in {time.perf_counter() - t0:.0f} s")

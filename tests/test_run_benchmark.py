@@ -19,7 +19,8 @@ def test_benchmark_record_has_its_fields(tmp_path):
     [path] = tmp_path.glob("bench_tiny_*.json")
     assert json.loads(path.read_text()) == json.loads(json.dumps(record, default=str))
     env = record["environment"]
-    for key in ("torch", "diffusers", "transformers", "torchao", "triton", "gpu", "device", "timestamp_utc", "python"):
+    for key in ("torch", "diffusers", "transformers", "torchao", "triton", "gpu", "device", "timestamp_utc", "python",
+                "cxx"):
         assert key in env
     assert env["triton"]  # requirements.txt's torch brings Triton; the Chipmunk kernels compile with it
     assert env["device"] == "cpu" and env["diffusers"]
