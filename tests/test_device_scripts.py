@@ -193,3 +193,18 @@ def test_chipmunk_speed_record_names_the_autotuners_picks(monkeypatch):
                         triton.Config({"BLOCK_K": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3))
     picks = h100_chipmunk.autotune_picks()
     assert picks["_sparse_fc1_kernel"]["4608, 3712, 3072, 128"] == "BLOCK_K=256, BLOCK_D=64, warps 8, stages 3"
+
+
+def test_env_script_builds_aoti_with_the_system_gpp_where_the_device_sets_opt_gcc(tmp_path):
+    """On the lent H200, CXX=/opt/gcc/bin/g++ built AOTI .so files that crashed their loader and /usr/bin/g++ built
+    ones that load (results/h200/aoti_session10/): h100_env.sh swaps that one value, and keeps any other."""
+    import shutil
+
+    if not Path("/usr/bin/g++").exists():
+        pytest.skip("no /usr/bin/g++ here: h100_env.sh leaves CXX alone then")
+    env = dict(TORCHINDUCTOR_CACHE_DIR=tmp_path / "cache", FLUX_AOTI_DIR=tmp_path / "aoti")
+    swapped = _source_env(tmp_path, '&& echo "CXX=$CXX"', CXX="/opt/gcc/bin/g++", **env).stdout
+    assert "CXX=/usr/bin/g++" in swapped.splitlines()
+    other = shutil.which("g++") or "/some/other/g++"
+    kept = _source_env(tmp_path, '&& echo "CXX=$CXX"', CXX=other, **env).stdout
+    assert f"CXX={other}" in kept.splitlines()
