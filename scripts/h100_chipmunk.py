@@ -6,7 +6,8 @@ Parts (--parts, comma-separated, run in this order; default all):
              attention (+ o_cache), sparse MLP (act cache, out cache, pre-activation means). Relative error
              must be within bf16 tolerance (2e-2); NaN fails.
   speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
-             MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity.
+             MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity; with the
+             Triton kernels, the sparse MLP's TMA candidate (sparse_mlp(tma=True)) beside it at each neuron set.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   graphs     Chipmunk's step graphs (one CUDA graph per step kind) against the same stack run eagerly: latents
@@ -236,6 +237,9 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     # Each token block gathers its own neuron rows of W1 and W2^T, so the weight traffic depends on how much the
     # blocks' sets overlap (L2 serves the shared rows). Independent random sets per block are the worst case and
     # the one the target is judged on; one set shared by every block is the best case (real FLUX sets lie between).
+    # With the Triton kernels, sparse_mlp(tma=True) (the candidate that loads X and the deltas through TMA) is timed beside
+    # sparse_mlp at each set; a failure of the candidate is recorded and ends its timings, not the part.
+    tma_error = None
     for sets in ("independent", "shared"):
         for fraction in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
             count = C.rounded_count(fraction, s["hidden"], multiple_n)
@@ -248,6 +252,12 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
             ms = bench_ms(fn, dry)
             mlp_rows.append({"neuron_sets": sets, "top_keys": fraction, "neurons": count, "ms": ms,
                              "speedup_vs_dense": dense_mlp_ms / ms})
+            if sparse_mlp is not None and tma_error is None:
+                try:
+                    mlp_rows[-1].update(tma_candidate(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, ms, dry))
+                except Exception as e:  # noqa: BLE001 - a measurement-only candidate: the part goes on without it
+                    tma_error = f"{type(e).__name__}: {str(e).strip()[-1000:]}"
+                    print(f"[speed] sparse_mlp(tma=True) failed, no more TMA timings: {tma_error}", flush=True)
     attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
     selection = part_speed_selection(s, device, blocks, multiple_n, dry) if use_triton else []
@@ -256,11 +266,25 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
         "column_sums_ms (dense steps only)": colsum_ms, "column_sums_with_fa3_lse_ms": colsum_lse_ms,
         "attention": attn_rows,
-        "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows,
+        "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows, "mlp_tma_error": tma_error,
         "selection": selection,
         "targets": {"attention_16.5%_>=3x": attn_target["speedup_vs_dense"] >= 3.0,
                     "mlp_30%_>=2x": mlp_target["speedup_vs_dense"] >= 2.0},
     }
+
+
+def tma_candidate(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, pointer_ms: float, dry: bool) -> dict:
+    """sparse_mlp(tma=True) at one neuron set: its median ms, its speedup over sparse_mlp's (pointer_ms), and the relative
+    error of its output cache against sparse_mlp's from the same caches (the two sum the same tiles)."""
+    caches = []
+    for tma in (False, True):
+        a, o = act.clone(), out_cache.clone()
+        T.sparse_mlp(x, w1, b1, w2_t, index, a, o, s["block"], out=layer_out, tma=tma)
+        caches.append(o)
+    err = rel_err(caches[1], caches[0])
+    ms = bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out, tma=True),
+                  dry)
+    return {"tma_ms": ms, "tma_speedup_vs_pointer": pointer_ms / ms, "tma_rel_err_vs_pointer": err}
 
 
 def autotune_picks() -> dict[str, dict[str, str]]:
@@ -523,10 +547,20 @@ def markdown(record: dict) -> str:
         lines += [f"| {r['top_keys']} | {r['keys']} | {r['ms']:.3f} | "
                   f"{r['speedup_vs_dense']:.2f}x |" for r in sp["attention"]]
         lines += ["", "MLP neuron sets: independent random per token block (worst case, the target's), or one set "
-                  "shared by all blocks (best case for weight reuse through L2).", "",
-                  "| MLP neuron sets | top_keys | neurons | ms | speedup |", "|---|---|---|---|---|"]
+                  "shared by all blocks (best case for weight reuse through L2)."]
+        tma = any("tma_ms" in r for r in sp["mlp"])  # sparse_mlp(tma=True) timed beside (Triton kernels only)
+        if tma:
+            lines += ["TMA candidate: `sparse_mlp(tma=True)` (X and the deltas through TMA descriptors; the layers do not "
+                      "use it), its speedup over `sparse_mlp` and its output cache's relative error against it."]
+        if sp.get("mlp_tma_error"):
+            lines += [f"TMA candidate failed (no timings after it): {sp['mlp_tma_error']}"]
+        lines += ["", "| MLP neuron sets | top_keys | neurons | ms | speedup |"
+                  + (" TMA ms | TMA vs pointer | TMA rel. error |" if tma else ""),
+                  "|---|---|---|---|---|" + ("---|---|---|" if tma else "")]
         lines += [f"| {r.get('neuron_sets', 'independent')} | {r['top_keys']} | {r['neurons']} | {r['ms']:.3f} | "
-                  f"{r['speedup_vs_dense']:.2f}x |" for r in sp["mlp"]]
+                  f"{r['speedup_vs_dense']:.2f}x |"
+                  + ((f" {r['tma_ms']:.3f} | {r['tma_speedup_vs_pointer']:.2f}x | {r['tma_rel_err_vs_pointer']:.1e} |"
+                      if "tma_ms" in r else " - | - | - |") if tma else "") for r in sp["mlp"]]
         if sp.get("selection"):
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
             lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"

@@ -450,6 +450,50 @@ for scores, counts in ((torch.randn(2, 12288), (4352,)), (few_levels(2, 12288), 
 print("selection searches agree")
 """
 
+# sparse_mlp(tma=True) (the measurement-only candidate: fc1's X and fc2's deltas through TMA descriptors over (B * L, width)
+# views) against sparse_mlp and the reference. Batch size 2 and 80 tokens in blocks of 32: the last row tile is partial,
+# so batch 0's last tile reads batch 1's first rows through the view and batch 1's reads past the end (zeros); stores
+# of those rows would land in batch 1's rows of the caches. (32, 24, 18): 18 float32 deltas are 72 bytes, so the
+# deltas' rows are padded to 16 bytes; fc2's loop masked. (24, 32, 32): a partial DM tile (zero columns from TMA).
+# A batch-strided x (a view) is copied into the (B * L, DM) layout. Wrapped so that a failure here reports itself
+# without failing the checks of the kernels the layers use (the same interpreter run).
+TMA_CHECK = r"""
+import traceback
+
+def check_tma():
+    torch.manual_seed(6)
+    B, L, hidden, block = 2, 80, 64, 32
+    for (d, out, K), strided in (((32, 24, 18), False), ((24, 32, 32), True)):
+        x = torch.randn(B, L + 3, d)[:, :L] if strided else torch.randn(B, L, d)
+        w1, b1, w2 = torch.randn(hidden, d) / d ** 0.5, torch.randn(hidden), torch.randn(out, hidden) / 8
+        index = torch.stack([torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])
+                             for _ in range(B)]).int()
+        act, out_cache = C.neuron_major(torch.randn(B, L, hidden)), torch.randn(B, L, out)
+        results = {}
+        for tma in (False, True):
+            a, o = act.clone(), out_cache.clone()
+            low = torch.full((B, L, out), float("nan"), dtype=torch.bfloat16)
+            results[tma] = (a, o, low, T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, a, o, block, out=low,
+                                                    tma=tma))
+        act_ref, out_ref = act.clone(), out_cache.clone()
+        pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
+        rows = (torch.arange(3 * block) < L).view(3, block)
+        means_ref = (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None]
+        for got, expected in zip(results[True], results[False]):  # the same tiles and sums
+            torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+        a, o, low, means = results[True]
+        torch.testing.assert_close(a, act_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o, out_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(low.float(), o.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)  # as above
+        torch.testing.assert_close(means, means_ref, rtol=1e-5, atol=1e-5)
+
+try:
+    check_tma()
+    print("TMA candidate matches")
+except Exception:
+    print("TMA candidate failed:\n" + traceback.format_exc())
+"""
+
 LAYER_CHECK = r"""
 import os, tempfile
 import torch, yaml
@@ -502,8 +546,9 @@ def test_chipmunk_layers_on_the_triton_path_match_the_reference_path():
 
 @pytest.fixture(scope="module")
 def kernel_checks_output():
-    """KERNEL_CHECK and SELECTION_CHECK in one interpreter: importing utils.chipmunk (diffusers) alone takes ~12 s."""
-    return run_interpreted(KERNEL_CHECK + SELECTION_CHECK, timeout=150)
+    """KERNEL_CHECK, SELECTION_CHECK and TMA_CHECK in one interpreter: importing utils.chipmunk (diffusers) alone takes
+    ~12 s."""
+    return run_interpreted(KERNEL_CHECK + SELECTION_CHECK + TMA_CHECK, timeout=150)
 
 
 def test_triton_kernels_match_the_reference_in_the_interpreter(kernel_checks_output):
@@ -512,3 +557,7 @@ def test_triton_kernels_match_the_reference_in_the_interpreter(kernel_checks_out
 
 def test_every_selection_search_gives_the_same_indices_as_the_reference(kernel_checks_output):
     assert "selection searches agree" in kernel_checks_output
+
+
+def test_sparse_mlp_tma_candidate_matches_sparse_mlp_and_the_reference(kernel_checks_output):
+    assert "TMA candidate matches" in kernel_checks_output, kernel_checks_output[-3000:]

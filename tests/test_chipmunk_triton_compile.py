@@ -21,6 +21,7 @@ if os.environ.get("TRITON_INTERPRET", "0") == "1":
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 from utils import chipmunk, chipmunk_triton as ct  # noqa: E402
 
@@ -41,7 +42,8 @@ ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_key
                "top_and_random_neurons_seed_in_tensor", "top_neurons_bitwise", "top_and_random_neurons_bitwise",
                "top_neurons_radix", "top_and_random_neurons_radix", "top_and_random_neurons_seed_in_tensor_bitwise"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
-            "sparse_fc2_uneven"}  # loops over gathered rows
+            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma"}  # loops over gathered rows
+TMA = {"sparse_fc1_tma", "sparse_fc2_tma"}  # dense operand through a TMA descriptor: its loads must be TMA copies
 PIPELINED = GATHERED | {"column_sum"}  # column sums: one flat loop over a run of query groups' row tiles
 
 
@@ -77,6 +79,11 @@ def kernel_args():
                EVEN_K=NK_MLP % ct._largest(ct._sparse_fc2_kernel, "BLOCK_K") == 0,
                EVEN_N=DM % ct._largest(ct._sparse_fc2_kernel, "BLOCK_N") == 0)
     assert fc1["EVEN_D"] and fc2["EVEN_K"] and fc2["EVEN_N"], "FLUX's shapes take the loops without masks"
+    # The TMA candidates (sparse_mlp(tma=True)): descriptors over (B * L, width) views, boxes set by each config's pre-hook.
+    fc1_tma = dict({k: v for k, v in fc1.items() if k not in ("X", "sxb", "sxl")},
+                   X_DESC=TensorDescriptor(x, [B * L, DM], [DM, 1], [MLP_BLOCK_M, 16]))
+    fc2_tma = dict({k: v for k, v in fc2.items() if k not in ("DELTA", "sdb", "sdl")},
+                   DELTA_DESC=TensorDescriptor(delta, [B * L, NK_MLP], [NK_MLP, 1], [MLP_BLOCK_M, 16]))
     top_neurons = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, N=HIDDEN, K=NK_MLP, sx=HIDDEN,
                        so=NK_MLP, BLOCK=16384, SEARCH="pairs")
     return {
@@ -122,6 +129,8 @@ def kernel_args():
                           N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192, SEARCH="pairs")),
         "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
         "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
+        "sparse_fc1_tma": (ct._sparse_fc1_tma_kernel, None, fc1_tma),
+        "sparse_fc2_tma": (ct._sparse_fc2_tma_kernel, None, fc2_tma),
     }
 
 
@@ -171,14 +180,19 @@ def can_target_h100():
 @pytest.mark.parametrize("name", list(kernel_args()))
 def test_kernel_compiles_for_h100_without_spills(name, can_target_h100):
     kernel, fixed, args = kernel_args()[name]
-    configs = fixed or [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in kernel.configs]
+    configs = fixed or [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages, pre_hook=c.pre_hook)
+                        for c in kernel.configs]
     fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
     problems, report = [], []
     for config in configs:
         config = dict(config)
         num_warps, num_stages = config.pop("num_warps"), config.pop("num_stages")
+        pre_hook = config.pop("pre_hook", None)
         label = f"{name} {config} warps={num_warps} stages={num_stages}"
-        compiled = compile_for_h100(fn, dict(args, **config), num_warps, num_stages)
+        launch = dict(args, **config)
+        if pre_hook:  # as the autotuner does before a launch: the TMA kernels' descriptor boxes take the config's tile
+            pre_hook(launch)
+        compiled = compile_for_h100(fn, launch, num_warps, num_stages)
         usage, shared = resource_usage(compiled.asm["cubin"]), compiled.metadata.shared
         spills = usage["STACK"] + usage["LOCAL"]
         report.append(f"{label}: {usage['REG']} regs, {shared} B shared, {spills} B spilled")
@@ -186,6 +200,8 @@ def test_kernel_compiles_for_h100_without_spills(name, can_target_h100):
             problems.append(report[-1])
         if name not in ELEMENTWISE and not re.search(r"\bwgmma\.mma_async", compiled.asm["ptx"]):
             problems.append(f"{label}: tl.dot did not lower to wgmma (Hopper tensor cores)")
+        if name in TMA and not re.search(r"\bcp\.async\.bulk\.tensor\.2d", compiled.asm["ptx"]):
+            problems.append(f"{label}: the descriptor loads did not lower to TMA copies")
         if name in PIPELINED and num_stages >= 3 and not software_pipelined(compiled.asm["ttgir"]):
             problems.append(f"{label}: the loop is not software-pipelined (each step waits for all of its loads)")
     print("\n".join(report))

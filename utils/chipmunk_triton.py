@@ -14,7 +14,8 @@ contiguous):
     program per 64-row tile of a query group;
   * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh), then the activation cache's
     delta (and its update) in a light gather kernel over the neuron-major cache, then fc2 on gathered rows
-    of W2^T added into the output cache.
+    of W2^T added into the output cache; sparse_mlp(tma=True), a measurement-only candidate of the same MLP whose
+    fc1 and fc2 load their dense operand through TMA descriptors (only the device benchmark calls it).
 The loops over gathered rows load their indices one step ahead (see _sparse_fc2_kernel): Triton then
 software-pipelines the gathers, which tests/test_chipmunk_triton_compile.py checks in the sm_90 TTGIR.
 """
@@ -57,13 +58,14 @@ SELECTION_SEARCH = "pairs"
 SELECTION_SEARCHES = ("bitwise", "pairs", "radix")
 
 
-def _configs(full: list[dict], interpreted: dict, **common) -> list:
+def _configs(full: list[dict], interpreted: dict, pre_hook=None, **common) -> list:
     """Autotune candidates; a single small one under the interpreter (no timing there). `common`: meta-parameters
-    every full config takes (the interpreted one gives its own)."""
+    every full config takes (the interpreted one gives its own). `pre_hook`: called with the launch's arguments before
+    each config runs (the TMA kernels size their descriptors' boxes there)."""
     if INTERPRET:
-        return [triton.Config(interpreted, num_warps=4, num_stages=1)]
+        return [triton.Config(interpreted, num_warps=4, num_stages=1, pre_hook=pre_hook)]
     return [triton.Config(dict(common, **{k: v for k, v in c.items() if k not in ("w", "s")}), num_warps=c["w"],
-                          num_stages=c["s"]) for c in full]
+                          num_stages=c["s"], pre_hook=pre_hook) for c in full]
 
 
 def _row_tile(rows_per_group: int, cap: int) -> int:
@@ -91,6 +93,17 @@ def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
     """Keeps the configs with the warp count the row length needs (fewer warps spill a 16,384-key row)."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
     return [c for c in configs if c.num_warps == _selection_warps(block)]
+
+
+def _fc1_tma_box(nargs: dict) -> None:
+    """Pre-hook of _sparse_fc1_tma_kernel's configs: X's descriptor is built on the host before the autotuner picks a
+    config, so its box (the tile one TMA copy brings) is set to the config's tile here, before each launch."""
+    nargs["X_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_D"]]
+
+
+def _fc2_tma_box(nargs: dict) -> None:
+    """Pre-hook of _sparse_fc2_tma_kernel's configs: DELTA's descriptor box is the config's tile (see _fc1_tma_box)."""
+    nargs["DELTA_DESC"].block_shape = [nargs["BLOCK_M"], nargs["BLOCK_K"]]
 
 
 if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahead of time for sm_90
@@ -236,12 +249,30 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 x = tl.load(x_ptr + dd[None, :], mask=(rows[:, None] < L) & (dd[None, :] < DM), other=0.0)
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+
+    @triton.jit
+    def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB):
+        """fc1's tile: + bias, its block sums into PRESUM (rows past L left out), GELU(tanh) stored compactly."""
         pre = acc + tl.load(B1 + neuron).to(tl.float32)[None, :]
         tl.atomic_add(PRESUM + (b * NB + blk) * NK + j, tl.sum(tl.where(rows[:, None] < L, pre, 0.0), 0), mask=jvalid)
         z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # 2z, with 2 sqrt(2/pi) = GELU_TANH_2C
         act = pre / (1.0 + tl.exp(-z2))  # gelu_tanh(x) = x * sigmoid(2z)
         tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty),
                  mask=(rows[:, None] < L) & jvalid[None, :])
+
+    @triton.jit
+    def _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
+        """A tile of gathered W2^T rows, with only the masks the shapes need (none when every tile is full)."""
+        if EVEN_K and EVEN_N:
+            w = tl.load(w_ptr)
+        elif EVEN_K:
+            w = tl.load(w_ptr, mask=cols[None, :] < NOUT, other=0.0)
+        elif EVEN_N:
+            w = tl.load(w_ptr, mask=jvalid[:, None], other=0.0)
+        else:
+            w = tl.load(w_ptr, mask=jvalid[:, None] & (cols[None, :] < NOUT), other=0.0)
+        return w
 
     @triton.jit
     def _activation_delta_kernel(NEW, IDX, ACT, DELTA, snb, snl, sab, sal, sak, sdb, sdl, L, NK, NB, TOKENS_PER_BLOCK,
@@ -330,18 +361,16 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 delta = tl.load(delta_rows + j[None, :])
             else:
                 delta = tl.load(delta_rows + j[None, :], mask=jvalid[None, :], other=0.0)
-            if EVEN_K and EVEN_N:
-                w = tl.load(w_ptr)
-            elif EVEN_K:
-                w = tl.load(w_ptr, mask=cols[None, :] < NOUT, other=0.0)
-            elif EVEN_N:
-                w = tl.load(w_ptr, mask=jvalid[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptr, mask=jvalid[:, None] & (cols[None, :] < NOUT), other=0.0)
+            w = _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K, EVEN_N)
             acc += tl.dot(delta, w)
-        # The cache update in BLOCK_N // EPILOGUE_N (1, 2 or 4) column chunks, one after another (see above).
+        _fc2_epilogue(acc, OUT, LOW, b, rows, pid_n * BLOCK_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW, BLOCK_M,
+                      BLOCK_N, EPILOGUE_N)
+
+    @triton.jit
+    def _fc2_epilogue(acc, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPILOGUE_N: tl.constexpr):
+        """fc2's cache update in BLOCK_N // EPILOGUE_N (1, 2 or 4) column chunks, one after another (see above)."""
         tl.static_assert(BLOCK_N == EPILOGUE_N or BLOCK_N == 2 * EPILOGUE_N or BLOCK_N == 4 * EPILOGUE_N)
-        c0 = pid_n * BLOCK_N
         if BLOCK_N == EPILOGUE_N:
             _fc2_update_cache(acc, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW, EPILOGUE_N)
         elif BLOCK_N == 2 * EPILOGUE_N:
@@ -377,6 +406,79 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         tl.store(out_ptr, updated, mask=mask)
         if WRITE_LOW:  # the layer's output in the model's dtype, here instead of a pass over the float32 cache
             tl.store(LOW + b * slb + rows[:, None] * sll + cols[None, :], updated.to(LOW.dtype.element_ty), mask=mask)
+
+    # --- MLP, measurement-only candidate: the dense operand through TMA ------------------------------------
+
+    # _sparse_fc1_kernel and _sparse_fc2_kernel with their dense operand (X in fc1, DELTA in fc2) loaded through a
+    # host-side TMA descriptor over its (B * L, width) view instead of pointer loads (cp.async), the gathered weight
+    # rows still pointer loads. On the H200 the pointer kernels reach ~540 / ~490 TFLOP/s against ~700 for cuBLAS; TMA
+    # takes the dense tile's address math and predicates off the loop. Only sparse_mlp(tma=True) launches these, and only
+    # scripts/h100_chipmunk.py's speed part times it: the layers keep the kernels above until a GPU says this pays.
+    # Rows past L are the next batch's first rows (or zeros past B * L: TMA fills out-of-bounds boxes with zeros, as
+    # it does columns past the width): their sums are never stored, as in the kernels above. Same configs.
+    @triton.autotune(configs=_configs([dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
+                                       dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
+                                       dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
+                                       dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3),
+                                       dict(BLOCK_K=128, BLOCK_D=32, w=8, s=6)],
+                                      dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
+                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
+    @triton.jit
+    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                               EVEN_D: tl.constexpr):
+        pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc1
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
+        j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        jvalid = j < NK
+        neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=jvalid, other=0)
+        acc = tl.zeros([BLOCK_M, BLOCK_K], tl.float32)
+        x_row = b * L + pid_m * BLOCK_M  # the tile's first row in the (B * L, DM) view
+        w_ptr = W1 + neuron[:, None] * DM
+        for d0 in range(0, DM, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            x = X_DESC.load([x_row, d0])  # columns past DM come back zero
+            if EVEN_D:
+                w = tl.load(w_ptr + dd[None, :])
+            else:
+                w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
+            acc += tl.dot(x, tl.trans(w))
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+
+    @triton.autotune(configs=_configs([dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+                                       dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
+                                       dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
+                                       dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
+                                       dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=4)],
+                                      dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), pre_hook=_fc2_tma_box,
+                                      EPILOGUE_N=64),
+                     key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
+    @triton.jit
+    def _sparse_fc2_tma_kernel(DELTA_DESC, W2T, IDX, OUT, LOW, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
+                               WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_K: tl.constexpr, EPILOGUE_N: tl.constexpr, EVEN_K: tl.constexpr,
+                               EVEN_N: tl.constexpr):
+        pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc2
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        index = IDX + (b * NB + blk) * NK
+        delta_row = b * L + pid_m * BLOCK_M  # the tile's first row in the (B * L, NK) view
+        # Neuron indices one K step ahead, carried, so that the W2^T gathers pipeline (see _sparse_fc2_kernel).
+        next_neuron = tl.load(index + tl.arange(0, BLOCK_K), mask=tl.arange(0, BLOCK_K) < NK, other=0)
+        for k0 in range(0, NK, BLOCK_K):
+            j = k0 + tl.arange(0, BLOCK_K)
+            jvalid = j < NK
+            neuron = next_neuron
+            next_neuron = tl.load(index + j + BLOCK_K, mask=j + BLOCK_K < NK, other=0)
+            w_ptr = W2T + neuron[:, None] * NOUT + cols[None, :]
+            delta = DELTA_DESC.load([delta_row, k0])  # columns past NK come back zero
+            w = _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K, EVEN_N)
+            acc += tl.dot(delta, w)
+        _fc2_epilogue(acc, OUT, LOW, b, rows, pid_n * BLOCK_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW, BLOCK_M,
+                      BLOCK_N, EPILOGUE_N)  # the same sums and rounding as _sparse_fc2_kernel's
 
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
@@ -671,12 +773,14 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tma: bool = False) -> torch.Tensor:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
     given ((B, L, out), last dim contiguous, any float dtype), receives the updated out_cache rounded to its dtype
     by fc2's epilogue: the layer's output without another pass over the cache.
+    `tma`: fc1's X and fc2's deltas through TMA descriptors (_sparse_fc1_tma_kernel, _sparse_fc2_tma_kernel), the
+    same results. A measurement-only candidate: scripts/h100_chipmunk.py times it; the layers keep the default.
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
     B, L, DM = x.shape
     NB, NK = neuron_index.shape[1], neuron_index.shape[2]
@@ -685,25 +789,48 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         raise ValueError("sparse_mlp needs x (last dim contiguous) and a float32 out_cache")
     if out is not None and (out.shape != out_cache.shape or out.stride(-1) != 1):
         raise ValueError(f"sparse_mlp: out must be {tuple(out_cache.shape)} with its last dim contiguous")
+    if tma and B > 1 and x.stride(0) != L * x.stride(1):
+        x = x.contiguous()  # the descriptor views x as (B * L, DM): each batch's rows must follow the previous one's
+    if tma and ((x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16):
+        raise ValueError(f"sparse_mlp(tma=True): TMA needs x's rows 16-byte aligned (row stride {x.stride(1)} "
+                         f"elements of {x.element_size()} bytes)")
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
     new = torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
-    delta = torch.empty(B, L, NK, device=x.device, dtype=w2_t.dtype)
+    # With TMA the deltas' rows are padded to 16 bytes (its stride alignment); the padding is never read (past the
+    # descriptor's width). FLUX's neuron counts (multiples of 256) need none.
+    pad = 16 // w2_t.element_size() if tma else 1
+    delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
-    _sparse_fc1_kernel[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0), new.stride(1),
-                              L, DM, NK, NB, block, BLOCK_M=block_m,
-                              EVEN_D=DM % _largest(_sparse_fc1_kernel, "BLOCK_D") == 0)
+    if tma:
+        _sparse_fc1_tma_kernel[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, new.stride(0),
+                                      new.stride(1), L, DM, NK, NB, block, BLOCK_M=block_m,
+                                      EVEN_D=DM % _largest(_sparse_fc1_tma_kernel, "BLOCK_D") == 0)
+    else:
+        _sparse_fc1_kernel[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0),
+                                  new.stride(1), L, DM, NK, NB, block, BLOCK_M=block_m,
+                                  EVEN_D=DM % _largest(_sparse_fc1_kernel, "BLOCK_D") == 0)
     delta_k = 16 if INTERPRET else 64
     _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
         new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
         act_cache.stride(2), delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
-    _sparse_fc2_kernel[grid2](delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1), out_cache.stride(0),
-                              out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB, block,
-                              WRITE_LOW=out is not None, BLOCK_M=block_m,
-                              EVEN_K=NK % _largest(_sparse_fc2_kernel, "BLOCK_K") == 0,
-                              EVEN_N=NOUT % _largest(_sparse_fc2_kernel, "BLOCK_N") == 0)
+    fc2 = _sparse_fc2_tma_kernel if tma else _sparse_fc2_kernel
+    operands = ((_row_view_descriptor(delta, block_m), w2_t, index, out_cache, low) if tma else
+                (delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1)))  # the pointer one has strides
+    fc2[grid2](*operands, out_cache.stride(0), out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB,
+               block, WRITE_LOW=out is not None, BLOCK_M=block_m, EVEN_K=NK % _largest(fc2, "BLOCK_K") == 0,
+               EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0)
     return pre_sum / block_sizes(L, block, x.device)[None, :, None]
+
+
+def _row_view_descriptor(t: torch.Tensor, block_rows: int):
+    """A host-side TMA descriptor over t, (B, L, width) with B * L rows of stride t.stride(1) one after another, as a
+    (B * L, width) matrix. The box is a placeholder until the kernel's config pre-hook sets it."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    B, L, width = t.shape
+    return TensorDescriptor(t, [B * L, width], [t.stride(1), 1], [block_rows, 16])
