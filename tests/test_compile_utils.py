@@ -186,7 +186,7 @@ def test_a_package_its_loader_cannot_load_is_refused_with_the_alternative_before
     bad = tmp_path / "flux_double_block_0.pt2"
     bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     with pytest.raises(compile_utils.PackageLoadError,
-                       match=f"in a child process.*{re.escape(compile_utils.cxx_compiler())}, from \\$CXX.*"
+                       match=f"in a child process.*{re.escape(compile_utils.cxx_compiler())} \\(from \\$CXX\\).*"
                              f"{re.escape('CXX=/usr/bin/g++')}.*--compile_mode reduce-overhead"):
         compile_utils.load_package_with_weights(bad, torch.nn.Linear(4, 4))
 

@@ -219,9 +219,9 @@ def check_package_loads(path: Path) -> None:
         how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else f"failed (exit {child.returncode})"
         raise PackageLoadError(
             f"export_aoti: loading the AOTInductor package {path} {how} in a child process, so this process does not "
-            f"load it. A crash in the loader usually means the C++ compiler that built the .so ({cxx_compiler()}, "
-            f"from $CXX) links a libstdc++ other than the one this process loads: rerun with CXX set to the system "
-            f"compiler (CXX=/usr/bin/g++; the package is then rebuilt, its cache key names the compiler). Or use "
+            f"load it. On the lent H200 such a crash came from the C++ compiler that built the .so; this one was "
+            f"{cxx_compiler()} (from $CXX). Rerun with CXX set to the system compiler, e.g. CXX=/usr/bin/g++ (the "
+            f"package is then rebuilt: its cache key names the compiler). Or use "
             f"--compile_export_mode compile --compile_mode reduce-overhead: it records the compiled forward as one "
             f"CUDA graph, the same whole-step replay.\n{child.stderr[-1500:]}")
     _LOADS_CHECKED.add((str(path), path.stat().st_mtime))
