@@ -14,8 +14,8 @@ Parts (--parts, comma-separated, run in this order; default all):
              and per-layer decisions, 12 steps at the e2e shapes, three generations (capture, replay).
   e2e        run_benchmark.py on random:flux-dev, 1280x768, 50 steps, in this order: dense stack, Chipmunk
              (published config) with its step graphs, Chipmunk + HiCache (interval 5, order 2, fe 3, scale 0.6),
-             Chipmunk without graphs (last: the first to be cut by the budget), all with regional torch.compile, no float8 and no inductor tuning flags (the same stack
-             but for the layer under test; the flags' coordinate-descent tuning would double four cold compiles
+             Chipmunk without graphs (last: the first to be cut by the budget), all with regional torch.compile,
+             no float8 and no inductor tuning flags (the same stack but for the layer under test; the flags' coordinate-descent tuning would double four cold compiles
              for ~2%); CUDA graphs wherever the variant can hold them (not under feature caching).
   trace      the dense stack and Chipmunk (without and with its step graphs) as in e2e, 12 steps under
              torch.profiler: host vs device ms and kernel launches per denoising step
@@ -237,8 +237,8 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     # Each token block gathers its own neuron rows of W1 and W2^T, so the weight traffic depends on how much the
     # blocks' sets overlap (L2 serves the shared rows). Independent random sets per block are the worst case and
     # the one the target is judged on; one set shared by every block is the best case (real FLUX sets lie between).
-    # With the Triton kernels, sparse_mlp(tma=True) (the candidate that loads X and the deltas through TMA) is timed beside
-    # sparse_mlp at each set; a failure of the candidate is recorded and ends its timings, not the part.
+    # With the Triton kernels, sparse_mlp(tma=True) (the candidate that loads X and the deltas through TMA) is timed
+    # beside sparse_mlp at each set; a failure of the candidate is recorded and ends its timings, not the part.
     tma_error = None
     for sets in ("independent", "shared"):
         for fraction in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
@@ -274,8 +274,8 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
 
 
 def tma_candidate(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, pointer_ms: float, dry: bool) -> dict:
-    """sparse_mlp(tma=True) at one neuron set: its median ms, its speedup over sparse_mlp's (pointer_ms), and the relative
-    error of its output cache against sparse_mlp's from the same caches (the two sum the same tiles)."""
+    """sparse_mlp(tma=True) at one neuron set: its median ms, its speedup over sparse_mlp's (pointer_ms), and the
+    relative error of its output cache against sparse_mlp's from the same caches (the two sum the same tiles)."""
     caches = []
     for tma in (False, True):
         a, o = act.clone(), out_cache.clone()
@@ -550,8 +550,8 @@ def markdown(record: dict) -> str:
                   "shared by all blocks (best case for weight reuse through L2)."]
         tma = any("tma_ms" in r for r in sp["mlp"])  # sparse_mlp(tma=True) timed beside (Triton kernels only)
         if tma:
-            lines += ["TMA candidate: `sparse_mlp(tma=True)` (X and the deltas through TMA descriptors; the layers do not "
-                      "use it), its speedup over `sparse_mlp` and its output cache's relative error against it."]
+            lines += ["TMA candidate: `sparse_mlp(tma=True)` (X and the deltas through TMA descriptors; the layers do "
+                      "not use it), its speedup over `sparse_mlp` and its output cache's relative error against it."]
         if sp.get("mlp_tma_error"):
             lines += [f"TMA candidate failed (no timings after it): {sp['mlp_tma_error']}"]
         lines += ["", "| MLP neuron sets | top_keys | neurons | ms | speedup |"

@@ -450,8 +450,8 @@ for scores, counts in ((torch.randn(2, 12288), (4352,)), (few_levels(2, 12288), 
 print("selection searches agree")
 """
 
-# sparse_mlp(tma=True) (the measurement-only candidate: fc1's X and fc2's deltas through TMA descriptors over (B * L, width)
-# views) against sparse_mlp and the reference. Batch size 2 and 80 tokens in blocks of 32: the last row tile is partial,
+# sparse_mlp(tma=True) (the measurement-only candidate: fc1's X and fc2's deltas through TMA descriptors over
+# (B * L, width) views) against sparse_mlp and the reference. Batch size 2 and 80 tokens in blocks of 32: the last row tile is partial,
 # so batch 0's last tile reads batch 1's first rows through the view and batch 1's reads past the end (zeros); stores
 # of those rows would land in batch 1's rows of the caches. (32, 24, 18): 18 float32 deltas are 72 bytes, so the
 # deltas' rows are padded to 16 bytes; fc2's loop masked. (24, 32, 32): a partial DM tile (zero columns from TMA).

@@ -283,7 +283,7 @@ def _version(pkg: str) -> str | None:
 
 def environment_record(device: str) -> dict[str, Any]:
     """What hardware and software made a record."""
-    from torch._inductor import config as inductor_config
+    from utils.compile_utils import cxx_compiler
 
     env = {
         "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -298,7 +298,7 @@ def environment_record(device: str) -> dict[str, Any]:
         "fa3": _version("fa3-fwd") or _version("flash_attn_3") or _version("flashattn-hopper"),
         "cache_dit": _version("cache-dit"),
         # export_aoti's .so files are built with it ($CXX): on the lent H200, /opt/gcc/bin/g++ built ones that crashed
-        "cxx": inductor_config.cpp.cxx[1],
+        "cxx": cxx_compiler(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None,
         "cpu": cpu_model(),

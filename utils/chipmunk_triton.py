@@ -68,6 +68,20 @@ def _configs(full: list[dict], interpreted: dict, pre_hook=None, **common) -> li
                           num_stages=c["s"], pre_hook=pre_hook) for c in full]
 
 
+# The sparse MLP GEMMs' autotune candidates (w: warps, s: stages), shared by the pointer kernels and their TMA
+# candidates so that the two are timed over the same tiles. Configs that spill on sm_90 are not listed
+# (tests/test_chipmunk_triton_compile.py compiles every one at FLUX shapes): see the kernels' comments.
+_FC1_TILES = [dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
+              dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
+              dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
+              dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=32, w=8, s=6)]
+_FC2_TILES = [dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
+              dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
+              dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
+              dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
+              dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=4)]
+
+
 def _row_tile(rows_per_group: int, cap: int) -> int:
     """Largest power-of-two tile <= cap dividing the group, so that a tile never straddles two groups."""
     for tile in (128, 64, 32, 16):
@@ -81,7 +95,7 @@ def _selection_configs() -> list:
     block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
     bitwise takes 32 sums (57 in top_and_random), pairs 16 (29), radix 4 histogram passes (8), but how tl.histogram
     lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with
-    Triton 3.6, top_and_random took 142 us radix and 83 us bitwise (pairs not yet measured). Each row length has one
+    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs and 146 radix (session 10). Each row length has one
     warp count (_selection_warps_only prunes the others)."""
     if INTERPRET:
         return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
@@ -216,12 +230,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # The last three (sm_90 registers, shared memory): the 128x256 tile (255, 144 KB), a 128-deep DM step (177,
     # 192 KB), and a 128x128 tile at 128 registers and 96 KB, so two CTAs per SM (one's epilogue under the other's
     # loop).
-    @triton.autotune(configs=_configs([dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
-                                       dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
-                                       dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
-                                       dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3),
-                                       dict(BLOCK_K=128, BLOCK_D=32, w=8, s=6)],
-                                      dict(BLOCK_K=16, BLOCK_D=16)),
+    @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16)),
                      key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
     def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
@@ -326,12 +335,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # now fit two CTAs per SM (not yet measured on a GPU: the autotuner decides); 128x128 at 4 warps 255 + 328 B
     # spilled -> 244 (not listed). 128x64 tiles are one chunk, unchanged: 104 registers at 8 warps, 212 at 4 (two CTAs
     # per SM, one's epilogue under the other's loop). 32-column chunks would give ~198 at 128x256, 124 at 128x128.
-    @triton.autotune(configs=_configs([dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
-                                       dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
-                                       dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
-                                       dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
-                                       dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=4)],
-                                      dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), EPILOGUE_N=64),
+    @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), EPILOGUE_N=64),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
     def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, LOW, sdb, sdl, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
@@ -412,16 +416,12 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # _sparse_fc1_kernel and _sparse_fc2_kernel with their dense operand (X in fc1, DELTA in fc2) loaded through a
     # host-side TMA descriptor over its (B * L, width) view instead of pointer loads (cp.async), the gathered weight
     # rows still pointer loads. On the H200 the pointer kernels reach ~540 / ~490 TFLOP/s against ~700 for cuBLAS; TMA
-    # takes the dense tile's address math and predicates off the loop. Only sparse_mlp(tma=True) launches these, and only
-    # scripts/h100_chipmunk.py's speed part times it: the layers keep the kernels above until a GPU says this pays.
+    # takes the dense tile's address math and predicates off the loop. Only sparse_mlp(tma=True) launches these, and
+    # only scripts/h100_chipmunk.py's speed part times it: the layers keep the kernels above until a GPU says this
+    # pays. Separate kernels rather than a switch in those, so that the layers' kernels stay as measured meanwhile.
     # Rows past L are the next batch's first rows (or zeros past B * L: TMA fills out-of-bounds boxes with zeros, as
-    # it does columns past the width): their sums are never stored, as in the kernels above. Same configs.
-    @triton.autotune(configs=_configs([dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
-                                       dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
-                                       dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
-                                       dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3),
-                                       dict(BLOCK_K=128, BLOCK_D=32, w=8, s=6)],
-                                      dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
+    # it does columns past the width): their sums are never stored, as in the kernels above.
+    @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
                      key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
     def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
@@ -446,13 +446,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             acc += tl.dot(x, tl.trans(w))
         _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
 
-    @triton.autotune(configs=_configs([dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
-                                       dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
-                                       dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
-                                       dict(BLOCK_N=64, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=8, s=4),
-                                       dict(BLOCK_N=256, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=256, BLOCK_K=64, w=8, s=4)],
-                                      dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), pre_hook=_fc2_tma_box,
-                                      EPILOGUE_N=64),
+    @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4),
+                                      pre_hook=_fc2_tma_box, EPILOGUE_N=64),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
     def _sparse_fc2_tma_kernel(DELTA_DESC, W2T, IDX, OUT, LOW, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
