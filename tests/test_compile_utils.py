@@ -197,3 +197,23 @@ def test_the_cache_key_names_the_cxx_compiler_so_another_one_rebuilds_the_packag
     assert key["cxx"] == torch._inductor.config.cpp.cxx[1] == compile_utils.cxx_compiler()
     other = {**key, "cxx": "/usr/bin/some-other-g++"}
     assert compile_utils.export_package_path(cache_dir, other) != compile_utils.export_package_path(cache_dir, key)
+
+
+def test_a_package_another_process_is_building_is_waited_for_then_loaded_not_rebuilt(exported):
+    """Two processes sharing a cache directory (the device's second builder process): the package's lock is held
+    while one builds, and the other waits on it, then loads the finished package."""
+    import fcntl
+    import threading
+
+    pipe, example, key, cache_dir, _, _ = exported
+    path = compile_utils.export_package_path(cache_dir, key)
+    results = []
+    with open(path.with_suffix(".lock"), "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a building process holds it (flock locks are per open file)
+        waiter = threading.Thread(target=lambda: results.append(
+            compile_utils.load_or_build_aoti(pipe.transformer, example, key, cache_dir, require_cached=True)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not results  # blocked on the lock, not loading a half-written package
+    waiter.join(timeout=120)
+    assert not waiter.is_alive() and results[0][1].startswith("cached ")

@@ -13,15 +13,23 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_stage_table_dry_run_writes_every_stage(tmp_path):
     stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "persistent_reductions", "inductor_flags",
               "cudagraphs", "export_aoti"]
-    subprocess.run([sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
-                    "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
-                    "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")],
-                   cwd=ROOT, check=True, capture_output=True, text=True)
+    command = [sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
+               "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
+               "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")]
+    # A second process that builds the single-block package (on the device it runs beside the timed one): it times
+    # nothing and writes no record, and the timed run below loads its package instead of building one.
+    builder = subprocess.run(command + ["--aoti_build_only", "single"], cwd=ROOT, check=True, capture_output=True,
+                             text=True)
+    assert "4 single blocks (built flux_single_block_" in builder.stdout and "(build only" in builder.stdout
+    assert not list(tmp_path.glob("stages_*")) and [p.name.split("_")[1] for p in (tmp_path / "aoti").glob("*.pt2")] \
+        == ["single"]
+    subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads(next(tmp_path.glob("stages_tiny_64x64_2steps.json")).read_text())
     assert [row["stage"] for row in record["rows"]] == stages
     assert all(row["step_ms"] > 0 and row["e2e_s"] > 0 for row in record["rows"])
     assert record["rows"][-2]["note"] == "CPU dry run: no CUDA graphs"
     assert record["rows"][-1]["note"].startswith("AOTI packages regional: 2 double blocks (built")
+    assert "4 single blocks (cached flux_single_block_" in record["rows"][-1]["note"]
     assert record["rows"][3]["note"] == "tanh-GELU as x*sigmoid(2u) in 8 MLPs"  # tiny: 2 double (2 each) + 4 single
     assert record["rows"][4]["note"].startswith("inductor multi_kernel=1")
     table = (tmp_path / "stages_tiny_64x64_2steps.md").read_text()

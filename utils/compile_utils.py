@@ -10,6 +10,7 @@ package built for other conditions is rebuilt, never used. Weights are not baked
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import itertools
 import json
@@ -173,27 +174,44 @@ def export_package_path(cache_dir: str | Path, key: dict[str, Any], stem: str = 
 def _load_or_build_package(module: torch.nn.Module, kwargs: dict[str, Any], key: dict[str, Any], path: Path,
                            require_cached: bool) -> tuple[Any, str]:
     """`module` exported with these call kwargs and AOTInductor-compiled into `path` (or found there, when its
-    sidecar JSON equals `key`), loaded with `module`'s own tensors as its constants."""
-    meta_path = path.with_suffix(".json")
-    status = "cached"
-    stored = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if not path.exists() or stored != json.loads(json.dumps(key, default=str)):
-        if require_cached:
-            raise FileNotFoundError(f"--use-cached-model: no export package matching this GPU/torch/shapes/flags at "
-                                    f"{path}; run once without --use-cached-model to build it")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            exported = torch.export.export(module, args=(), kwargs=kwargs, strict=False)
-            print(f"[export] torch.export done in {time.perf_counter() - t0:.0f} s; AOTInductor compiling -> {path}",
-                  flush=True)
-            torch._inductor.aoti_compile_and_package(
-                exported, package_path=str(path),
-                inductor_configs={"aot_inductor.package_constants_in_so": False})
-        print(f"[export] package built in {time.perf_counter() - t0:.0f} s", flush=True)
-        meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
-        status = "built"
+    sidecar JSON equals `key`), loaded with `module`'s own tensors as its constants.
+
+    The check and the build hold an exclusive lock on `path`.lock, so processes sharing a cache directory build a
+    package once: one that finds another process building it waits, then loads it (scripts/h100_stages.py
+    --aoti_build_only builds one block kind in a second process while the first builds the other)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"[export] another process is building {path.name}: waiting for it", flush=True)
+            t0 = time.perf_counter()
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print(f"[export] waited {time.perf_counter() - t0:.0f} s for {path.name}", flush=True)
+        status = _build_unless_cached(module, kwargs, key, path, require_cached)
     return load_package_with_weights(path, module), status
+
+
+def _build_unless_cached(module: torch.nn.Module, kwargs: dict[str, Any], key: dict[str, Any], path: Path,
+                         require_cached: bool) -> str:
+    meta_path = path.with_suffix(".json")
+    stored = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if path.exists() and stored == json.loads(json.dumps(key, default=str)):
+        return "cached"
+    if require_cached:
+        raise FileNotFoundError(f"--use-cached-model: no export package matching this GPU/torch/shapes/flags at "
+                                f"{path}; run once without --use-cached-model to build it")
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        exported = torch.export.export(module, args=(), kwargs=kwargs, strict=False)
+        print(f"[export] torch.export done in {time.perf_counter() - t0:.0f} s; AOTInductor compiling -> {path}",
+              flush=True)
+        torch._inductor.aoti_compile_and_package(
+            exported, package_path=str(path),
+            inductor_configs={"aot_inductor.package_constants_in_so": False})
+    print(f"[export] package built in {time.perf_counter() - t0:.0f} s", flush=True)
+    meta_path.write_text(json.dumps(key, indent=2, sort_keys=True, default=str))
+    return "built"
 
 
 class PackageLoadError(RuntimeError):
@@ -265,7 +283,8 @@ class BlockTensors(torch.nn.Module):
 
 def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: dict[str, torch.Tensor],
                                 key: dict[str, Any], cache_dir: str | Path,
-                                require_cached: bool = False) -> tuple[Callable, str]:
+                                require_cached: bool = False,
+                                kinds: tuple[str, ...] = ("double", "single")) -> tuple[Callable, str]:
     """Regional export: one AOTInductor package per block kind (double-stream, single-stream), each built from the
     first block of its kind and loaded once per block with that block's weights; every block's forward then runs
     its package. The repeated blocks compile once per kind, as regional torch.compile does: the whole 57-block
@@ -273,7 +292,14 @@ def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: di
     stages_export_aoti_attempt_2026-12-01.log). The glue between blocks (embedders, RoPE, output layer) stays
     eager Python: CUDA-graph the returned forward to replay it with the blocks.
 
+    `kinds` limits the work to some block kinds (the others keep their forward): a second process that builds
+    ("single",) while this one builds the double blocks halves the cold build; the lock on each package makes the
+    first process wait for, then load, what the second built.
+
     Returns (the transformer's forward taking the tensor kwargs, a status line), like load_or_build_aoti."""
+    unknown = set(kinds) - {"double", "single"}
+    if unknown:
+        raise ValueError(f"regional export: unknown block kinds {sorted(unknown)}; choose from double, single")
     first: dict[str, dict[str, Any]] = {}
 
     def keep(kind):
@@ -281,8 +307,9 @@ def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: di
             first.setdefault(kind, kwargs)
         return hook
 
-    kinds = (("double", transformer.transformer_blocks), ("single", transformer.single_transformer_blocks))
-    handles = [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True) for kind, blocks in kinds]
+    selected = [(kind, blocks) for kind, blocks in (("double", transformer.transformer_blocks),
+                                                    ("single", transformer.single_transformer_blocks)) if kind in kinds]
+    handles = [blocks[0].register_forward_pre_hook(keep(kind), with_kwargs=True) for kind, blocks in selected]
     try:
         with torch.no_grad():
             transformer(**example_kwargs, return_dict=False)  # the blocks' inputs, as the transformer makes them
@@ -290,7 +317,7 @@ def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: di
         for handle in handles:
             handle.remove()
     statuses = []
-    for kind, blocks in kinds:
+    for kind, blocks in selected:
         inputs = {name: first[kind][name] for name in ("hidden_states", "encoder_hidden_states", "temb",
                                                         "image_rotary_emb")}
         block_key = {**key, "block": kind,
