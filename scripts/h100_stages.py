@@ -29,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -120,6 +121,14 @@ def main() -> None:
     compiled = False
     compile_mode = opts.compile_mode or "default"
 
+    def record_failure(stage: str, error: Exception, where: str = "") -> None:
+        traceback.print_exc()
+        first_line = (str(error).splitlines() or [""])[0]
+        record.setdefault("failed", {})[stage] = f"{where}{type(error).__name__}: {first_line}"
+        print(f"[stage] {stage:<15} FAILED: {record['failed'][stage]}", flush=True)
+        (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+        write_markdown(record, out_dir / f"{name}.md")
+
     def recompile():
         torch._dynamo.reset()
         compile_utils.compile_transformer(transformer, opts.compile_scope, compile_mode)
@@ -172,11 +181,10 @@ def main() -> None:
                      else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
             try:
                 aoti, status = build(transformer, example, key, opts.cache_dir)
-            except compile_utils.PackageLoadError as e:  # the loader crashed in a child: record it, keep the rows
-                record.setdefault("failed", {})[stage] = str(e).splitlines()[0]
-                print(f"[stage] {stage:<15} FAILED: {e}", flush=True)
-                (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-                write_markdown(record, out_dir / f"{name}.md")
+                with torch.no_grad():
+                    aoti(**example)  # the packages run by themselves before a CUDA graph records them
+            except Exception as e:  # a loader crash (found in a child), a failed build or run: keep the rows so far
+                record_failure(stage, e)
                 continue
             cuda = opts.device.startswith("cuda")
             compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
@@ -191,13 +199,10 @@ def main() -> None:
         try:
             with torch.no_grad():
                 transformer(**step_kwargs)  # compiles (cold) when needed
-        except Exception as e:  # a package that loads but fails its first call (or its graph capture): keep the rows
+        except Exception as e:  # the packages ran, their CUDA graph's capture did not: keep the rows
             if stage != "export_aoti":
                 raise
-            record.setdefault("failed", {})[stage] = f"first call: {type(e).__name__}: {str(e).splitlines()[0]}"
-            print(f"[stage] {stage:<15} FAILED at its first call: {e}", flush=True)
-            (out_dir / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-            write_markdown(record, out_dir / f"{name}.md")
+            record_failure(stage, e, "CUDA graph capture: ")
             continue
         apply_s = time.perf_counter() - t_apply
         with torch.no_grad():

@@ -33,8 +33,11 @@ def test_fake_impl_traces_under_torch_compile_fullgraph():
 
 def test_op_passes_torch_library_opcheck():
     q, k, v = (t.float() for t in _qkv(b=1, s=32, h=2, d=8))
-    torch.library.opcheck(torch.ops.flux_harness.fa3_attention.default, (q, k, v, None),
+    torch.library.opcheck(torch.ops.flux_harness.fa3_attention.default, (q, k, v),
                           test_utils=("test_schema", "test_faketensor"))
+    # The fake's dtype rule for float8 inputs (test_schema's own checks multiply the inputs: no float8 mul on CPU).
+    torch.library.opcheck(torch.ops.flux_harness.fa3_attention.default, tuple(t.to(FP8) for t in (q, k, v)),
+                          test_utils=("test_faketensor",))
 
 
 def test_flop_counter_counts_the_custom_op():
@@ -73,3 +76,16 @@ def test_fp8_casts_are_traced_outside_the_op():
     ops = [n for n in gm.graph.nodes if n.target is torch.ops.flux_harness.fa3_attention.default]
     assert len(casts) == 3 and len(ops) == 1
     assert all(cast in ops[0].args for cast in casts)
+
+
+def test_the_op_takes_tensors_only_and_float8_inputs_give_bf16():
+    """torch 2.11's AOTInductor proxy executor mistranslates a custom op's dtype argument (bf16 arrived as quint8
+    inside the exported blocks on the lent H200, pytorch/pytorch#169157): the op's schema holds tensors only, and
+    the output dtype follows from the inputs'."""
+    schema = torch.ops.flux_harness.fa3_attention.default._schema
+    assert [str(a.type) for a in schema.arguments] == ["Tensor"] * 3
+    q, k, v = (t.float() for t in _qkv(b=1, s=24, h=2, d=16))
+    out8 = fa3_attention(q.to(FP8), k.to(FP8), v.to(FP8))
+    assert out8.dtype == torch.bfloat16 and out8.shape == q.shape
+    out = fa3_fp8_attention(q, k, v)  # an fp32 model (--disable_bf16) gets fp32 back
+    assert out.dtype == torch.float32 and torch.equal(out, out8.float())

@@ -199,6 +199,16 @@ def test_the_cache_key_names_the_cxx_compiler_so_another_one_rebuilds_the_packag
     assert compile_utils.export_package_path(cache_dir, other) != compile_utils.export_package_path(cache_dir, key)
 
 
+def test_the_cache_key_names_the_harness_ops_signatures_so_a_changed_op_rebuilds_the_package(exported):
+    # The fa3 op lost its dtype argument (torch 2.11's proxy executor mistranslated it): a package built against the
+    # old signature would call the op with four arguments.
+    pipe, example, key, cache_dir, _, _ = exported
+    assert "flux_harness::fa3_attention(Tensor q, Tensor k, Tensor v) -> Tensor" in key["ops"]
+    old = {**key, "ops": ["flux_harness::fa3_attention(Tensor q, Tensor k, Tensor v, ScalarType? out_dtype=None) "
+                          "-> Tensor"]}
+    assert compile_utils.export_package_path(cache_dir, old) != compile_utils.export_package_path(cache_dir, key)
+
+
 def test_a_package_another_process_is_building_is_waited_for_then_loaded_not_rebuilt(exported):
     """Two processes sharing a cache directory (the device's second builder process): the package's lock is held
     while one builds, and the other waits on it, then loads the finished package."""

@@ -52,19 +52,25 @@ def _sdpa_bshd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
 
 
 @torch.library.custom_op("flux_harness::fa3_attention", mutates_args=(), device_types=None)
-def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Non-causal attention on (batch, seq, heads, head_dim) tensors, output in `out_dtype` (default: q's dtype).
+def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention on (batch, seq, heads, head_dim) tensors. Output in q's dtype, or bf16 for float8 e4m3
+    q/k/v (FA3's fp8 kernel's output; see `fa3_fp8_attention`).
 
-    q/k/v in bf16 run FA3's bf16 kernel; in float8 e4m3 (see `fa3_fp8_attention`) its fp8 kernel. FA3 on a Hopper
-    GPU; PyTorch SDPA otherwise (the fallback kernel, on inputs upcast to `out_dtype`), so the same graph runs on CPU.
+    FA3 on a Hopper GPU; PyTorch SDPA otherwise (the fallback kernel; float8 inputs upcast to bf16), so the same
+    graph runs on CPU. No dtype argument: torch 2.11's AOTInductor proxy executor hands a custom op's dtype argument
+    over in the export schema's numbering (bf16 arrived as c10's quint8, pytorch/pytorch#169157, fixed by #173562),
+    which broke the fp8 op inside the exported blocks on the lent H200.
     """
-    out_dtype = out_dtype or q.dtype
+    out_dtype = _fa3_out_dtype(q)
     if FA3_AVAILABLE and q.is_cuda:
         out = _FA3_FUNC(q, k, v)
         out = out[0] if isinstance(out, tuple) else out
         return out.to(out_dtype)
     return _sdpa_bshd(q.to(out_dtype), k.to(out_dtype), v.to(out_dtype)).contiguous()
+
+
+def _fa3_out_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.bfloat16 if q.dtype == FP8 else q.dtype
 
 
 def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -77,7 +83,7 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
     TFLOP/s. Per-head scaling gave the same error (e4m3's 3-bit mantissa, not its range, limits it) at 2.6x the
     time, so it is not used.
     """
-    return fa3_attention(q.to(FP8), k.to(FP8), v.to(FP8), q.dtype)
+    return fa3_attention(q.to(FP8), k.to(FP8), v.to(FP8)).to(q.dtype)
 
 
 def fa3_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,8 +102,8 @@ def fa3_attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 @fa3_attention.register_fake
-def _(q, k, v, out_dtype=None):
-    return torch.empty_like(q, dtype=out_dtype or q.dtype, memory_format=torch.contiguous_format)
+def _(q, k, v):
+    return torch.empty_like(q, dtype=_fa3_out_dtype(q), memory_format=torch.contiguous_format)
 
 
 @register_flop_formula(torch.ops.flux_harness.fa3_attention)

@@ -155,6 +155,8 @@ def export_cache_key(pipeline, example_kwargs: dict[str, torch.Tensor], stack: d
         "torch": torch.__version__,
         "diffusers": version("diffusers"),
         "cxx": cxx_compiler(),  # the package's .so is built by it; a package built by another one is rebuilt
+        # A package calls the harness's custom ops by schema: one built against an older signature would fail.
+        "ops": sorted(str(s) for s in torch._C._jit_get_all_schemas() if s.name.startswith("flux_harness::")),
         "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in sorted(example_kwargs.items())},
         "transformer_config": {k: v for k, v in dict(pipeline.transformer.config).items() if not k.startswith("_")},
         "stack": stack,
