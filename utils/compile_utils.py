@@ -233,7 +233,7 @@ def check_package_loads(path: Path) -> None:
         return
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
             f"import torch, utils.attention; "  # registers the FA3 custom op that the package may call
-            f"torch._inductor.aoti_load_package({str(path)!r})")
+            f"torch._inductor.aoti_load_package({str(path)!r}, run_single_threaded=True)")
     child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if child.returncode != 0:
         how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else f"failed (exit {child.returncode})"
@@ -250,7 +250,10 @@ def check_package_loads(path: Path) -> None:
 def load_package_with_weights(path: Path, module: torch.nn.Module) -> Any:
     """The AOTInductor package at `path`, running on `module`'s tensors (not copied: user-managed constants)."""
     check_package_loads(path)
-    loaded = torch._inductor.aoti_load_package(str(path))
+    # Single-threaded runner: the default container checks its models' CUDA events (cudaEventQuery) on every call,
+    # which a CUDA graph capture refuses ("operation not permitted when stream is capturing", on the lent H200;
+    # pytorch/pytorch#148601 added this runner for AOTI + CUDA graphs, on FLUX).
+    loaded = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
     wanted = set(loaded.get_constant_fqns())
     weights = {k: v for k, v in export_constants(module).items() if k in wanted}
