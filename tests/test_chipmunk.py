@@ -450,13 +450,13 @@ for scores, counts in ((torch.randn(2, 12288), (4352,)), (few_levels(2, 12288), 
 print("selection searches agree")
 """
 
-# sparse_mlp(tma=True) (the measurement-only candidate: fc1's X and fc2's deltas through TMA descriptors over
-# (B * L, width) views) against sparse_mlp and the reference. Batch size 2 and 80 tokens in blocks of 32: the last row tile is partial,
+# sparse_mlp(tma=True) (the layers' path on Hopper: fc1's X and fc2's deltas through TMA descriptors over
+# (B * L, width) views) against the pointer kernels (tma=False) and the reference. Batch size 2 and 80 tokens in blocks of 32: the last row tile is partial,
 # so batch 0's last tile reads batch 1's first rows through the view and batch 1's reads past the end (zeros); stores
 # of those rows would land in batch 1's rows of the caches. (32, 24, 18): 18 float32 deltas are 72 bytes, so the
 # deltas' rows are padded to 16 bytes; fc2's loop masked. (24, 32, 32): a partial DM tile (zero columns from TMA).
 # A batch-strided x (a view) is copied into the (B * L, DM) layout. Wrapped so that a failure here reports itself
-# without failing the checks of the kernels the layers use (the same interpreter run).
+# without failing the checks of the other kernels (the same interpreter run).
 TMA_CHECK = r"""
 import traceback
 
@@ -489,9 +489,9 @@ def check_tma():
 
 try:
     check_tma()
-    print("TMA candidate matches")
+    print("TMA kernels match")
 except Exception:
-    print("TMA candidate failed:\n" + traceback.format_exc())
+    print("TMA kernels failed:\n" + traceback.format_exc())
 """
 
 LAYER_CHECK = r"""
@@ -559,5 +559,15 @@ def test_every_selection_search_gives_the_same_indices_as_the_reference(kernel_c
     assert "selection searches agree" in kernel_checks_output
 
 
-def test_sparse_mlp_tma_candidate_matches_sparse_mlp_and_the_reference(kernel_checks_output):
-    assert "TMA candidate matches" in kernel_checks_output, kernel_checks_output[-3000:]
+def test_sparse_mlp_tma_kernels_match_the_pointer_kernels_and_the_reference(kernel_checks_output):
+    assert "TMA kernels match" in kernel_checks_output, kernel_checks_output[-3000:]
+
+
+def test_the_tma_kernels_are_the_default_only_where_tma_exists():
+    """sparse_mlp(tma=None), the layers' call, takes the TMA kernels on Hopper only: never for CPU tensors (the
+    interpreter tests both paths explicitly), nor without Triton."""
+    from utils import chipmunk_triton as T
+
+    if not T._IMPORTED:
+        pytest.skip(f"Triton not importable here: {T.UNAVAILABLE_REASON}")
+    assert T.tma_by_default(torch.randn(2, 64, 32)) is False

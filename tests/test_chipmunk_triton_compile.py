@@ -79,8 +79,8 @@ def kernel_args():
                EVEN_K=NK_MLP % ct._largest(ct._sparse_fc2_kernel, "BLOCK_K") == 0,
                EVEN_N=DM % ct._largest(ct._sparse_fc2_kernel, "BLOCK_N") == 0)
     assert fc1["EVEN_D"] and fc2["EVEN_K"] and fc2["EVEN_N"], "FLUX's shapes take the loops without masks"
-    # The TMA candidates (sparse_mlp(tma=True)): descriptors over (B * L, width) views, boxes set by each config's
-    # pre-hook.
+    # The TMA kernels (sparse_mlp(tma=True), the layers' path on Hopper): descriptors over (B * L, width) views,
+    # boxes set by each config's pre-hook.
     fc1_tma = dict({k: v for k, v in fc1.items() if k not in ("X", "sxb", "sxl")},
                    X_DESC=TensorDescriptor(x, [B * L, DM], [DM, 1], [MLP_BLOCK_M, 16]))
     fc2_tma = dict({k: v for k, v in fc2.items() if k not in ("DELTA", "sdb", "sdl")},

@@ -74,8 +74,8 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--compile_scope", choices=("full", "regional"), default=None,
                        help="compile (or export) the whole transformer, or only its repeated blocks (much faster "
                             "cold start; export_aoti builds one package per block kind); "
-                            "default full, regional when feature caching or Chipmunk is on (their per-step "
-                            "decisions stay in Python, between compiled blocks)")
+                            "default regional for export_aoti, and when feature caching or Chipmunk is on (their "
+                            "per-step decisions stay in Python, between compiled blocks); full otherwise")
     stack.add_argument("--compile_mode", default="default",
                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                        help="torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs (no per-kernel "

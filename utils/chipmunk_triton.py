@@ -14,8 +14,8 @@ contiguous):
     program per 64-row tile of a query group;
   * sparse MLP: fc1 on gathered neuron rows with fused bias + GELU(tanh), then the activation cache's
     delta (and its update) in a light gather kernel over the neuron-major cache, then fc2 on gathered rows
-    of W2^T added into the output cache; sparse_mlp(tma=True), a measurement-only candidate of the same MLP whose
-    fc1 and fc2 load their dense operand through TMA descriptors (only the device benchmark calls it).
+    of W2^T added into the output cache. On Hopper (sm_90+) fc1 and fc2 load their dense operand (X, the deltas)
+    through TMA descriptors (sparse_mlp's tma; measured 1.06x at FLUX's 30% neurons on the H200, the same output).
 The loops over gathered rows load their indices one step ahead (see _sparse_fc2_kernel): Triton then
 software-pipelines the gathers, which tests/test_chipmunk_triton_compile.py checks in the sm_90 TTGIR.
 """
@@ -411,14 +411,14 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         if WRITE_LOW:  # the layer's output in the model's dtype, here instead of a pass over the float32 cache
             tl.store(LOW + b * slb + rows[:, None] * sll + cols[None, :], updated.to(LOW.dtype.element_ty), mask=mask)
 
-    # --- MLP, measurement-only candidate: the dense operand through TMA ------------------------------------
+    # --- MLP on Hopper: the dense operand through TMA -----------------------------------------------------------
 
     # _sparse_fc1_kernel and _sparse_fc2_kernel with their dense operand (X in fc1, DELTA in fc2) loaded through a
     # host-side TMA descriptor over its (B * L, width) view instead of pointer loads (cp.async), the gathered weight
-    # rows still pointer loads. On the H200 the pointer kernels reach ~540 / ~490 TFLOP/s against ~700 for cuBLAS; TMA
-    # takes the dense tile's address math and predicates off the loop. Only sparse_mlp(tma=True) launches these, and
-    # only scripts/h100_chipmunk.py's speed part times it: the layers keep the kernels above until a GPU says this
-    # pays. Separate kernels rather than a switch in those, so that the layers' kernels stay as measured meanwhile.
+    # rows still pointer loads. TMA takes the dense tile's address math and predicates off the loop. On the H200
+    # (Triton 3.6) they ran 1.02-1.07x faster than the pointer kernels at 10-70% of the neurons, 1.06x at FLUX's 30%
+    # (0.459 against 0.485 ms), with outputs equal bit for bit (results/h200/chipmunk_speed_tma_session11_2026-12-02.md):
+    # sparse_mlp uses them by default where TMA exists. Separate kernels, so the pointer ones stay for other GPUs.
     # Rows past L are the next batch's first rows (or zeros past B * L: TMA fills out-of-bounds boxes with zeros, as
     # it does columns past the width): their sums are never stored, as in the kernels above.
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
@@ -768,15 +768,18 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None, tma: bool = False) -> torch.Tensor:
+               out: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
     given ((B, L, out), last dim contiguous, any float dtype), receives the updated out_cache rounded to its dtype
     by fc2's epilogue: the layer's output without another pass over the cache.
     `tma`: fc1's X and fc2's deltas through TMA descriptors (_sparse_fc1_tma_kernel, _sparse_fc2_tma_kernel), the
-    same results. A measurement-only candidate: scripts/h100_chipmunk.py times it; the layers keep the default.
+    same results; None (the layers' choice) uses them where `tma_by_default(x)` says they run, True insists on them,
+    False keeps the pointer kernels (what the device benchmark compares them with).
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
+    if tma is None:
+        tma = tma_by_default(x)
     B, L, DM = x.shape
     NB, NK = neuron_index.shape[1], neuron_index.shape[2]
     NOUT = w2_t.shape[1]
@@ -820,6 +823,21 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
                block, WRITE_LOW=out is not None, BLOCK_M=block_m, EVEN_K=NK % _largest(fc2, "BLOCK_K") == 0,
                EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0)
     return pre_sum / block_sizes(L, block, x.device)[None, :, None]
+
+
+def tma_by_default(x: torch.Tensor) -> bool:
+    """Whether sparse_mlp uses its TMA kernels for x: on a Hopper or later GPU whose Triton has host-side TMA
+    descriptors, for x whose rows are 16-byte aligned and whose batches follow each other (no copy needed). Not under
+    the interpreter: the tests run both kernels there explicitly."""
+    if INTERPRET or not x.is_cuda or torch.cuda.get_device_capability(x.device)[0] < 9:
+        return False
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401 - Triton >= 3.3
+    except ImportError:
+        return False
+    B, L, _ = x.shape
+    return ((x.stride(1) * x.element_size()) % 16 == 0 and x.data_ptr() % 16 == 0
+            and (B == 1 or x.stride(0) == L * x.stride(1)))
 
 
 def _row_view_descriptor(t: torch.Tensor, block_rows: int):
