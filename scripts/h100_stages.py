@@ -182,14 +182,17 @@ def main() -> None:
                      else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
             try:
                 aoti, status = build(transformer, example, key, opts.cache_dir)
+                t_run = time.perf_counter()
                 with torch.no_grad():
                     aoti(**example)  # the packages run by themselves before a CUDA graph records them
+                first_run_s = time.perf_counter() - t_run
             except Exception as e:  # a loader crash (found in a child), a failed build or run: keep the rows so far
                 record_failure(stage, e)
                 continue
             cuda = opts.device.startswith("cuda")
             compile_utils.install_compiled_forward(transformer, compile_utils.cudagraph(aoti) if cuda else aoti)
-            note = f"AOTI packages {status}" + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)")
+            note = (f"AOTI packages {status}; first run {first_run_s:.1f} s"
+                    + (" + CUDA graphs" if cuda else " (CPU dry run: no CUDA graphs)"))
         if stage not in timed:
             print(f"[stage] {stage:<15} applied, not timed {note}", flush=True)
             continue
