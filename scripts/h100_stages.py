@@ -178,6 +178,8 @@ def main() -> None:
                                                                       kinds=(opts.aoti_build_only,))
                 print(f"[stage] {stage:<15} {status} (build only: nothing timed)", flush=True)
                 return
+            with torch.no_grad():  # the same layers run eagerly: what the packages must reproduce
+                export_reference = transformer(**step_kwargs)[0].float()
             build = (compile_utils.load_or_build_regional_aoti if opts.compile_scope == "regional"  # per block kind
                      else compile_utils.load_or_build_aoti)  # the whole model: > 8 min cold on the H200 host
             try:
@@ -223,6 +225,11 @@ def main() -> None:
         row = {"stage": stage, "dynamo_graphs_so_far": graphs, "step_ms": step_ms, "e2e_s": e2e_s, "apply_and_compile_s": apply_s,
                "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
                "step_device_ms_by_kind": step_kinds, "top_kernels": kernels[:TOP_KERNELS], "note": note}
+        if stage == "export_aoti":  # the packages under their CUDA graph against the same stack run eagerly
+            with torch.no_grad():
+                got = transformer(**step_kwargs)[0].float()
+            row["rel_err_vs_same_stack_eager"] = ((got - export_reference).norm() / export_reference.norm()).item()
+            row["note"] += f"; output vs the same layers eager: relative error {row['rel_err_vs_same_stack_eager']:.1e}"
         record["rows"].append(row)
         eager = record["rows"][0]
         for r in record["rows"]:
