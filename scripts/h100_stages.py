@@ -236,7 +236,7 @@ def main() -> None:
             r["step_vs_eager"] = r["step_ms"] / eager["step_ms"]
             r["e2e_speedup"] = eager["e2e_s"] / r["e2e_s"]
         print(f"[stage] {stage:<15} step {step_ms:7.1f} ms  e2e {e2e_s:6.2f} s  "
-              f"(apply+compile {apply_s:5.1f} s) {note}", flush=True)
+              f"(apply+compile {apply_s:5.1f} s) {row['note']}", flush=True)
         if step_kinds:
             print(f"[stage] {'':<15} device ms: {kinds_text(step_kinds)}", flush=True)
             for k in kernels[:12]:
