@@ -315,8 +315,11 @@ def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry
     calls = {"top_and_random (neuron sets + random keys)": lambda search: T.top_and_random(neurons, top, total, 7,
                                                                                            search=search),
              "top_ascending (attention key sets)": lambda search: T.top_ascending(keys, key_count, search=search)}
-    return [{"call": name, **{f"{search or 'autotuned'}_ms": bench_ms(lambda: call(search), dry)
-                              for search in (*T.SELECTION_SEARCHES, None)}} for name, call in calls.items()]
+    searches = (*T.SELECTION_SEARCHES, None)
+    # Every search must give the bitwise search's indices (the kernels part checks only the autotuner's pick).
+    return [{"call": name, **{f"{search or 'autotuned'}_ms": bench_ms(lambda: call(search), dry) for search in searches},
+             "same_indices_every_search": all(torch.equal(call(search), call("bitwise")) for search in searches)}
+            for name, call in calls.items()]
 
 
 # --- profile: per-kernel device time --------------------------------------------------------------------
@@ -569,9 +572,9 @@ def markdown(record: dict) -> str:
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
             lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"
                       ".SELECTION_SEARCHES; the autotuner's pick is in the table below):", "",
-                      "| call | " + " | ".join(searches) + " |", "|---|" + "---|" * len(searches)]
-            lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches) + " |"
-                      for r in sp["selection"]]
+                      "| call | " + " | ".join(searches) + " | same indices |", "|---|" + "---|" * len(searches) + "---|"]
+            lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches)
+                      + f" | {'yes' if r.get('same_indices_every_search') else 'NO'} |" for r in sp["selection"]]
         if sp.get("autotuned"):
             lines += ["", "Autotuner's picks (tuning key: the kernel's size arguments):", "",
                       "| kernel | key | config |", "|---|---|---|"]

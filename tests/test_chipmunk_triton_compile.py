@@ -39,6 +39,7 @@ NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.coun
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
 ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
+               "top_keys_16_warps",
                "top_and_random_neurons_seed_in_tensor", "top_neurons_bitwise", "top_and_random_neurons_bitwise",
                "top_neurons_radix", "top_and_random_neurons_radix", "top_and_random_neurons_seed_in_tensor_bitwise"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
@@ -125,6 +126,12 @@ def kernel_args():
         "top_and_random_neurons_seed_in_tensor_bitwise": (ct._top_and_random_kernel,
                                                           [dict(num_warps=16, num_stages=1)],
                                                           dict(top_and_random, SEED_IN_TENSOR=True, SEARCH="bitwise")),
+        # The autotuner also times twice the warps up to 16 (half the keys per thread per round): no spills there.
+        "top_keys_16_warps": (ct._top_ascending_kernel,
+                              [dict(num_warps=16, num_stages=1, SEARCH=search) for search in ct.SELECTION_SEARCHES],
+                              dict(X=meta(HEADS * G, L, dtype=torch.float32),
+                                   OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32), N=L, K=NK_ATTN, sx=L,
+                                   so=NK_ATTN, BLOCK=8192, SEARCH="pairs")),
         "top_keys": (ct._top_ascending_kernel, [dict(num_warps=8, num_stages=1)],
                      dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
                           N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192, SEARCH="pairs")),

@@ -50,7 +50,7 @@ LOG2E = 1.4426950408889634
 
 
 # How the selection kernels find the K-th largest key: "bitwise" (one block-wide sum per bit: 32, or 32 + 25 in
-# top_and_random), "pairs" (two bits per sum, three counts packed in one int64: 16, or 16 + 13) or "radix"
+# top_and_random), "pairs" (two bits per reduction, three counts in two int32s: 16, or 16 + 13) or "radix"
 # (ceil(bits / 8) histogram passes). All give the same indices. On a GPU the autotuner picks the fastest for the row
 # length (search=None); an explicit search runs that one (the tests, the device benchmark). The interpreter runs
 # SELECTION_SEARCH.
@@ -95,8 +95,8 @@ def _selection_configs() -> list:
     block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
     bitwise takes 32 sums (57 in top_and_random), pairs 16 (29), radix 4 histogram passes (8), but how tl.histogram
     lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with
-    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs and 146 radix (session 10). Each row length has one
-    warp count (_selection_warps_only prunes the others)."""
+    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs (its int64 version, since replaced) and 146 radix
+    (session 10). Each row length keeps two warp counts (_selection_warps_only)."""
     if INTERPRET:
         return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
     return [triton.Config({"SEARCH": search}, num_warps=w, num_stages=1) for search in SELECTION_SEARCHES
@@ -104,9 +104,13 @@ def _selection_configs() -> list:
 
 
 def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
-    """Keeps the configs with the warp count the row length needs (fewer warps spill a 16,384-key row)."""
+    """Keeps the warp count the row length needs (fewer warps spill a 16,384-key row) and twice that up to 16: the
+    rounds of a search run one after another, and each round's per-thread work halves with the keys per thread (an
+    8,192-key row, FLUX's attention key sets: 32 keys a thread at 8 warps, 16 at 16). Not measured yet; the autotuner
+    decides. 32 warps leave 64 registers a thread, and top_and_random spills there (16-48 bytes on sm_90)."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
-    return [c for c in configs if c.num_warps == _selection_warps(block)]
+    fewest = _selection_warps(block)
+    return [c for c in configs if c.num_warps in (fewest, min(16, 2 * fewest))]
 
 
 def _fc1_tma_box(nargs: dict) -> None:
@@ -488,9 +492,26 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         else:
             return _kth_largest_bitwise(key, valid, K, BITS)
 
+    # The interpreter runs a tl.reduce with a combine function element by element in Python (minutes for one
+    # 12,288-key row), so under it the pairs search takes its two sums apart: the same counts.
+    _SUMS_APART = tl.constexpr(INTERPRET)
+
+    @triton.jit
+    def _lanes_below_every_candidate(key, valid):
+        """The keys with the lanes past the row set to INT_MIN, which no candidate of the searches below reaches
+        (each candidate sets a bit above its threshold, which starts at INT_MIN, or at 0 for keys in [0, 2^BITS)):
+        the rounds then count `key >= candidate` without and-ing `valid` into every element of every round. A valid
+        key equal to INT_MIN (one NaN pattern) is never counted either, which is right: it is the smallest key."""
+        return tl.where(valid, key, -2147483648)
+
+    @triton.jit
+    def _add_two(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
     @triton.jit
     def _kth_largest_bitwise(key, valid, K, BITS: tl.constexpr):
         """_kth_largest bit by bit from the top: BITS block-wide sums, one after another."""
+        key = _lanes_below_every_candidate(key, valid)
         if BITS == 32:
             threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
         else:
@@ -502,7 +523,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 candidate = threshold ^ -2147483648
             else:
                 candidate = threshold ^ (1 << bit)
-            count = tl.sum((valid & (key >= candidate)).to(tl.int32), 0)
+            count = tl.sum((key >= candidate).to(tl.int32), 0)
             threshold = tl.where(count >= K, candidate, threshold)
         return threshold
 
@@ -513,29 +534,35 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
 
     @triton.jit
     def _kth_largest_pairs(key, valid, K, BITS: tl.constexpr):
-        """_kth_largest two bits per block-wide sum: the counts of keys at or above the three candidates for the next
-        two bits are packed 20 bits apart in one int64 (a row holds at most 16,384 keys) and summed together, so
-        ceil(BITS / 2) sums instead of BITS. The search runs in unsigned order (the sign bit flipped for BITS=32) and
-        flips each candidate back rather than the keys: no second copy of the row in registers."""
+        """_kth_largest two bits per block-wide reduction: the counts of keys at or above the three candidates for the
+        next two bits, so ceil(BITS / 2) reductions instead of BITS. Two counts share one int32, 16 bits apart (a row
+        holds at most 16,384 keys, so a count never carries into the next), the third is a second int32 of the same
+        reduction (tl.reduce over the pair: one exchange between warps). The first version packed all three into an
+        int64 and lost to bitwise on the H200 (117 against 86 us for top_and_random): 64-bit adds are two
+        instructions, and the per-element work of a round counts as much as its barrier. The search runs in unsigned
+        order (the sign bit flipped for BITS=32) and flips each candidate back rather than the keys: no second copy of
+        the row in registers."""
         FLIP: tl.constexpr = 0x80000000 if BITS == 32 else 0
+        key = _lanes_below_every_candidate(key, valid)
         threshold = tl.zeros((), tl.uint32)
         for r in tl.static_range((BITS + 1) // 2):
             shift = BITS - 2 * (r + 1)  # the pair's low bit; -1 in the last round of an odd BITS
             if shift < 0:  # bit 0 alone
-                packed = (valid & (key >= _signed_candidate(threshold, 1, FLIP))).to(tl.int64)
+                count = tl.sum((key >= _signed_candidate(threshold, 1, FLIP)).to(tl.int32), 0)
+                threshold = threshold | (count >= K).to(tl.uint32)
             else:
                 c1 = _signed_candidate(threshold, tl.full((), 1 << shift, tl.uint32), FLIP)
                 c2 = _signed_candidate(threshold, tl.full((), 2 << shift, tl.uint32), FLIP)
                 c3 = _signed_candidate(threshold, tl.full((), 3 << shift, tl.uint32), FLIP)
-                packed = ((valid & (key >= c1)).to(tl.int64) + ((valid & (key >= c2)).to(tl.int64) << 20)
-                          + ((valid & (key >= c3)).to(tl.int64) << 40))
-            counts = tl.sum(packed, 0)
-            # The candidates rise, so the counts fall: the next bits are how many of them keep >= K keys.
-            steps = ((counts & 0xFFFFF) >= K).to(tl.uint32) + (((counts >> 20) & 0xFFFFF) >= K).to(tl.uint32) + \
-                (((counts >> 40) & 0xFFFFF) >= K).to(tl.uint32)
-            if shift < 0:
-                threshold = threshold | steps
-            else:
+                first_two = (key >= c1).to(tl.int32) + ((key >= c2).to(tl.int32) << 16)
+                third = (key >= c3).to(tl.int32)
+                if _SUMS_APART:
+                    packed, count3 = tl.sum(first_two, 0), tl.sum(third, 0)
+                else:
+                    packed, count3 = tl.reduce((first_two, third), 0, _add_two)
+                # The candidates rise, so the counts fall: the next bits are how many of them keep >= K keys.
+                steps = ((packed & 0xFFFF) >= K).to(tl.uint32) + ((packed >> 16) >= K).to(tl.uint32) + \
+                    (count3 >= K).to(tl.uint32)
                 threshold = threshold | (steps << shift)
         return (threshold ^ FLIP).to(tl.int32, bitcast=True)
 
