@@ -8,7 +8,9 @@ Parts (--parts, comma-separated, run in this order; default all):
   speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
              MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity; with the
              Triton kernels, the sparse MLP's pointer kernels (sparse_mlp(tma=False)) and its TMA kernels (tma=True,
-             the layers' path on Hopper) side by side at each neuron set.
+             the layers' path on Hopper) side by side at each neuron set; the layers' path with fc1's epilogue
+             doing the activation delta (fused_delta=True) against without; every selection search, checked to
+             give the same indices.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   graphs     Chipmunk's step graphs (one CUDA graph per step kind) against the same stack run eagerly: latents
@@ -258,9 +260,13 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
             if sparse_mlp is not None and tma_error is None:
                 try:
                     mlp_rows[-1].update(tma_timing(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, ms, dry))
+                    if sets == "independent":
+                        mlp_rows[-1].update(fused_delta_timing(s, x, w1, b1, w2_t, index, act, out_cache, layer_out,
+                                                               dry))
                 except Exception as e:  # noqa: BLE001 - recorded; the part goes on with the pointer kernels' rows
                     tma_error = f"{type(e).__name__}: {str(e).strip()[-1000:]}"
-                    print(f"[speed] sparse_mlp(tma=True) failed, no more TMA timings: {tma_error}", flush=True)
+                    print(f"[speed] sparse_mlp(tma=True or fused_delta=True) failed, no more of their timings: "
+                          f"{tma_error}", flush=True)
     attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
     selection = part_speed_selection(s, device, blocks, multiple_n, dry) if use_triton else []
@@ -288,6 +294,20 @@ def tma_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, point
     ms = bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out, tma=True),
                   dry)
     return {"tma_ms": ms, "tma_speedup_vs_pointer": pointer_ms / ms, "tma_rel_err_vs_pointer": err}
+
+
+def fused_delta_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, dry: bool) -> dict:
+    """The layers' sparse_mlp (tma=None) with fc1's epilogue doing the activation delta (fused_delta=True) against
+    without it: both medians, and whether the two leave the same caches bit for bit (they must)."""
+    results = []
+    for fused in (False, True):
+        a, o = act.clone(), out_cache.clone()
+        T.sparse_mlp(x, w1, b1, w2_t, index, a, o, s["block"], out=layer_out, fused_delta=fused)
+        results.append((a, o))
+    ms = {fused: bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out,
+                                               fused_delta=fused), dry) for fused in (False, True)}
+    return {"layers_path_ms": ms[False], "fused_delta_ms": ms[True], "fused_delta_speedup": ms[False] / ms[True],
+            "fused_delta_same_caches": all(torch.equal(f, u) for f, u in zip(results[1], results[0]))}
 
 
 def autotune_picks() -> dict[str, dict[str, str]]:
@@ -560,7 +580,7 @@ def markdown(record: dict) -> str:
                       "through TMA descriptors; the layers' path on Hopper), its speedup over the pointer kernels and "
                       "its output cache's relative error against theirs."]
         if sp.get("mlp_tma_error"):
-            lines += [f"TMA kernels failed (no timings after it): {sp['mlp_tma_error']}"]
+            lines += [f"TMA or fused-delta kernels failed (no timings after it): {sp['mlp_tma_error']}"]
         lines += ["", "| MLP neuron sets | top_keys | neurons | ms | speedup |"
                   + (" TMA ms | TMA vs pointer | TMA rel. error |" if tma else ""),
                   "|---|---|---|---|---|" + ("---|---|---|" if tma else "")]
@@ -568,6 +588,14 @@ def markdown(record: dict) -> str:
                   f"{r['speedup_vs_dense']:.2f}x |"
                   + ((f" {r['tma_ms']:.3f} | {r['tma_speedup_vs_pointer']:.2f}x | {r['tma_rel_err_vs_pointer']:.1e} |"
                       if "tma_ms" in r else " - | - | - |") if tma else "") for r in sp["mlp"]]
+        fused = [r for r in sp["mlp"] if "fused_delta_ms" in r]
+        if fused:
+            lines += ["", "fc1's epilogue doing the activation delta (`sparse_mlp(fused_delta=True)`), against the layers' "
+                      "path (tma=None), independent sets:", "",
+                      "| top_keys | layers' path ms | fused ms | speedup | same caches |", "|---|---|---|---|---|"]
+            lines += [f"| {r['top_keys']} | {r['layers_path_ms']:.3f} | {r['fused_delta_ms']:.3f} | "
+                      f"{r['fused_delta_speedup']:.2f}x | {'yes' if r['fused_delta_same_caches'] else 'NO'} |"
+                      for r in fused]
         if sp.get("selection"):
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
             lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"

@@ -471,10 +471,14 @@ def check_tma():
         act, out_cache = C.neuron_major(torch.randn(B, L, hidden)), torch.randn(B, L, out)
         results = {}
         for tma in (False, True):
-            a, o = act.clone(), out_cache.clone()
-            low = torch.full((B, L, out), float("nan"), dtype=torch.bfloat16)
-            results[tma] = (a, o, low, T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, a, o, block, out=low,
-                                                    tma=tma))
+            for fused in (False, True):
+                a, o = act.clone(), out_cache.clone()
+                low = torch.full((B, L, out), float("nan"), dtype=torch.bfloat16)
+                results[tma, fused] = (a, o, low, T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, a, o, block,
+                                                               out=low, tma=tma, fused_delta=fused))
+            # fc1's epilogue doing the activation delta: the same update, bit for bit
+            assert all(torch.equal(f, u) for f, u in zip(results[tma, True], results[tma, False])), (tma, d, out, K)
+            results[tma] = results[tma, False]
         act_ref, out_ref = act.clone(), out_cache.clone()
         pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
         rows = (torch.arange(3 * block) < L).view(3, block)

@@ -123,10 +123,12 @@ def test_wrapper_runs_each_kind_eagerly_then_captures_then_replays(make_args, mo
     _generate(pipe, args)
     assert calls == [0, 1, 2, 3, 4, 5]  # first occurrences eager, second ones captured (Python runs either way)
     assert graphs.calls == {"eager": 4, "captured": 2, "replayed": 0} and _FakeGraph.replays == 2
+    assert graphs.uncaptured_kinds() == 2  # B and D: a benchmark's warm-up is not over
     stats_one = chipmunk.chipmunk_stats(pipe)
     _generate(pipe, args)  # A and C replay; B and D (seen once) are captured
     assert calls[6:] == [1, 2]
     assert graphs.calls == {"eager": 4, "captured": 4, "replayed": 4} and _FakeGraph.replays == 8
+    assert graphs.uncaptured_kinds() == 0
     # A replay books what the layer's Python would have: the stats double, last step and flags are current.
     assert chipmunk.chipmunk_stats(pipe) == {k: {n: 2 * c for n, c in v.items()} for k, v in stats_one.items()}
     assert all(layer.state.last_step == 5 for layer in transformer.chipmunk_layers)

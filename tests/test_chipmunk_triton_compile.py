@@ -43,8 +43,9 @@ ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_key
                "top_and_random_neurons_seed_in_tensor", "top_neurons_bitwise", "top_and_random_neurons_bitwise",
                "top_neurons_radix", "top_and_random_neurons_radix", "top_and_random_neurons_seed_in_tensor_bitwise"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
-            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma"}  # loops over gathered rows
-TMA = {"sparse_fc1_tma", "sparse_fc2_tma"}  # dense operand through a TMA descriptor: its loads must be TMA copies
+            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fused_delta",
+            "sparse_fc1_tma_fused_delta"}  # loops over gathered rows
+TMA = {"sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_tma_fused_delta"}  # dense operand through a TMA descriptor: its loads must be TMA copies
 PIPELINED = GATHERED | {"column_sum"}  # column sums: one flat loop over a run of query groups' row tiles
 
 
@@ -71,9 +72,10 @@ def kernel_args():
                           mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
                           sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384, SEARCH="pairs")
     fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
-               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1), snb=delta.stride(0),
-               snl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M,
-               EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0)
+               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), ACT=act, DELTA=delta, sxb=x.stride(0), sxl=x.stride(1),
+               snb=delta.stride(0), snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
+               sdb=delta.stride(0), sdl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
+               BLOCK_M=MLP_BLOCK_M, EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0, FUSE_DELTA=False)
     fc2 = dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM), sdb=delta.stride(0),
                sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM,
                NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M,
@@ -138,6 +140,9 @@ def kernel_args():
         "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
         "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
         "sparse_fc1_tma": (ct._sparse_fc1_tma_kernel, None, fc1_tma),
+        # fc1's epilogue doing the activation-cache delta itself (sparse_mlp(fused_delta=True)).
+        "sparse_fc1_fused_delta": (ct._sparse_fc1_kernel, None, dict(fc1, FUSE_DELTA=True)),
+        "sparse_fc1_tma_fused_delta": (ct._sparse_fc1_tma_kernel, None, dict(fc1_tma, FUSE_DELTA=True)),
         "sparse_fc2_tma": (ct._sparse_fc2_tma_kernel, None, fc2_tma),
     }
 

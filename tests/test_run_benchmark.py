@@ -61,3 +61,31 @@ def test_gen_image_writes_png_with_its_settings(tmp_path):
     assert (meta["height"], meta["width"]) == ("64", "64")
     assert json.loads(meta["stack_flags"])["disable_fused_projections"] is True
     assert json.loads(meta["stack"])["qkv_fusion"].startswith("skipped")
+
+
+def test_warm_up_runs_until_chipmunk_step_graphs_have_captured_every_kind_seen():
+    """A step kind is captured at its second occurrence; one that occurs once per generation (step 1's) is only
+    captured in the second generation, so the warm-up goes on until none is left uncaptured (at most 2 more)."""
+    from types import SimpleNamespace
+
+    class Graphs:  # seen kinds; a generation captures every kind seen before it, and sees one more the first time
+        def __init__(self, new_kinds_per_generation):
+            self.seen, self.captured, self.new = set(), set(), list(new_kinds_per_generation)
+
+        def uncaptured_kinds(self):
+            return len(self.seen - self.captured)
+
+        def generate(self):
+            self.captured |= self.seen
+            self.seen |= set(self.new.pop(0)) if self.new else set()
+
+    graphs = Graphs([{"A", "B"}])  # Chipmunk's case: kinds first seen in generation 1, captured in generation 2
+    pipeline = SimpleNamespace(transformer=SimpleNamespace(chipmunk_step_graphs=graphs))
+    assert run_benchmark.warm_up(pipeline, graphs.generate, 1) == 2 and graphs.uncaptured_kinds() == 0
+    endless = Graphs([{"A"}, {"B"}, {"C"}, {"D"}, {"E"}])  # a schedule that keeps showing new kinds: bounded
+    pipeline.transformer.chipmunk_step_graphs = endless
+    assert run_benchmark.warm_up(pipeline, endless.generate, 1) == 3
+    no_graphs = SimpleNamespace(transformer=SimpleNamespace())
+    runs = []
+    assert run_benchmark.warm_up(no_graphs, lambda: runs.append(1), 2) == 2 and len(runs) == 2
+    assert run_benchmark.warm_up(pipeline, endless.generate, 0) == 0  # --warmup_runs 0 stays 0

@@ -235,10 +235,11 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # 192 KB), and a 128x128 tile at 128 registers and 96 KB, so two CTAs per SM (one's epilogue under the other's
     # loop).
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16)),
-                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
+                     key=["L", "NK", "DM", "BLOCK_M", "FUSE_DELTA"], reset_to_zero=["PRESUM"], restore_value=["ACT"])
     @triton.jit
-    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, ACT, DELTA, sxb, sxl, snb, snl, sab, sal, sak, sdb, sdl, L, DM,
+                           NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FUSE_DELTA: tl.constexpr):
         # Row tiles vary fastest: the programs in flight then share one neuron tile position across all token blocks,
         # whose sorted neuron sets cover similar W1 rows, so gathered weights come from L2 instead of DRAM.
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -262,17 +263,30 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 x = tl.load(x_ptr + dd[None, :], mask=(rows[:, None] < L) & (dd[None, :] < DM), other=0.0)
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
+                      sdb, sdl, L, NK, NB, FUSE_DELTA)
 
     @triton.jit
-    def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB):
-        """fc1's tile: + bias, its block sums into PRESUM (rows past L left out), GELU(tanh) stored compactly."""
+    def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
+                      sdb, sdl, L, NK, NB, FUSE_DELTA: tl.constexpr):
+        """fc1's tile: + bias, its block sums into PRESUM (rows past L left out), GELU(tanh); then either stored
+        compactly into NEW (for _activation_delta_kernel), or, FUSE_DELTA, the activation-cache delta done here:
+        the same update as _activation_delta_kernel (DELTA = new - ACT[selected] with new rounded to the cache's
+        dtype first, ACT[selected] = new), without writing and re-reading NEW. Each (row, selected neuron) of a
+        token block belongs to one tile, so the read-modify-write of ACT has no race."""
         pre = acc + tl.load(B1 + neuron).to(tl.float32)[None, :]
         tl.atomic_add(PRESUM + (b * NB + blk) * NK + j, tl.sum(tl.where(rows[:, None] < L, pre, 0.0), 0), mask=jvalid)
         z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # 2z, with 2 sqrt(2/pi) = GELU_TANH_2C
         act = pre / (1.0 + tl.exp(-z2))  # gelu_tanh(x) = x * sigmoid(2z)
-        tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty),
-                 mask=(rows[:, None] < L) & jvalid[None, :])
+        mask = (rows[:, None] < L) & jvalid[None, :]
+        if FUSE_DELTA:
+            new = act.to(ACT.dtype.element_ty)
+            act_ptr = ACT + b * sab + rows[:, None] * sal + neuron[None, :] * sak
+            delta = new.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DELTA + b * sdb + rows[:, None] * sdl + j[None, :], delta.to(DELTA.dtype.element_ty), mask=mask)
+            tl.store(act_ptr, new, mask=mask)
+        else:
+            tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
@@ -426,11 +440,11 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # Rows past L are the next batch's first rows (or zeros past B * L: TMA fills out-of-bounds boxes with zeros, as
     # it does columns past the width): their sums are never stored, as in the kernels above.
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
-                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
+                     key=["L", "NK", "DM", "BLOCK_M", "FUSE_DELTA"], reset_to_zero=["PRESUM"], restore_value=["ACT"])
     @triton.jit
-    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                               EVEN_D: tl.constexpr):
+    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, ACT, DELTA, snb, snl, sab, sal, sak, sdb, sdl, L, DM,
+                               NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FUSE_DELTA: tl.constexpr):
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc1
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -448,7 +462,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             else:
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
+                      sdb, sdl, L, NK, NB, FUSE_DELTA)
 
     @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4),
                                       pre_hook=_fc2_tma_box, EPILOGUE_N=64),
@@ -795,7 +810,7 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None, tma: bool | None = None) -> torch.Tensor:
+               out: torch.Tensor | None = None, tma: bool | None = None, fused_delta: bool = False) -> torch.Tensor:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
@@ -804,6 +819,9 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     `tma`: fc1's X and fc2's deltas through TMA descriptors (_sparse_fc1_tma_kernel, _sparse_fc2_tma_kernel), the
     same results; None (the layers' choice) uses them where `tma_by_default(x)` says they run, True insists on them,
     False keeps the pointer kernels (what the device benchmark compares them with).
+    `fused_delta`: fc1's epilogue updates the activation cache and writes the deltas itself (no separate
+    _activation_delta_kernel, no compact new-activation tensor written and read back): the same results. Off by
+    default until the device measures it (scripts/h100_chipmunk.py --parts speed times both).
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
     if tma is None:
         tma = tma_by_default(x)
@@ -822,25 +840,32 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
-    new = torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
+    new = (torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype) if not fused_delta else
+           torch.empty(1, 1, 1, device=x.device, dtype=act_cache.dtype))  # unused when fused
     # With TMA the deltas' rows are padded to 16 bytes (its stride alignment); the padding is never read (past the
     # descriptor's width). FLUX's neuron counts (multiples of 256) need none.
     pad = 16 // w2_t.element_size() if tma else 1
     delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
+    # Unfused, ACT stands in for itself and DELTA is never written; the autotuner restores ACT after its trial runs
+    # (the fused kernel updates it in place).
+    caches = (act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
+              act_cache.stride(2), delta.stride(0), delta.stride(1))
     if tma:
-        _sparse_fc1_tma_kernel[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, new.stride(0),
-                                      new.stride(1), L, DM, NK, NB, block, BLOCK_M=block_m,
-                                      EVEN_D=DM % _largest(_sparse_fc1_tma_kernel, "BLOCK_D") == 0)
+        fc1 = _sparse_fc1_tma_kernel
+        fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, *caches, L, DM, NK, NB, block,
+                   BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
     else:
-        _sparse_fc1_kernel[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0),
-                                  new.stride(1), L, DM, NK, NB, block, BLOCK_M=block_m,
-                                  EVEN_D=DM % _largest(_sparse_fc1_kernel, "BLOCK_D") == 0)
-    delta_k = 16 if INTERPRET else 64
-    _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
-        new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
-        act_cache.stride(2), delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, num_warps=4)
+        fc1 = _sparse_fc1_kernel
+        fc1[grid1](x, w1, b1, index, new, pre_sum, caches[0], caches[1], x.stride(0), x.stride(1), *caches[2:], L, DM,
+                   NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
+    if not fused_delta:
+        delta_k = 16 if INTERPRET else 64
+        _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
+            new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
+            act_cache.stride(2), delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k,
+            num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
     fc2 = _sparse_fc2_tma_kernel if tma else _sparse_fc2_kernel
