@@ -848,8 +848,8 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
-    # Unfused, ACT stands in for itself and DELTA is never written; the autotuner restores ACT after its trial runs
-    # (the fused kernel updates it in place).
+    # Unfused, fc1 writes NEW and leaves ACT and DELTA alone. Fused, it updates ACT in place, so the autotuner
+    # restores ACT after each trial run (restore_value), and only the real launch's update stays.
     caches = (act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
               act_cache.stride(2), delta.stride(0), delta.stride(1))
     if tma:
