@@ -282,15 +282,18 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     }
 
 
+def caches_after(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, **variant) -> tuple:
+    """The activation and output caches after one sparse_mlp call of this variant, from copies of the given ones."""
+    a, o = act.clone(), out_cache.clone()
+    T.sparse_mlp(x, w1, b1, w2_t, index, a, o, s["block"], out=layer_out, **variant)
+    return a, o
+
+
 def tma_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, pointer_ms: float, dry: bool) -> dict:
     """sparse_mlp(tma=True) at one neuron set: its median ms, its speedup over the pointer kernels' (pointer_ms), and
     the relative error of its output cache against theirs from the same caches (the two sum the same tiles)."""
-    caches = []
-    for tma in (False, True):
-        a, o = act.clone(), out_cache.clone()
-        T.sparse_mlp(x, w1, b1, w2_t, index, a, o, s["block"], out=layer_out, tma=tma)
-        caches.append(o)
-    err = rel_err(caches[1], caches[0])
+    pointer, tma = (caches_after(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, tma=t) for t in (False, True))
+    err = rel_err(tma[1], pointer[1])
     ms = bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out, tma=True),
                   dry)
     return {"tma_ms": ms, "tma_speedup_vs_pointer": pointer_ms / ms, "tma_rel_err_vs_pointer": err}
@@ -299,15 +302,12 @@ def tma_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, point
 def fused_delta_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, dry: bool) -> dict:
     """The layers' sparse_mlp (tma=None) with fc1's epilogue doing the activation delta (fused_delta=True) against
     without it: both medians, and whether the two leave the same caches bit for bit (they must)."""
-    results = []
-    for fused in (False, True):
-        a, o = act.clone(), out_cache.clone()
-        T.sparse_mlp(x, w1, b1, w2_t, index, a, o, s["block"], out=layer_out, fused_delta=fused)
-        results.append((a, o))
+    unfused, fused = (caches_after(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, fused_delta=f)
+                      for f in (False, True))
     ms = {fused: bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out,
                                                fused_delta=fused), dry) for fused in (False, True)}
     return {"layers_path_ms": ms[False], "fused_delta_ms": ms[True], "fused_delta_speedup": ms[False] / ms[True],
-            "fused_delta_same_caches": all(torch.equal(f, u) for f, u in zip(results[1], results[0]))}
+            "fused_delta_same_caches": all(torch.equal(f, u) for f, u in zip(fused, unfused))}
 
 
 def autotune_picks() -> dict[str, dict[str, str]]:

@@ -840,18 +840,19 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
-    new = (torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype) if not fused_delta else
-           torch.empty(1, 1, 1, device=x.device, dtype=act_cache.dtype))  # unused when fused
+    unused = torch.empty(1, 1, 1, device=x.device, dtype=act_cache.dtype)  # for a kernel argument left untouched
+    new = unused if fused_delta else torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
+    # fc1 updates ACT in place only when fused, and the autotuner restores ACT after each trial run (restore_value):
+    # unfused, ACT is the unused stand-in, so tuning does not copy the activation cache for nothing.
+    fc1_act = act_cache if fused_delta else unused
     # With TMA the deltas' rows are padded to 16 bytes (its stride alignment); the padding is never read (past the
     # descriptor's width). FLUX's neuron counts (multiples of 256) need none.
     pad = 16 // w2_t.element_size() if tma else 1
     delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
-    # Unfused, fc1 writes NEW and leaves ACT and DELTA alone. Fused, it updates ACT in place, so the autotuner
-    # restores ACT after each trial run (restore_value), and only the real launch's update stays.
-    caches = (act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
-              act_cache.stride(2), delta.stride(0), delta.stride(1))
+    caches = (fc1_act, delta, new.stride(0), new.stride(1), fc1_act.stride(0), fc1_act.stride(1), fc1_act.stride(2),
+              delta.stride(0), delta.stride(1))
     if tma:
         fc1 = _sparse_fc1_tma_kernel
         fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, *caches, L, DM, NK, NB, block,
