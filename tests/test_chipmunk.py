@@ -226,6 +226,35 @@ def test_schedule_comes_from_the_step_index_and_resets_per_generation(make_args,
     assert chipmunk.chipmunk_stats(pipe)["MLP layer 1"] == {"dense": 3, "sparse": 6, "reselect": 4}  # + 0 | 1,2 | 1
 
 
+def test_single_blocks_select_neurons_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
+    """A single block's MLP selects its neurons from the attention's input, before the attention (a side stream on
+    a GPU); the double blocks' image MLPs select in their own call. Latents equal selecting in the MLP's call."""
+    calls = []
+    reselect = chipmunk.SparseMlpLayer._reselect
+
+    def spy(self, means, step, hidden):
+        calls.append((self.state.index, step, sys._getframe(1).f_code.co_name))
+        return reselect(self, means, step, hidden)
+
+    monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy)
+    ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
+    doubles = len(pipe.transformer.transformer_blocks)
+    where = {(index, step): caller for index, step, caller in calls}
+    assert len(where) == len(calls) == 5 * 3  # layers 1..5, reselecting at steps 1, 3, 5, once each
+    assert 1 <= doubles < 5, doubles  # both kinds of block are sparse in the tiny model
+    assert all(caller == ("select_ahead" if index >= doubles else "__call__")
+               for (index, _), caller in where.items()), where
+    for layer in pipe.transformer.chipmunk_layers:
+        if isinstance(layer, chipmunk.SparseAttentionLayer):
+            assert (layer.mlp_beside is not None) == (layer.state.index >= doubles)
+            layer.mlp_beside = None
+    calls.clear()
+    inline = pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", str(STEPS))),
+                  generator=torch.manual_seed(make_args().seed), output_type="latent").images
+    assert {caller for *_, caller in calls} == {"__call__"}
+    assert torch.equal(ahead, inline)
+
+
 def test_deferred_dense_rule():
     due = chipmunk.due_since
     dense = lambda t: chipmunk.attn_dense_step(t, chipmunk.AttnConfig(full_step_every=10))  # noqa: E731

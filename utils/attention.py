@@ -116,9 +116,12 @@ def _fa3_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> in
 class FluxKernelAttnProcessor:
     """FLUX joint attention (fused or unfused QKV projections) with a swappable attention kernel: the
     projections, QK norms, RoPE and output projections are those of diffusers' `FluxAttnProcessor`;
-    subclasses define `attend(q, k, v)` on (batch, seq, heads, head_dim) tensors."""
+    subclasses define `attend(q, k, v, block_input)` on (batch, seq, heads, head_dim) tensors; `block_input` is the
+    attention's hidden_states (a single block's normalised input, which its MLP shares), for a kernel that starts
+    other work of the block beside the attention (Chipmunk's MLP neuron selection); most ignore it."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               block_input: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def __call__(self, attn: FluxAttention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor = None,
@@ -141,7 +144,8 @@ class FluxKernelAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = self.attend(query, key, value).flatten(2, 3).to(query.dtype)
+        block_input = hidden_states if encoder_hidden_states is None else None
+        hidden_states = self.attend(query, key, value, block_input).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:
             encoder_hidden_states, hidden_states = hidden_states.split_with_sizes(
@@ -158,5 +162,6 @@ class FA3FluxAttnProcessor(FluxKernelAttnProcessor):
     def __init__(self, fp8: bool = False):
         self.fp8 = fp8
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               block_input: torch.Tensor | None = None) -> torch.Tensor:
         return fa3_fp8_attention(q, k, v) if self.fp8 else fa3_attention(q, k, v)

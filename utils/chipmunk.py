@@ -512,9 +512,13 @@ class SparseAttentionLayer:
     def __init__(self, index: int, clock: StepClock, config: AttnConfig, dense_attention):
         self.state = LayerState(f"attention layer {index}", index, clock)
         self.config, self.dense_attention = config, dense_attention
+        self.mlp_beside: SparseMlpLayer | None = None  # a single block's sparse MLP (same input): selects ahead
         self.id = _register(self)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 block_input: torch.Tensor | None = None) -> torch.Tensor:
+        if block_input is not None and self.mlp_beside is not None:
+            self.mlp_beside.select_ahead(block_input)  # on a side stream, beside the attention below
         s, cfg = self.state, self.config
         step, last = s.begin((tuple(q.shape), q.dtype, q.device))
         triton_ops = _kernels_for(q)
@@ -568,14 +572,17 @@ def _attention_lse_trusted(q: torch.Tensor, k: torch.Tensor, lse: torch.Tensor, 
 
 
 @torch.library.custom_op("flux_harness::chipmunk_attention", mutates_args=())
-def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: torch.Tensor) -> torch.Tensor:
+def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer_id: torch.Tensor,
+                          block_input: torch.Tensor | None = None) -> torch.Tensor:
     """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python. Contiguous, as
-    the fake says: compiled code after the op is traced for those strides (the reference path's are not)."""
-    return _layer(layer_id)(q, k, v).contiguous()
+    the fake says: compiled code after the op is traced for those strides (the reference path's are not).
+    `block_input`: a single block's normalised input, which its sparse MLP selects its neurons from beside the
+    attention (an input of the op, so compiled code keeps it alive until the op has read it)."""
+    return _layer(layer_id)(q, k, v, block_input).contiguous()
 
 
 @chipmunk_attention_op.register_fake
-def _(q, k, v, layer_id):
+def _(q, k, v, layer_id, block_input=None):
     return torch.empty_like(q)
 
 
@@ -585,8 +592,11 @@ class ChipmunkAttnProcessor(FluxKernelAttnProcessor):
     def __init__(self, layer: SparseAttentionLayer):
         self.layer = layer
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        return chipmunk_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), self.layer.id)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               block_input: torch.Tensor | None = None) -> torch.Tensor:
+        if self.layer.mlp_beside is None:
+            block_input = None
+        return chipmunk_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), self.layer.id, block_input)
 
 
 def _dense_attention_like(processor):
@@ -612,23 +622,64 @@ class SparseMlpLayer:
         self.state = LayerState(f"MLP layer {index}", index, clock)
         self.config, self.w1, self.b1, self.w2, self.b2 = config, w1, b1, w2, b2
         self.w2_t: torch.Tensor | None = None  # (hidden, out) copy for the Triton kernel's row gathers
+        self.selected_ahead_at: int | None = None  # the step whose neurons select_ahead chose (None: not ahead)
+        self.side_stream: torch.cuda.Stream | None = None
         self.id = _register(self)
+
+    def _due(self, last: int | None, step: int) -> tuple[bool, bool]:
+        """(dense step, reselection due) for this layer now."""
+        cfg, s = self.config, self.state
+        dense = due_since(last, step, lambda t: mlp_dense_step(t, cfg))
+        return dense, not dense and (not s.flags.get("neurons") or
+                                     due_since(last, step, lambda t: mlp_reselect_step(t, cfg)))
+
+    def select_ahead(self, x: torch.Tensor) -> None:
+        """A single block's MLP input is its attention's input too: when this step reselects neurons, start the
+        selection (a small matmul and a latency-bound search over 36 rows, ~0.1 ms on the H200) on a side stream
+        before the attention runs, instead of after it on the stream's critical path. `__call__` joins it. The
+        block means are taken on the current stream into a persistent buffer, so the side stream reads only this
+        layer's own buffers (never `x`, whose memory compiled code may reuse once the attention op returns). The
+        same decisions and numbers as selecting in `__call__`; on CPU it runs in place."""
+        s = self.state
+        step, last = s.begin(self._shape_key(x))
+        if not self._due(last, step)[1]:
+            return
+        means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
+        if x.is_cuda:
+            if self.side_stream is None or self.side_stream.device != x.device:
+                self.side_stream = torch.cuda.Stream(x.device, priority=-1)  # first: its blocks take free SMs
+            self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(self.side_stream):
+                self._reselect(means, step, self.w1.shape[0])
+        else:
+            self._reselect(means, step, self.w1.shape[0])
+        self.selected_ahead_at = step
+
+    @staticmethod
+    def _shape_key(x: torch.Tensor) -> tuple:
+        return tuple(x.shape), x.dtype, x.device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         s, cfg = self.state, self.config
-        step, last = s.begin((tuple(x.shape), x.dtype, x.device))
+        step, last = s.begin(self._shape_key(x))
         triton_ops = _kernels_for(x)
         hidden = self.w1.shape[0]
         output = None  # the sparse Triton path's output, rounded by fc2's epilogue
-        if due_since(last, step, lambda t: mlp_dense_step(t, cfg)):
+        dense, reselect = self._due(last, step)
+        if self.selected_ahead_at is not None:  # join the side stream (a stale one: an interrupted forward)
+            if x.is_cuda:
+                torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
+            reselect = reselect and self.selected_ahead_at != step
+            self.selected_ahead_at = None
+        if dense:
             act, pre_mean = self._dense_fc1(x, triton_ops)
             s.store("out_cache", F.linear(act, self.w2, self.b2), dtype=torch.float32)
             s.store("pre_mean", pre_mean)  # the reference the change is measured against
             s.flags["neurons"] = False  # a neuron set is chosen against the new reference
             s.stats["dense"] += 1
         else:
-            if not s.flags.get("neurons") or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)):
-                self._reselect(x, step, hidden)
+            if reselect:
+                self._reselect(block_means(x, cfg.bm), step, hidden)
             index = s.tensors["neuron_index"]
             if triton_ops:
                 if self.w2_t is None or self.w2_t.device != x.device:
@@ -680,12 +731,13 @@ class SparseMlpLayer:
         rows = torch.arange(nb * block, device=pre.device).view(nb, block) < length  # padded rows excluded
         return (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None]
 
-    def _reselect(self, x: torch.Tensor, step: int, hidden: int) -> None:
+    def _reselect(self, x_means: torch.Tensor, step: int, hidden: int) -> None:
         """Per token block: the top_keys neurons whose fc1 pre-activation block mean moved most since their
         cache was last refreshed, plus random_keys others. fc1 is linear, so the block mean of the
-        pre-activation is fc1 of the block mean of x: one small matmul instead of a dense fc1."""
+        pre-activation is fc1 of the block mean of x (`x_means`, block_means(x)): one small matmul instead of a
+        dense fc1."""
         s, cfg = self.state, self.config
-        now = F.linear(block_means(x, cfg.bm).to(self.w1.dtype), self.w1, self.b1).float()  # B, nb, hidden
+        now = F.linear(x_means.to(self.w1.dtype), self.w1, self.b1).float()  # B, nb, hidden
         change = (now - s.tensors["pre_mean"]).abs()
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))
@@ -792,6 +844,8 @@ def apply_chipmunk_config(pipeline, config: ChipmunkConfig) -> str:
                 block.proj_out = ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, index, clock, config.mlp)
                 block.proj_mlp, block.act_mlp = PassThrough(), PassThrough()
                 layers.append(block.proj_out.layer)
+                if isinstance(block.attn.processor, ChipmunkAttnProcessor):  # same input: select beside attention
+                    block.attn.processor.layer.mlp_beside = block.proj_out.layer
     transformer.chipmunk_layers, transformer.chipmunk_config = layers, config
     sparse_attn = sum(isinstance(layer, SparseAttentionLayer) for layer in layers)
     sparse_mlp = len(layers) - sparse_attn
