@@ -121,6 +121,9 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
         return {"skipped": f"Triton kernels unavailable ({T.UNAVAILABLE_REASON})", "rows": []}
     sums = T.attention_column_sums(q, k, s["group"])
     rows.append({"check": "softmax column sums per query group", "rel_err": rel_err(sums, ref_sums)})
+    for poly, how in ((False, "all exponentials on the MUFU unit"), (True, "half the exponentials from the cubic")):
+        rows.append({"check": f"softmax column sums, {how}",
+                     "rel_err": rel_err(T.attention_column_sums(q, k, s["group"], poly_half=poly), ref_sums)})
     fa3_lse = fa3_log_sum_exp(q, k, v)
     if fa3_lse is not None:  # Chipmunk's dense steps take the rows' log-sum-exp from FA3 when it gives one
         rows.append({"check": "softmax column sums from FA3's log-sum-exp",
@@ -229,6 +232,9 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     fa3_lse = fa3_log_sum_exp(q, k, v) if use_triton else None
     colsum_lse_ms = bench_ms(lambda: T.attention_column_sums(q, k, s["group"], fa3_lse), dry) if fa3_lse is not None \
         else None
+    # Half of the exponentials from the cubic on the FMA units, or all from the MUFU unit (COLUMN_SUM_POLY_HALF).
+    colsum_poly_ms = {poly: bench_ms(lambda: T.attention_column_sums(q, k, s["group"], fa3_lse, poly_half=poly), dry)
+                      for poly in (False, True)} if fa3_lse is not None else None
     del q, k, v, o_cache, sums
 
     mlp_rows, dense_mlp_ms = [], None
@@ -274,6 +280,9 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
         "autotuned": autotune_picks() if use_triton else {},
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
         "column_sums_ms (dense steps only)": colsum_ms, "column_sums_with_fa3_lse_ms": colsum_lse_ms,
+        "column_sums_with_fa3_lse_ms_all_mufu": colsum_poly_ms and colsum_poly_ms[False],
+        "column_sums_with_fa3_lse_ms_poly_half": colsum_poly_ms and colsum_poly_ms[True],
+        "column_sum_poly_half_default": use_triton and T.COLUMN_SUM_POLY_HALF,
         "attention": attn_rows,
         "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows, "mlp_tma_error": tma_error,
         "selection": selection,
@@ -469,6 +478,15 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
         return images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe)
 
     runs = {"eager 1": generate(), "eager 2": generate()}
+    # The single blocks' MLPs select their neurons on a side stream beside the attention (select_ahead); selecting in
+    # the MLP's own call instead must give the same latents (a missing join would hand fc1 the previous neurons).
+    beside = {layer: layer.mlp_beside for layer in pipe.transformer.chipmunk_layers
+              if isinstance(layer, C.SparseAttentionLayer) and layer.mlp_beside is not None}
+    for layer in beside:
+        layer.mlp_beside = None
+    runs["eager, MLPs select inline"] = generate()
+    for layer, mlp in beside.items():
+        layer.mlp_beside = mlp
     install_step_graphs(pipe)
     for i in (1, 2, 3):
         runs[f"graphs {i}"] = generate()
@@ -484,9 +502,9 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
                      "same_layer_decisions": per_generation == stats_eager})
     # Graphs must match eager as closely as eager matches itself (its second generation against its first).
     tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
-    graphed = [r for r in rows if r["run"].startswith("graphs")]
+    graphed = [r for r in rows if r["run"].startswith("graphs") or "inline" in r["run"]]
     return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
-            "tolerance": tolerance,
+            "tolerance": tolerance, "mlps_selecting_beside_attention": len(beside),
             "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
@@ -568,6 +586,9 @@ def markdown(record: dict) -> str:
                   f"(dense steps only): {sp['column_sums_ms (dense steps only)']:.3f} ms"
                   + (f", {sp['column_sums_with_fa3_lse_ms']:.3f} ms from FA3's log-sum-exp"
                      if sp.get("column_sums_with_fa3_lse_ms") else "")
+                  + (f" (all exponentials on the MUFU unit {sp['column_sums_with_fa3_lse_ms_all_mufu']:.3f} ms, half "
+                     f"from the cubic {sp['column_sums_with_fa3_lse_ms_poly_half']:.3f} ms)"
+                     if sp.get("column_sums_with_fa3_lse_ms_poly_half") else "")
                   + f"; dense MLP: {sp['dense_mlp_ms']:.3f} ms", "",
                   "| top_keys | keys | ms | speedup |", "|---|---|---|---|"]
         lines += [f"| {r['top_keys']} | {r['keys']} | {r['ms']:.3f} | "
@@ -622,7 +643,9 @@ def markdown(record: dict) -> str:
                   "| run | s | rel. error vs eager 1 | bitwise | same layer decisions |", "|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_err_vs_eager_1']:.2e} | {r['bitwise_equal']} | "
                   f"{r['same_layer_decisions']} |" for r in g["rows"]]
-        lines += ["", f"graph calls: {g['calls']}; tolerance {g['tolerance']:.1e}: "
+        lines += ["", f"graph calls: {g['calls']}; {g.get('mlps_selecting_beside_attention', 0)} single-block MLPs "
+                  f"select their neurons beside the attention (\"inline\": in the MLP's call); "
+                  f"tolerance {g['tolerance']:.1e}: "
                   f"{'PASS' if g['passed'] else 'FAIL'}", ""]
     elif g:
         lines += ["## Chipmunk's step graphs vs eager", "", f"skipped: {g['skipped']}", ""]
