@@ -46,7 +46,7 @@ GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse
             "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fused_delta",
             "sparse_fc1_tma_fused_delta"}  # loops over gathered rows
 TMA = {"sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_tma_fused_delta"}  # dense operand through a TMA descriptor: its loads must be TMA copies
-PIPELINED = GATHERED | {"column_sum", "column_sum_poly_half"}  # column sums: one flat loop over a run of query groups' row tiles
+PIPELINED = GATHERED | {"column_sum"}  # column sums: one flat loop over a run of query groups' row tiles
 
 
 def meta(*shape, dtype=torch.bfloat16):
@@ -95,11 +95,7 @@ def kernel_args():
                     dict(qk, LSE=lse, L=L, LK=L, BLOCK_M=ATTN_BLOCK_M)),
         "column_sum": (ct._column_sum_kernel, None,
                        dict(qk, LSE=lse, OUT=meta(B, HEADS, G, L, dtype=torch.float32), L=L, LK=L, G=G, GROUP=GROUP,
-                            BLOCK_M=ATTN_BLOCK_M, POLY_HALF=False)),
-        # Half of the exponentials from the cubic on the FMA units (COLUMN_SUM_POLY_HALF).
-        "column_sum_poly_half": (ct._column_sum_kernel, None,
-                                 dict(qk, LSE=lse, OUT=meta(B, HEADS, G, L, dtype=torch.float32), L=L, LK=L, G=G,
-                                      GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M, POLY_HALF=True)),
+                            BLOCK_M=ATTN_BLOCK_M)),
         "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False)),
         "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True)),
         "sparse_fc1": (ct._sparse_fc1_kernel, None, fc1),

@@ -613,6 +613,10 @@ def _dense_attention_like(processor):
 
 # --- sparse MLP layer ------------------------------------------------------------------------------
 
+# A single block's MLP selects its neurons before the attention (select_ahead), on a side stream so that the
+# latency-bound selection runs beside the attention; False: on the current stream (the device check's reference).
+SELECT_AHEAD_ON_SIDE_STREAM = True
+
 class SparseMlpLayer:
     """fc1 -> GELU(tanh) -> fc2 with Chipmunk's per-token-block neuron deltas. `b2` may be None (single
     blocks, where linear2's bias is added once by the attention-output part)."""
@@ -645,7 +649,7 @@ class SparseMlpLayer:
         if not self._due(last, step)[1]:
             return
         means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
-        if x.is_cuda:
+        if x.is_cuda and SELECT_AHEAD_ON_SIDE_STREAM:
             if self.side_stream is None or self.side_stream.device != x.device:
                 self.side_stream = torch.cuda.Stream(x.device, priority=-1)  # first: its blocks take free SMs
             self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
@@ -667,7 +671,7 @@ class SparseMlpLayer:
         output = None  # the sparse Triton path's output, rounded by fc2's epilogue
         dense, reselect = self._due(last, step)
         if self.selected_ahead_at is not None:  # join the side stream (a stale one: an interrupted forward)
-            if x.is_cuda:
+            if self.side_stream is not None and x.is_cuda:
                 torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
             reselect = reselect and self.selected_ahead_at != step
             self.selected_ahead_at = None

@@ -57,10 +57,6 @@ LOG2E = 1.4426950408889634
 SELECTION_SEARCH = "pairs"
 SELECTION_SEARCHES = ("bitwise", "pairs", "radix")
 
-# The column sums take half of their exponentials from a cubic on the FMA units (_exp2_poly) rather than all from
-# the MUFU unit. Not measured yet on a GPU: scripts/h100_chipmunk.py's speed part times both.
-COLUMN_SUM_POLY_HALF = True
-
 
 def _configs(full: list[dict], interpreted: dict, pre_hook=None, **common) -> list:
     """Autotune candidates; a single small one under the interpreter (no timing there). `common`: meta-parameters
@@ -158,59 +154,32 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # first kernel (a program per K tile and group, a row sum per 64-row tile) took 497 us, 233 TFLOP/s for its QK^T
     # pass; the flat loop alone still ~490 us (a row sum crosses warps every tile); with the 2D accumulator 283-330 us
     # for the configs below (a standalone sweep, results/h200/traces_session9/column_sum_sweep_2026-12-02.txt).
-    # POLY_HALF: the tile's second half of key columns takes its exponentials from _exp2_poly (FMA and integer
-    # units) instead of the MUFU unit, which does ~16 exponentials per SM per clock against 128 FMAs: the kernel does
-    # 509 M of them per FLUX layer (~0.13 ms of MUFU time beside a ~0.2 ms QK^T). COLUMN_SUM_POLY_HALF says which.
     @triton.autotune(configs=_configs([dict(BLOCK_N=128, GROUPS_PER_PROGRAM=4, w=4, s=2),
                                        dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=2),
                                        dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=3),
                                        dict(BLOCK_N=64, GROUPS_PER_PROGRAM=8, w=4, s=2),
                                        dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=8, s=3)],
-                                      dict(BLOCK_N=16, GROUPS_PER_PROGRAM=2)), key=["L", "LK", "D", "GROUP", "POLY_HALF"])
+                                      dict(BLOCK_N=16, GROUPS_PER_PROGRAM=2)), key=["L", "LK", "D", "GROUP"])
     @triton.jit
     def _column_sum_kernel(Q, K, LSE, OUT, sqb, sql, sqh, skb, skl, skh, L, LK, H, G, scale_log2,
                            D: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           GROUPS_PER_PROGRAM: tl.constexpr, POLY_HALF: tl.constexpr):
+                           GROUPS_PER_PROGRAM: tl.constexpr):
         pid_n, pid_g, bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         b, h = bh // H, bh % H
         TILES: tl.constexpr = GROUP // BLOCK_M  # row tiles per group
-        HALF: tl.constexpr = BLOCK_N // 2
         g0 = pid_g * GROUPS_PER_PROGRAM
-        cols = pid_n * BLOCK_N + tl.arange(0, HALF)  # the tile's first half; cols + HALF the second
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         d = tl.arange(0, D)
-        k_ptrs = K + b * skb + h * skh + cols[:, None] * skl + d[None, :]
-        k1 = tl.load(k_ptrs, mask=cols[:, None] < LK, other=0.0)
-        k2 = tl.load(k_ptrs + HALF * skl, mask=cols[:, None] + HALF < LK, other=0.0)
-        acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-        acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
+        k = tl.load(K + b * skb + h * skh + cols[:, None] * skl + d[None, :], mask=cols[:, None] < LK, other=0.0)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         for t in range(tl.minimum(GROUPS_PER_PROGRAM, G - g0) * TILES):  # the last program may get fewer groups
             rows = g0 * GROUP + t * BLOCK_M + tl.arange(0, BLOCK_M)
             q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sql + d[None, :], mask=rows[:, None] < L, other=0.0)
             lse = tl.load(LSE + bh * L + rows, mask=rows < L, other=float("inf"))  # rows past L: exp2(-inf) = 0
-            acc1 += tl.exp2(tl.dot(q, tl.trans(k1)) * scale_log2 - lse[:, None])
-            s2 = tl.dot(q, tl.trans(k2)) * scale_log2 - lse[:, None]
-            if POLY_HALF:
-                acc2 += _exp2_poly(s2)
-            else:
-                acc2 += tl.exp2(s2)
+            acc += tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2 - lse[:, None])
             if t % TILES == TILES - 1:
-                out = OUT + (bh * G + g0 + t // TILES) * LK + cols
-                tl.store(out, tl.sum(acc1, 0), mask=cols < LK)
-                tl.store(out + HALF, tl.sum(acc2, 0), mask=cols + HALF < LK)
-                acc1 = tl.zeros([BLOCK_M, HALF], tl.float32)
-                acc2 = tl.zeros([BLOCK_M, HALF], tl.float32)
-
-    @triton.jit
-    def _exp2_poly(x):
-        """2^x without the MUFU unit, relative error < 8e-5 (probabilities, to rank key columns): x = n + f with n
-        the nearest integer (adding 1.5 * 2^23 rounds it into the low mantissa bits) and f in [-0.5, 0.5]; 2^f from
-        a cubic fitted to the relative error; n added to the exponent bits. Below -125 (and -inf, the rows past L):
-        0, as 2^x is there to float32's normal range."""
-        j = tl.maximum(x, -125.0) + 12582912.0
-        f = x - (j - 12582912.0)
-        p = ((0.05508868380751114 * f + 0.24260405145947936) * f + 0.6932762416819607) * f + 0.9999289403695112
-        scaled = (p.to(tl.int32, bitcast=True) + (j.to(tl.int32, bitcast=True) << 23)).to(tl.float32, bitcast=True)
-        return tl.where(x < -125.0, 0.0, scaled)
+                tl.store(OUT + (bh * G + g0 + t // TILES) * LK + cols, tl.sum(acc, 0), mask=cols < LK)
+                acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
 
     # --- attention: sparse over gathered keys ------------------------------------------------------
 
@@ -711,12 +680,10 @@ def _check_head_dim(q: torch.Tensor) -> int:
     return D
 
 
-def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: torch.Tensor | None = None,
-                          poly_half: bool | None = None) -> torch.Tensor:
+def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: torch.Tensor | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group.
     `lse`: the rows' log-sum-exp of the scaled scores (natural log, (B, H, L)) when the dense attention already
-    computed it (FA3 does); else a first pass over the keys computes it. `poly_half`: half of the exponentials from
-    a polynomial (relative error < 8e-5 each) instead of the MUFU unit; None: COLUMN_SUM_POLY_HALF."""
+    computed it (FA3 does); else a first pass over the keys computes it."""
     B, L, H, D = q.shape
     _check_head_dim(q)
     LK, G = k.shape[1], math.ceil(L / group)
@@ -728,8 +695,7 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: tor
     grid = lambda meta: (triton.cdiv(LK, meta["BLOCK_N"]), triton.cdiv(G, meta["GROUPS_PER_PROGRAM"]),  # noqa: E731
                          B * H)
     _column_sum_kernel[grid](q, k, lse, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-                             k.stride(2), L, LK, H, G, scale_log2, D=D, GROUP=group, BLOCK_M=block_m,
-                             POLY_HALF=COLUMN_SUM_POLY_HALF if poly_half is None else poly_half)
+                             k.stride(2), L, LK, H, G, scale_log2, D=D, GROUP=group, BLOCK_M=block_m)
     return out
 
 
