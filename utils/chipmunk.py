@@ -614,8 +614,9 @@ def _dense_attention_like(processor):
 # --- sparse MLP layer ------------------------------------------------------------------------------
 
 # A single block's MLP selects its neurons before the attention (select_ahead), on a side stream so that the
-# latency-bound selection runs beside the attention; False: on the current stream (the device check's reference).
-SELECT_AHEAD_ON_SIDE_STREAM = True
+# latency-bound selection runs beside the attention; False: on the current stream (the device check's reference,
+# and CHIPMUNK_SELECT_AHEAD_STREAM=main, to time the side stream's share end to end: not isolated yet).
+SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
 
 class SparseMlpLayer:
     """fc1 -> GELU(tanh) -> fc2 with Chipmunk's per-token-block neuron deltas. `b2` may be None (single
