@@ -95,8 +95,9 @@ def _selection_configs() -> list:
     block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
     bitwise takes 32 sums (57 in top_and_random), pairs 16 (29), radix 4 histogram passes (8), but how tl.histogram
     lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with
-    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs (its int64 version, since replaced) and 146 radix
-    (session 10). Each row length keeps two warp counts (_selection_warps_only)."""
+    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs (its int64 version) and 146 radix (session 10); in
+    session 13, 65 us bitwise (with its early exit), 102 pairs (int32) and 146 radix. Each row length keeps two warp
+    counts (_selection_warps_only)."""
     if INTERPRET:
         return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
     return [triton.Config({"SEARCH": search}, num_warps=w, num_stages=1) for search in SELECTION_SEARCHES
@@ -106,8 +107,9 @@ def _selection_configs() -> list:
 def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
     """Keeps the warp count the row length needs (fewer warps spill a 16,384-key row) and twice that up to 16: the
     rounds of a search run one after another, and each round's per-thread work halves with the keys per thread (an
-    8,192-key row, FLUX's attention key sets: 32 keys a thread at 8 warps, 16 at 16). Not measured yet; the autotuner
-    decides. 32 warps leave 64 registers a thread, and top_and_random spills there (16-48 bytes on sm_90)."""
+    8,192-key row, FLUX's attention key sets: 32 keys a thread at 8 warps, 16 at 16). On the H200 the autotuner kept
+    8 warps for the key sets (session 13). 32 warps leave 64 registers a thread, and top_and_random spills there
+    (16-48 bytes on sm_90)."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
     fewest = _selection_warps(block)
     return [c for c in configs if c.num_warps in (fewest, min(16, 2 * fewest))]
@@ -529,7 +531,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         first candidate with exactly K keys at or above it: that set is then the top K itself (it holds every key
         >= the K-th largest, and no tie straddles its edge), so _take_ascending picks the same entries from this
         threshold as from the K-th largest. Continuous keys separate the K-th from the (K+1)-th largest long before
-        the last bit (FLUX's neuron changes after ~20 of 32, the 24-bit noise after ~14 of 25); ties run all BITS."""
+        the last bit (a CPU model on random rows of FLUX's sizes: ~20 rounds of 32 for the neuron changes, ~14 of 25
+        for the 24-bit noise); ties run all BITS. On the H200, top_and_random went from 85 to 65 us (session 13)."""
         key = _lanes_below_every_candidate(key, valid)
         if BITS == 32:
             threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
@@ -561,7 +564,8 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         holds at most 16,384 keys, so a count never carries into the next), the third is a second int32 of the same
         reduction (tl.reduce over the pair: one exchange between warps). The first version packed all three into an
         int64 and lost to bitwise on the H200 (117 against 86 us for top_and_random): 64-bit adds are two
-        instructions, and the per-element work of a round counts as much as its barrier. The search runs in unsigned
+        instructions, and the per-element work of a round counts as much as its barrier. This int32 version loses
+        too (102 us; bitwise 65 with its early exit, session 13). The search runs in unsigned
         order (the sign bit flipped for BITS=32) and flips each candidate back rather than the keys: no second copy of
         the row in registers."""
         FLIP: tl.constexpr = 0x80000000 if BITS == 32 else 0
