@@ -380,10 +380,12 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
 
 # --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
 
-def run_child(cmd: list[str], timeout: float) -> tuple[int, str]:
-    print("[h100_chipmunk] $", " ".join(cmd), flush=True)
+def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`cmd` in the repository root; `env`: variables set on top of this process's."""
+    print("[h100_chipmunk] $", " ".join([f"{k}={v}" for k, v in (env or {}).items()] + cmd), flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout))
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout),
+                              env=dict(os.environ, **env) if env else None)
     except subprocess.TimeoutExpired as e:
         return 124, f"timed out after {timeout:.0f} s\n{(e.stdout or '')[-2000:] if isinstance(e.stdout, str) else ''}"
     tail = (proc.stdout + proc.stderr)[-4000:]
@@ -519,37 +521,57 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
             all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
-def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float8: bool = False) -> dict:
+E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "hicache", "eager")  # in the order they run
+E2E_DEFAULT = "dense,chipmunk,hicache,eager"
+
+
+def e2e_variant_keys(wanted: str) -> list[str]:
+    keys = [k.strip() for k in wanted.split(",") if k.strip()]
+    unknown = sorted(set(keys) - set(E2E_VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown e2e variant(s) {unknown}: choose from {', '.join(E2E_VARIANTS)}")
+    return keys
+
+
+def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float8: bool = False,
+             wanted: str = E2E_DEFAULT) -> dict:
     """Every variant gets CUDA graphs where it can hold them: the dense stack's whole forward as one graph,
     Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed.
     The variants are bf16 (stack_args); `float8` adds the pair with float8 linears (Chipmunk's then only in its
-    dense projections: the sparse MLP gathers bf16 weights), after the others."""
+    dense projections: the sparse MLP gathers bf16 weights), after the others. `wanted`: which of E2E_VARIANTS run
+    ("main_stream": Chipmunk graphed with the single blocks' neuron selection on the main stream, to time the side
+    stream's share)."""
+    keys = e2e_variant_keys(wanted)
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     graphs = [] if dry else ["--compile_mode", "reduce-overhead"]
     with_graphs = " (dry run: no CUDA graphs)" if dry else " (CUDA graphs)"
     per_kind = with_graphs.replace("graphs", "graphs per step kind")
-    variants = {
-        "dense stack" + with_graphs: graphs,
-        "chipmunk" + per_kind: ["--chipmunk_config", config, *graphs],
-        "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ["--chipmunk_config", config, "--cache_mode", "hicache",
-                                                               "--interval", "5", "--max_order", "2",
-                                                               "--first_enhance", "3", "--hicache_scale", "0.6"],
-        "chipmunk, no CUDA graphs": ["--chipmunk_config", config],  # last: the least informative if cut
+    main_stream = {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}
+    variants = {  # name: (key, flags, environment)
+        "dense stack" + with_graphs: ("dense", graphs, None),
+        "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs], None),
+        "chipmunk, selection on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
+                                                              main_stream),
+        "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ("hicache", [
+            "--chipmunk_config", config, "--cache_mode", "hicache", "--interval", "5", "--max_order", "2",
+            "--first_enhance", "3", "--hicache_scale", "0.6"], None),
+        "chipmunk, no CUDA graphs": ("eager", ["--chipmunk_config", config], None),  # last: least informative if cut
     }
-    with_float8 = {"dense stack + float8" + with_graphs: graphs,  # these run without stack_args' --disable_quant
-                   "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs]} \
+    variants = {name: (flags, env) for name, (key, flags, env) in variants.items() if key in keys}
+    with_float8 = {"dense stack + float8" + with_graphs: (graphs, None),  # run without stack_args' --disable_quant
+                   "chipmunk + float8 (dense projections)" + per_kind: (["--chipmunk_config", config, *graphs], None)} \
         if float8 else {}
     variants.update(with_float8)
     rows = []
-    for name, extra in variants.items():
+    for name, (extra, env) in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
             rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
             continue
         before = set((out / "e2e").glob("bench_*.json")) if (out / "e2e").exists() else set()
         flags = [a for a in common if a != "--disable_quant"] if name in with_float8 else common
-        rc, tail = run_child([sys.executable, "run_benchmark.py", *flags, *extra], left if not dry else 600)
+        rc, tail = run_child([sys.executable, "run_benchmark.py", *flags, *extra], left if not dry else 600, env)
         new = sorted(set((out / "e2e").glob("bench_*.json")) - before) if (out / "e2e").exists() else []
         if rc == 124:  # run_child's timeout: the budget ran out during this variant, it did not fail
             rows.append({"variant": name, "skipped": f"budget: cut after {left:.0f} s", "log_tail": tail})
@@ -706,10 +728,17 @@ def main() -> int:
     parser.add_argument("--e2e_runs", type=int, default=3,
                         help="timed runs per variant (median). 3: Chipmunk's first timed run was the slow one in every "
                              "call of session 12, and a median of 2 averages it in")
+    parser.add_argument("--e2e_variants", default=E2E_DEFAULT,
+                        help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)} (main_stream: "
+                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main)")
     parser.add_argument("--e2e_float8", action="store_true",
                         help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
                              "Chipmunk's own comparison)")
     args = parser.parse_args()
+    try:
+        e2e_variant_keys(args.e2e_variants)
+    except ValueError as e:
+        parser.error(str(e))
     t_start = time.time()
     deadline = t_start + args.budget_s
     dry = args.dry_run
@@ -754,7 +783,7 @@ def main() -> int:
             ok &= record["graphs"].get("passed", True)
         elif part == "e2e":
             record["e2e"] = part_e2e(out, dry, 4 if dry else args.e2e_steps, 1 if dry else args.e2e_runs, deadline,
-                                     args.e2e_float8)
+                                     args.e2e_float8, args.e2e_variants)
         elif part == "trace":
             record["trace"] = part_trace(out, dry, 4 if dry else 12, deadline)
         else:

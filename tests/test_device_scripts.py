@@ -140,7 +140,7 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
 
     commands = []
 
-    def fake_child(cmd, timeout):
+    def fake_child(cmd, timeout, env=None):
         commands.append(cmd)
         results = Path(cmd[cmd.index("--results_dir") + 1])
         results.mkdir(parents=True, exist_ok=True)
@@ -164,6 +164,34 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
     assert by_name["dense stack + float8 (CUDA graphs)"]["speedup_vs_dense"] == 1.0
 
 
+def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environment(tmp_path, monkeypatch):
+    """--e2e_variants picks which variants run, in the fixed order; main_stream is Chipmunk graphed with
+    CHIPMUNK_SELECT_AHEAD_STREAM=main for its child only. An unknown name is refused before anything runs."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+
+    calls = []
+
+    def fake_child(cmd, timeout, env=None):
+        calls.append((cmd, env))
+        results = Path(cmd[cmd.index("--results_dir") + 1])
+        results.mkdir(parents=True, exist_ok=True)
+        (results / f"bench_{len(calls)}.json").write_text(json.dumps(
+            {"latency_s": {"median": 3.0}, "stages_s": {"denoising_total": {"median": 3.0}}, "stack": {}}))
+        return 0, ""
+
+    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
+    rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"),
+                                  wanted="main_stream,dense,chipmunk")["rows"]
+    assert [r["variant"] for r in rows] == ["dense stack (CUDA graphs)", "chipmunk (CUDA graphs per step kind)",
+                                            "chipmunk, selection on the main stream (CUDA graphs per step kind)"]
+    assert [env for _, env in calls] == [None, None, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}]
+    assert calls[1][0] == calls[2][0]  # the same command: only the environment differs
+    with pytest.raises(ValueError, match="unknown e2e variant.*'sidestream'.*main_stream"):
+        h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), wanted="dense,sidestream")
+    assert len(calls) == 3
+
+
 def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path, monkeypatch):
     """A child killed at the budget (run_child's 124) is recorded as cut by the budget, and a real non-zero exit as a
     failure: session 9's record called a budget cut "FAILED (exit 124)"."""
@@ -172,7 +200,7 @@ def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path
 
     outcomes = iter([(0, None), (124, "timed out after 5 s"), (1, "Traceback ...")])
 
-    def fake_child(cmd, timeout):
+    def fake_child(cmd, timeout, env=None):
         rc, tail = next(outcomes, (0, None))
         if rc == 0:
             results = Path(cmd[cmd.index("--results_dir") + 1])
