@@ -162,6 +162,25 @@ def test_dense_fc1_writes_the_neuron_major_cache_in_place():
     assert addresses[0] == addresses[1]  # written in place: a step graph holds the buffer's address
 
 
+def test_layer_state_buffers_are_written_in_place_and_never_handed_out():
+    """store copies on first use (a cache never aliases the value it was given, which the caller may hand out: a
+    dense MLP step returns fc2's output and caches it in float32) and writes in place afterwards; buffer() finds
+    a cache only with the shape and dtype asked for."""
+    from utils.flux_builders import build_tiny_pipeline
+    from utils.step_clock import StepClock
+
+    state = chipmunk.LayerState("test", 0, StepClock(build_tiny_pipeline().scheduler))
+    state.begin(((2, 3), torch.float32, "cpu"))
+    first, second = torch.randn(2, 3), torch.randn(2, 3)
+    cache = state.store("out_cache", first)
+    assert cache.data_ptr() != first.data_ptr() and torch.equal(cache, first)
+    assert state.store("out_cache", second).data_ptr() == cache.data_ptr() and torch.equal(cache, second)
+    assert state.buffer("out_cache", torch.Size([2, 3]), torch.float32) is cache
+    assert state.buffer("out_cache", torch.Size([3, 2]), torch.float32) is None
+    assert state.buffer("out_cache", torch.Size([2, 3]), torch.bfloat16) is None
+    assert state.buffer("o_cache", torch.Size([2, 3]), torch.float32) is None
+
+
 def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
     torch.manual_seed(11)
     for shape, size, count in (((2, 3, 5), 100, 17), ((1, 4, 6), 4608, 768), ((1, 34), 12288, 4300)):

@@ -478,13 +478,19 @@ class LayerState:
 
     def store(self, name: str, value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Write `value` into the cache `name` in place, converting to the buffer's dtype in the same pass. On first
-        use the buffer is `value` itself in `dtype` (default: value's)."""
+        use the buffer is a copy of `value` in `dtype` (default: value's): never `value` itself, which the caller
+        may hand out."""
         dtype = dtype or value.dtype
-        buffer = self.tensors.get(name)
-        if buffer is None or buffer.shape != value.shape or buffer.dtype != dtype:
-            self.tensors[name] = value.to(dtype)
+        buffer = self.buffer(name, value.shape, dtype)
+        if buffer is None:
+            self.tensors[name] = value.to(dtype, copy=True)
             return self.tensors[name]
         return buffer.copy_(value)
+
+    def buffer(self, name: str, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor | None:
+        """The cache `name` if it exists with this shape and dtype (to be written in place), else None."""
+        buffer = self.tensors.get(name)
+        return buffer if buffer is not None and buffer.shape == shape and buffer.dtype == dtype else None
 
 
 _LAYERS: dict[int, "weakref.ReferenceType"] = {}
@@ -534,7 +540,11 @@ class SparseAttentionLayer:
                 s.store("key_index", select_key_columns(colsums, count))
                 s.flags["keys"] = True
             partial = self._sparse(triton_ops, q, k, v, None)
-            s.store("o_cache", out - partial)  # in q's dtype, like the output it corrects
+            o_cache = s.buffer("o_cache", out.shape, out.dtype)  # in the output's dtype, like the output it corrects
+            if o_cache is None:
+                s.tensors["o_cache"] = out - partial
+            else:  # one pass, no temporary
+                torch.sub(out, partial, out=o_cache)
             s.stats["dense"] += 1
         else:
             out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])
@@ -669,7 +679,7 @@ class SparseMlpLayer:
         step, last = s.begin(self._shape_key(x))
         triton_ops = _kernels_for(x)
         hidden = self.w1.shape[0]
-        output = None  # the sparse Triton path's output, rounded by fc2's epilogue
+        output = None  # a dense step's fc2 output, or the sparse Triton path's (rounded by fc2's epilogue)
         dense, reselect = self._due(last, step)
         if self.selected_ahead_at is not None:  # join the side stream (a stale one: an interrupted forward)
             if self.side_stream is not None and x.is_cuda:
@@ -678,7 +688,9 @@ class SparseMlpLayer:
             self.selected_ahead_at = None
         if dense:
             act, pre_mean = self._dense_fc1(x, triton_ops)
-            s.store("out_cache", F.linear(act, self.w2, self.b2), dtype=torch.float32)
+            # The output is fc2's in x's dtype: the float32 cache holds the same values, so it is not read back.
+            output = F.linear(act, self.w2, self.b2).to(x.dtype)
+            s.store("out_cache", output, dtype=torch.float32)
             s.store("pre_mean", pre_mean)  # the reference the change is measured against
             s.flags["neurons"] = False  # a neuron set is chosen against the new reference
             s.stats["dense"] += 1
