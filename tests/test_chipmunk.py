@@ -450,7 +450,7 @@ print("kernels match the reference")
 """
 
 
-# The searches for the K-th largest key (bitwise, pairs, radix) against each other and the PyTorch reference: random
+# The searches for the K-th largest key (bitwise, radix) against each other and the PyTorch reference: random
 # rows, rows of few values (many ties, -0.0 and +0.0 among them), short odd rows (padding lanes), K = 1 and K = N, and
 # random bit patterns (every int32 key, NaNs too). torch.topk breaks ties its own way, so tied rows are checked against
 # the kernels' rule (a stable sort of the order-preserving keys: ties to the lower index, -0.0 below +0.0) and, for

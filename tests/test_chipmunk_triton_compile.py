@@ -39,9 +39,8 @@ NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.coun
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
 ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
-               "top_keys_16_warps",
-               "top_and_random_neurons_seed_in_tensor", "top_neurons_bitwise", "top_and_random_neurons_bitwise",
-               "top_neurons_radix", "top_and_random_neurons_radix", "top_and_random_neurons_seed_in_tensor_bitwise"}
+               "top_keys_16_warps", "top_and_random_neurons_seed_in_tensor", "top_neurons_radix",
+               "top_and_random_neurons_radix"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
             "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fused_delta",
             "sparse_fc1_tma_fused_delta"}  # loops over gathered rows
@@ -70,7 +69,7 @@ def kernel_args():
     top_and_random = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, SEED=meta(1, dtype=torch.int64),
                           offset=chipmunk.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
                           mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
-                          sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384, SEARCH="pairs")
+                          sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384, SEARCH="bitwise")
     fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
                PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), ACT=act, DELTA=delta, sxb=x.stride(0), sxl=x.stride(1),
                snb=delta.stride(0), snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
@@ -89,7 +88,7 @@ def kernel_args():
     fc2_tma = dict({k: v for k, v in fc2.items() if k not in ("DELTA", "sdb", "sdl")},
                    DELTA_DESC=TensorDescriptor(delta, [B * L, NK_MLP], [NK_MLP, 1], [MLP_BLOCK_M, 16]))
     top_neurons = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, N=HIDDEN, K=NK_MLP, sx=HIDDEN,
-                       so=NK_MLP, BLOCK=16384, SEARCH="pairs")
+                       so=NK_MLP, BLOCK=16384, SEARCH="bitwise")
     return {
         "row_lse": (ct._row_lse_kernel, [dict(BLOCK_N=64, num_warps=4, num_stages=3)],
                     dict(qk, LSE=lse, L=L, LK=L, BLOCK_M=ATTN_BLOCK_M)),
@@ -112,31 +111,24 @@ def kernel_args():
                                     sab=HIDDEN * L, sah=L, L=L, HIDDEN=HIDDEN, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
                                     BLOCK_H=8192 // MLP_BLOCK, BM=MLP_BLOCK)),
         # One row per program, as top_ascending launches it: MLP neuron sets (12288 wide), attention key sets (4608).
-        # Every search for the K-th largest key ("pairs" unsuffixed): the autotuner picks one per row length on the GPU.
+        # Every search for the K-th largest key ("bitwise" unsuffixed): the autotuner picks one per row length on the GPU.
         "top_neurons": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)], top_neurons),
-        "top_neurons_bitwise": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)],
-                                dict(top_neurons, SEARCH="bitwise")),
         "top_neurons_radix": (ct._top_ascending_kernel, [dict(num_warps=16, num_stages=1)],
                               dict(top_neurons, SEARCH="radix")),
         "top_and_random_neurons": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)], top_and_random),
         "top_and_random_neurons_seed_in_tensor": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
                                                   dict(top_and_random, SEED_IN_TENSOR=True)),
-        "top_and_random_neurons_bitwise": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
-                                           dict(top_and_random, SEARCH="bitwise")),
         "top_and_random_neurons_radix": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
                                          dict(top_and_random, SEARCH="radix")),
-        "top_and_random_neurons_seed_in_tensor_bitwise": (ct._top_and_random_kernel,
-                                                          [dict(num_warps=16, num_stages=1)],
-                                                          dict(top_and_random, SEED_IN_TENSOR=True, SEARCH="bitwise")),
         # The autotuner also times twice the warps up to 16 (half the keys per thread per round): no spills there.
         "top_keys_16_warps": (ct._top_ascending_kernel,
                               [dict(num_warps=16, num_stages=1, SEARCH=search) for search in ct.SELECTION_SEARCHES],
                               dict(X=meta(HEADS * G, L, dtype=torch.float32),
                                    OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32), N=L, K=NK_ATTN, sx=L,
-                                   so=NK_ATTN, BLOCK=8192, SEARCH="pairs")),
+                                   so=NK_ATTN, BLOCK=8192, SEARCH="bitwise")),
         "top_keys": (ct._top_ascending_kernel, [dict(num_warps=8, num_stages=1)],
                      dict(X=meta(HEADS * G, L, dtype=torch.float32), OUT=meta(HEADS * G, NK_ATTN, dtype=torch.int32),
-                          N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192, SEARCH="pairs")),
+                          N=L, K=NK_ATTN, sx=L, so=NK_ATTN, BLOCK=8192, SEARCH="bitwise")),
         "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
         "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
         "sparse_fc1_tma": (ct._sparse_fc1_tma_kernel, None, fc1_tma),

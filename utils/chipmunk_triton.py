@@ -49,13 +49,14 @@ GELU_TANH_2C = 2.0 * math.sqrt(2.0 / math.pi)  # gelu_tanh(x) = x * sigmoid(2c (
 LOG2E = 1.4426950408889634
 
 
-# How the selection kernels find the K-th largest key: "bitwise" (one block-wide sum per bit: 32, or 32 + 25 in
-# top_and_random), "pairs" (two bits per reduction, three counts in two int32s: 16, or 16 + 13) or "radix"
-# (ceil(bits / 8) histogram passes). All give the same indices. On a GPU the autotuner picks the fastest for the row
-# length (search=None); an explicit search runs that one (the tests, the device benchmark). The interpreter runs
-# SELECTION_SEARCH.
-SELECTION_SEARCH = "pairs"
-SELECTION_SEARCHES = ("bitwise", "pairs", "radix")
+# How the selection kernels find the K-th largest key: "bitwise" (one block-wide sum per bit, stopping early: at most
+# 32, or 32 + 25 in top_and_random) or "radix" (ceil(bits / 8) histogram passes). Both give the same indices. On a GPU
+# the autotuner picks the faster for the row length (search=None); an explicit search runs that one (the tests, the
+# device benchmark). The interpreter runs SELECTION_SEARCH, the one the H200 picks. (A third search, two bits per
+# reduction, lost to bitwise on the H200 in both its versions, 117 and 102 us against 86 and 65, and was removed in
+# session 13.)
+SELECTION_SEARCH = "bitwise"
+SELECTION_SEARCHES = ("bitwise", "radix")
 
 
 def _configs(full: list[dict], interpreted: dict, pre_hook=None, **common) -> list:
@@ -93,11 +94,10 @@ def _row_tile(rows_per_group: int, cap: int) -> int:
 def _selection_configs() -> list:
     """Every search for the K-th largest key at each warp count: the autotuner times them on the GPU at hand. Each
     block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
-    bitwise takes 32 sums (57 in top_and_random), pairs 16 (29), radix 4 histogram passes (8), but how tl.histogram
-    lowers depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with
-    Triton 3.6, top_and_random took 86 us bitwise, 117 pairs (its int64 version) and 146 radix (session 10); in
-    session 13, 65 us bitwise (with its early exit), 102 pairs (int32) and 146 radix. Each row length keeps two warp
-    counts (_selection_warps_only)."""
+    bitwise takes at most 32 sums (57 in top_and_random), radix 4 histogram passes (8), but how tl.histogram lowers
+    depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with Triton
+    3.6, top_and_random took 86 us bitwise and 146 radix (session 10), 65 us bitwise with its early exit (session 13).
+    Each row length keeps two warp counts (_selection_warps_only)."""
     if INTERPRET:
         return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
     return [triton.Config({"SEARCH": search}, num_warps=w, num_stages=1) for search in SELECTION_SEARCHES
@@ -500,30 +500,22 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
 
     @triton.jit
     def _kth_largest(key, valid, K, BITS: tl.constexpr, SEARCH: tl.constexpr):
-        """The K-th largest of the valid int32 keys (signed order): the largest t with count(key >= t) >= K.
-        BITS=32 searches all int32 keys; BITS < 32, keys in [0, 2^BITS). Both searches give the same t."""
+        """A threshold that picks the top K of the valid int32 keys (signed order): the K-th largest key (the largest
+        t with count(key >= t) >= K), or, where bitwise stops early, a smaller t with exactly K keys at or above it;
+        _take_ascending picks the same entries from either. BITS=32 searches all int32 keys; BITS < 32, keys in
+        [0, 2^BITS)."""
         if SEARCH == "radix":
             return _kth_largest_radix(key, valid, K, BITS)
-        elif SEARCH == "pairs":
-            return _kth_largest_pairs(key, valid, K, BITS)
         else:
             return _kth_largest_bitwise(key, valid, K, BITS)
 
-    # The interpreter runs a tl.reduce with a combine function element by element in Python (minutes for one
-    # 12,288-key row), so under it the pairs search takes its two sums apart: the same counts.
-    _SUMS_APART = tl.constexpr(INTERPRET)
-
     @triton.jit
     def _lanes_below_every_candidate(key, valid):
-        """The keys with the lanes past the row set to INT_MIN, which no candidate of the searches below reaches
+        """The keys with the lanes past the row set to INT_MIN, which no candidate of the bitwise search reaches
         (each candidate sets a bit above its threshold, which starts at INT_MIN, or at 0 for keys in [0, 2^BITS)):
         the rounds then count `key >= candidate` without and-ing `valid` into every element of every round. A valid
         key equal to INT_MIN (one NaN pattern) is never counted either, which is right: it is the smallest key."""
         return tl.where(valid, key, -2147483648)
-
-    @triton.jit
-    def _add_two(a0, a1, b0, b1):
-        return a0 + b0, a1 + b1
 
     @triton.jit
     def _kth_largest_bitwise(key, valid, K, BITS: tl.constexpr):
@@ -551,46 +543,6 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 threshold = tl.where(count >= K, candidate, threshold)
                 found = (count == K).to(tl.int32)
         return threshold
-
-    @triton.jit
-    def _signed_candidate(threshold, bits, FLIP: tl.constexpr):
-        """threshold | bits, an unsigned-order search value, as the signed int32 key it compares like."""
-        return ((threshold | bits) ^ FLIP).to(tl.int32, bitcast=True)
-
-    @triton.jit
-    def _kth_largest_pairs(key, valid, K, BITS: tl.constexpr):
-        """_kth_largest two bits per block-wide reduction: the counts of keys at or above the three candidates for the
-        next two bits, so ceil(BITS / 2) reductions instead of BITS. Two counts share one int32, 16 bits apart (a row
-        holds at most 16,384 keys, so a count never carries into the next), the third is a second int32 of the same
-        reduction (tl.reduce over the pair: one exchange between warps). The first version packed all three into an
-        int64 and lost to bitwise on the H200 (117 against 86 us for top_and_random): 64-bit adds are two
-        instructions, and the per-element work of a round counts as much as its barrier. This int32 version loses
-        too (102 us; bitwise 65 with its early exit, session 13). The search runs in unsigned
-        order (the sign bit flipped for BITS=32) and flips each candidate back rather than the keys: no second copy of
-        the row in registers."""
-        FLIP: tl.constexpr = 0x80000000 if BITS == 32 else 0
-        key = _lanes_below_every_candidate(key, valid)
-        threshold = tl.zeros((), tl.uint32)
-        for r in tl.static_range((BITS + 1) // 2):
-            shift = BITS - 2 * (r + 1)  # the pair's low bit; -1 in the last round of an odd BITS
-            if shift < 0:  # bit 0 alone
-                count = tl.sum((key >= _signed_candidate(threshold, 1, FLIP)).to(tl.int32), 0)
-                threshold = threshold | (count >= K).to(tl.uint32)
-            else:
-                c1 = _signed_candidate(threshold, tl.full((), 1 << shift, tl.uint32), FLIP)
-                c2 = _signed_candidate(threshold, tl.full((), 2 << shift, tl.uint32), FLIP)
-                c3 = _signed_candidate(threshold, tl.full((), 3 << shift, tl.uint32), FLIP)
-                first_two = (key >= c1).to(tl.int32) + ((key >= c2).to(tl.int32) << 16)
-                third = (key >= c3).to(tl.int32)
-                if _SUMS_APART:
-                    packed, count3 = tl.sum(first_two, 0), tl.sum(third, 0)
-                else:
-                    packed, count3 = tl.reduce((first_two, third), 0, _add_two)
-                # The candidates rise, so the counts fall: the next bits are how many of them keep >= K keys.
-                steps = ((packed & 0xFFFF) >= K).to(tl.uint32) + ((packed >> 16) >= K).to(tl.uint32) + \
-                    (count3 >= K).to(tl.uint32)
-                threshold = threshold | (steps << shift)
-        return (threshold ^ FLIP).to(tl.int32, bitcast=True)
 
     @triton.jit
     def _kth_largest_radix(key, valid, K, BITS: tl.constexpr):
