@@ -425,24 +425,29 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
     kernel launches (scripts/trace_summary.py), which says whether a step is bound by launches or by kernels."""
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     rows = []
-    variants = {"dense stack": [], "chipmunk": ["--chipmunk_config", config]}
+    variants = {"dense stack": ([], None), "chipmunk": (["--chipmunk_config", config], None)}
     if not dry:  # under the profiler a replayed graph's kernels are still listed: device time per step kind
-        variants["chipmunk step graphs"] = ["--chipmunk_config", config, "--compile_mode", "reduce-overhead"]
-    for name, extra in variants.items():
+        graphs = ["--chipmunk_config", config, "--compile_mode", "reduce-overhead"]
+        variants["chipmunk step graphs"] = (graphs, None)
+        # The single blocks' neuron selection on the main stream: the busy and span columns against the side stream's.
+        variants["chipmunk step graphs, selection on the main stream"] = (graphs, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"})
+    for name, (extra, env) in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
             rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
             continue
-        trace = out / "traces" / f"{name.replace(' ', '_')}_{steps}steps.json.gz"
+        trace = out / "traces" / f"{name.replace(',', '').replace(' ', '_')}_{steps}steps.json.gz"
         trace.parent.mkdir(parents=True, exist_ok=True)
         rc, tail = run_child([sys.executable, "run_benchmark.py", *stack_args(out / "traces", dry, steps, 1), *extra,
-                              "--trace-file", str(trace)], left if not dry else 600)
+                              "--trace-file", str(trace)], left if not dry else 600, env)
         if rc != 0 or not trace.exists():
             rows.append({"variant": name, "exit_code": rc, "log_tail": tail})
             continue
         events = trace_summary.load_events(trace)
+        # Steps 0-3 are one of each kind (both dense, attention dense + reselect, sparse, sparse + reselect).
         rows.append({"variant": name, "trace": str(trace), "steps": trace_summary.step_table(events),
-                     "top_kernels": trace_summary.kernel_table(events, 12)})
+                     "top_kernels": trace_summary.kernel_table(events, 12),
+                     "step_kernels": {i: trace_summary.step_kernel_table(events, i, 40) for i in range(min(4, steps))}})
     return {"steps": steps, "rows": rows}
 
 
@@ -697,13 +702,16 @@ def markdown(record: dict) -> str:
     tr = record.get("trace")
     if tr:
         lines += [f"## Per-step host vs device time ({tr['steps']} steps, torch.profiler trace)", "",
-                  "| variant | step | host ms | device ms | kernels |", "|---|---|---|---|---|"]
+                  "device ms: the sum of the step's kernel durations; busy: the time at least one runs (below the sum "
+                  "where the side stream overlaps); span: first kernel start to last kernel end (the step's wall time "
+                  "on the device)", "",
+                  "| variant | step | host ms | device ms | busy ms | span ms | kernels |", "|---|---|---|---|---|---|---|"]
         for r in tr["rows"]:
             if "steps" not in r:
-                lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | | |")
+                lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | | | | |")
                 continue
-            lines += [f"| {r['variant']} | {i} | {s['host_ms']:.1f} | {s['device_ms']:.1f} | {s['kernels']} |"
-                      for i, s in enumerate(r["steps"])]
+            lines += [f"| {r['variant']} | {i} | {s['host_ms']:.1f} | {s['device_ms']:.1f} | {s.get('busy_ms', 0):.1f} | "
+                      f"{s.get('span_ms', 0):.1f} | {s['kernels']} |" for i, s in enumerate(r["steps"])]
         lines.append("")
     prof = record.get("profile")
     if prof:

@@ -29,30 +29,61 @@ def load_events(path: Path) -> list[dict]:
         return [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
 
 
-def step_table(events: list[dict], label: str = "denoising_step") -> list[dict]:
-    """Host ms, device ms and kernel count of each `label` range, in order."""
+def _steps_with_kernels(events: list[dict], label: str) -> list[tuple[dict, int, list[dict]]]:
+    """Each `label` range in order, with its number of launches and the device events those launches made
+    (matched through the correlation id; a replayed CUDA graph's kernels share its launch's id)."""
     launches = sorted((e["ts"], e["args"]["correlation"]) for e in events
                       if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {}))
-    device_by_correlation = defaultdict(float)
+    device_by_correlation = defaultdict(list)
     for e in events:
         if e.get("cat") in DEVICE_CATEGORIES and "correlation" in e.get("args", {}):
-            device_by_correlation[e["args"]["correlation"]] += e["dur"]
-    rows = []
+            device_by_correlation[e["args"]["correlation"]].append(e)
+    steps = []
     for step in sorted((e for e in events if e.get("cat") == "user_annotation" and e["name"] == label),
                        key=lambda e: e["ts"]):
         start, end = step["ts"], step["ts"] + step["dur"]
         ids = [c for ts, c in launches if start <= ts <= end and c in device_by_correlation]
-        rows.append({"host_ms": step["dur"] / 1e3, "device_ms": sum(device_by_correlation[c] for c in ids) / 1e3,
-                     "kernels": len(ids)})
+        steps.append((step, len(ids), [k for c in ids for k in device_by_correlation[c]]))
+    return steps
+
+
+def _busy_us(kernels: list[dict]) -> float:
+    """Time with at least one kernel running: the union of their intervals (kernels on two streams overlap)."""
+    busy, reach = 0.0, float("-inf")
+    for k in sorted(kernels, key=lambda k: k["ts"]):
+        start, end = max(k["ts"], reach), k["ts"] + k["dur"]
+        busy += max(0.0, end - start)
+        reach = max(reach, end)
+    return busy
+
+
+def step_table(events: list[dict], label: str = "denoising_step") -> list[dict]:
+    """Per `label` range, in order: host ms, device ms (the sum of its kernels' durations), busy ms (the time at
+    least one of them runs: below the sum when streams overlap), span ms (first kernel start to last kernel end:
+    the step's wall time on the device, gaps included) and kernel launches."""
+    rows = []
+    for step, launches, kernels in _steps_with_kernels(events, label):
+        span = (max(k["ts"] + k["dur"] for k in kernels) - min(k["ts"] for k in kernels)) if kernels else 0.0
+        rows.append({"host_ms": step["dur"] / 1e3, "device_ms": sum(k["dur"] for k in kernels) / 1e3,
+                     "busy_ms": _busy_us(kernels) / 1e3, "span_ms": span / 1e3, "kernels": launches})
     return rows
 
 
+def step_kernel_table(events: list[dict], step: int, top: int, label: str = "denoising_step") -> list[dict]:
+    """The kernels of one `label` range (0-based), summed by name: where one step kind's device time goes."""
+    steps = _steps_with_kernels(events, label)
+    return _by_name(steps[step][2], top) if step < len(steps) else []
+
+
 def kernel_table(events: list[dict], top: int) -> list[dict]:
+    return _by_name([e for e in events if e.get("cat") in DEVICE_CATEGORIES], top)
+
+
+def _by_name(kernels: list[dict], top: int) -> list[dict]:
     totals, counts = defaultdict(float), defaultdict(int)
-    for e in events:
-        if e.get("cat") in DEVICE_CATEGORIES:
-            totals[e["name"]] += e["dur"]
-            counts[e["name"]] += 1
+    for e in kernels:
+        totals[e["name"]] += e["dur"]
+        counts[e["name"]] += 1
     names = sorted(totals, key=totals.get, reverse=True)[:top]
     return [{"kernel": n[:100], "kind": kernel_kind(n), "calls": counts[n], "total_ms": totals[n] / 1e3,
              "us_per_call": totals[n] / counts[n]} for n in names]
@@ -68,11 +99,12 @@ def main() -> int:
         parser.error(f"{opts.trace}: no such file (make one with run_benchmark.py --trace-file PATH)")
     events = load_events(opts.trace)
 
-    lines = [f"# Trace summary: {opts.trace.name}", "", "| step | host ms | device ms | kernels | device / host |",
-             "|---|---|---|---|---|"]
+    lines = [f"# Trace summary: {opts.trace.name}", "", "| step | host ms | device ms | busy ms | span ms | kernels | device / host |",
+             "|---|---|---|---|---|---|---|"]
     for i, row in enumerate(step_table(events)):
         ratio = row["device_ms"] / row["host_ms"] if row["host_ms"] else float("nan")
-        lines.append(f"| {i} | {row['host_ms']:.1f} | {row['device_ms']:.1f} | {row['kernels']} | {ratio:.2f} |")
+        lines.append(f"| {i} | {row['host_ms']:.1f} | {row['device_ms']:.1f} | {row['busy_ms']:.1f} | "
+                     f"{row['span_ms']:.1f} | {row['kernels']} | {ratio:.2f} |")
     lines += ["", "| kernel | kind | calls | total ms | us per call |", "|---|---|---|---|---|"]
     for row in kernel_table(events, opts.top):
         lines.append(f"| `{row['kernel']}` | {row['kind']} | {row['calls']} | {row['total_ms']:.2f} | "

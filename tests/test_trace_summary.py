@@ -31,7 +31,27 @@ def synthetic_trace() -> list[dict]:
 
 def test_steps_get_the_device_time_of_the_kernels_they_launched(tmp_path):
     rows = trace_summary.step_table(synthetic_trace())
-    assert rows == [{"host_ms": 1.0, "device_ms": 0.75, "kernels": 2}, {"host_ms": 0.5, "device_ms": 0.25, "kernels": 1}]
+    assert rows == [{"host_ms": 1.0, "device_ms": 0.75, "busy_ms": 0.75, "span_ms": 0.82, "kernels": 2},
+                    {"host_ms": 0.5, "device_ms": 0.25, "busy_ms": 0.25, "span_ms": 0.25, "kernels": 1}]
+
+
+def test_overlapping_kernels_count_once_in_busy_time_and_a_graph_replay_gives_all_its_kernels():
+    """A replayed CUDA graph: one launch whose kernels share its correlation id, two of them on a side stream
+    overlapping the main stream's."""
+    events = [
+        {"ph": "X", "cat": "user_annotation", "name": "denoising_step", "ts": 0, "dur": 100},
+        {"ph": "X", "cat": "cuda_runtime", "name": "cudaGraphLaunch", "ts": 5, "dur": 5, "args": {"correlation": 7}},
+        {"ph": "X", "cat": "kernel", "name": "attention", "ts": 100, "dur": 300, "args": {"correlation": 7}},
+        {"ph": "X", "cat": "kernel", "name": "selection", "ts": 150, "dur": 100, "args": {"correlation": 7}},
+        {"ph": "X", "cat": "kernel", "name": "selection", "ts": 350, "dur": 100, "args": {"correlation": 7}},
+        {"ph": "X", "cat": "kernel", "name": "fc1", "ts": 500, "dur": 200, "args": {"correlation": 7}},
+    ]
+    [row] = trace_summary.step_table(events)
+    assert row["kernels"] == 1 and abs(row["device_ms"] - 0.7) < 1e-9
+    assert abs(row["busy_ms"] - 0.55) < 1e-9 and abs(row["span_ms"] - 0.6) < 1e-9
+    table = trace_summary.step_kernel_table(events, 0, top=5)
+    assert [(r["kernel"], r["calls"]) for r in table] == [("attention", 1), ("selection", 2), ("fc1", 1)]
+    assert trace_summary.step_kernel_table(events, 1, top=5) == []
 
 
 def test_kernel_table_sums_by_name_with_kinds():
@@ -49,4 +69,4 @@ def test_command_reads_a_gzipped_trace_and_writes_markdown(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "scripts" / "trace_summary.py"), str(path), "--out", str(out)],
                    check=True, capture_output=True, text=True)
     text = out.read_text()
-    assert "| 0 | 1.0 | 0.8 | 2 | 0.75 |" in text and "`_sparse_fc2_kernel` | other | 1 | 0.45 | 450.0 |" in text
+    assert "| 0 | 1.0 | 0.8 | 0.8 | 0.8 | 2 | 0.75 |" in text and "`_sparse_fc2_kernel` | other | 1 | 0.45 | 450.0 |" in text
