@@ -117,7 +117,9 @@ def test_reference_attention_over_all_keys_is_dense_attention_and_delta_restores
     some = chipmunk.select_key_columns(sums, 32)
     partial = chipmunk.sparse_attention_reference(q, k, v, some, group)
     assert rel(partial, dense) > 1e-2  # really sparse
-    torch.testing.assert_close(chipmunk.sparse_attention_reference(q, k, v, some, group, dense - partial), dense,
+    o_cache = chipmunk.sparse_attention_reference(q, k, v, some, group, dense_out=dense)  # a dense step's cache
+    torch.testing.assert_close(o_cache, dense - partial, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chipmunk.sparse_attention_reference(q, k, v, some, group, o_cache), dense,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -368,6 +370,19 @@ index = C.select_key_columns(sums, 24)
 for cache in (None, o_cache):
     torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, cache),
                                C.sparse_attention_reference(q, k, v, index, group, cache), rtol=1e-5, atol=1e-5)
+# A dense step's o_cache = O_dense - A_S in one pass, also written in place over the buffer it reads (the layer's
+# o_cache buffer holds the last dense step's values then).
+dense_out = torch.randn_like(q)
+expected = C.sparse_attention_reference(q, k, v, index, group, dense_out=dense_out)
+torch.testing.assert_close(T.sparse_attention(q, k, v, index, group, dense_out=dense_out), expected,
+                           rtol=1e-5, atol=1e-5)
+buffer = torch.randn_like(q)
+assert T.sparse_attention(q, k, v, index, group, dense_out=dense_out, out=buffer) is buffer
+torch.testing.assert_close(buffer, expected, rtol=1e-5, atol=1e-5)
+in_place = dense_out.clone()
+T.sparse_attention(q, k, v, index, group, o_cache=in_place, out=in_place)
+torch.testing.assert_close(in_place, C.sparse_attention_reference(q, k, v, index, group, dense_out), rtol=1e-5,
+                           atol=1e-5)
 # A 48-row group spans a 32-row and a 16-row tile (the last group partial). 24 keys: a masked last key tile; 32:
 # unmasked tiles.
 sums48 = C.attention_column_sums(q, k, 48)

@@ -41,7 +41,8 @@ ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128
 ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
                "top_keys_16_warps", "top_and_random_neurons_seed_in_tensor", "top_neurons_radix",
                "top_and_random_neurons_radix"}
-GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
+GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_attention_dense_step",
+            "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
             "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fused_delta",
             "sparse_fc1_tma_fused_delta"}  # loops over gathered rows
 TMA = {"sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_tma_fused_delta"}  # dense operand through a TMA descriptor: its loads must be TMA copies
@@ -95,8 +96,9 @@ def kernel_args():
         "column_sum": (ct._column_sum_kernel, None,
                        dict(qk, LSE=lse, OUT=meta(B, HEADS, G, L, dtype=torch.float32), L=L, LK=L, G=G, GROUP=GROUP,
                             BLOCK_M=ATTN_BLOCK_M)),
-        "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False)),
-        "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True)),
+        "sparse_attention": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=False, SUBTRACT=False)),
+        "sparse_attention_cached": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True, SUBTRACT=False)),
+        "sparse_attention_dense_step": (ct._sparse_attention_kernel, None, dict(attn, HAS_CACHE=True, SUBTRACT=True)),
         "sparse_fc1": (ct._sparse_fc1_kernel, None, fc1),
         # Shapes that leave partial tiles take the masked loads (other neuron counts, model widths).
         "sparse_fc1_uneven": (ct._sparse_fc1_kernel, None, dict(fc1, EVEN_D=False)),

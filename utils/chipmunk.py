@@ -246,9 +246,11 @@ def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, heads_pe
 
 
 def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor,
-                               group: int, o_cache: torch.Tensor | None = None) -> torch.Tensor:
+                               group: int, o_cache: torch.Tensor | None = None,
+                               dense_out: torch.Tensor | None = None) -> torch.Tensor:
     """A_S: attention of each query group over its own key columns only (softmax renormalised within S),
-    plus `o_cache` when given. q, k, v, o_cache: (B, L, H, D); key_index: (B, H, G, K) int. Output q's dtype."""
+    plus `o_cache` when given (a sparse step), or subtracted from `dense_out` (a dense step's new o_cache, rounded
+    once). q, k, v, o_cache, dense_out: (B, L, H, D); key_index: (B, H, G, K) int. Output q's dtype."""
     B, Lq, H, D = q.shape
     G, K = key_index.shape[2], key_index.shape[3]
     qg = F.pad(q.transpose(1, 2).float(), (0, 0, 0, G * group - Lq)).unflatten(2, (G, group))  # B,H,G,group,D
@@ -259,6 +261,8 @@ def sparse_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = (p @ vs).flatten(2, 3)[:, :, :Lq].transpose(1, 2)  # B, L, H, D
     if o_cache is not None:
         out = out + o_cache.float()
+    if dense_out is not None:
+        out = dense_out.float() - out
     return out.to(q.dtype)
 
 
@@ -539,24 +543,23 @@ class SparseAttentionLayer:
                            else attention_column_sums(q, k, cfg.mbm))
                 s.store("key_index", select_key_columns(colsums, count))
                 s.flags["keys"] = True
-            partial = self._sparse(triton_ops, q, k, v, None)
-            o_cache = s.buffer("o_cache", out.shape, out.dtype)  # in the output's dtype, like the output it corrects
-            if o_cache is None:
-                s.tensors["o_cache"] = out - partial
-            else:  # one pass, no temporary
-                torch.sub(out, partial, out=o_cache)
+            # o_cache = O_dense - A_S in one pass (A_S never written), in place once the buffer exists; in the
+            # output's dtype, like the output it corrects.
+            o_cache = s.buffer("o_cache", out.shape, out.dtype)
+            s.tensors["o_cache"] = self._sparse(triton_ops, q, k, v, dense_out=out, into=o_cache)
             s.stats["dense"] += 1
         else:
-            out = self._sparse(triton_ops, q, k, v, s.tensors["o_cache"])
+            out = self._sparse(triton_ops, q, k, v, o_cache=s.tensors["o_cache"])
             s.stats["sparse"] += 1
         s.last_step = step
         return out
 
-    def _sparse(self, triton_ops, q, k, v, o_cache):
+    def _sparse(self, triton_ops, q, k, v, o_cache=None, dense_out=None, into=None):
         index = self.state.tensors["key_index"]
         if triton_ops:
-            return triton_ops.sparse_attention(q, k, v, index, self.config.mbm, o_cache)
-        return sparse_attention_reference(q, k, v, index, self.config.mbm, o_cache)
+            return triton_ops.sparse_attention(q, k, v, index, self.config.mbm, o_cache, dense_out, out=into)
+        result = sparse_attention_reference(q, k, v, index, self.config.mbm, o_cache, dense_out)
+        return result if into is None else into.copy_(result)
 
 
 _ATTENTION_LSE_TRUSTED: bool | None = None  # decided at the first dense attention step of the process

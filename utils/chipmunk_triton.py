@@ -192,7 +192,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     def _sparse_attention_kernel(Q, K, V, IDX, OC, O, sqb, sql, sqh, skb, skl, skh, svb, svl, svh, sob, sol, soh,
                                  L, H, G, NK, scale_log2, D: tl.constexpr, GROUP: tl.constexpr,
                                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_CACHE: tl.constexpr,
-                                 EVEN_N: tl.constexpr):
+                                 SUBTRACT: tl.constexpr, EVEN_N: tl.constexpr):
         pid_m, bh = tl.program_id(0), tl.program_id(1)
         b, h = bh // H, bh % H
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -223,8 +223,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             m = m_new
         out = acc / s_sum[:, None]
         offsets = b * sob + h * soh + rows[:, None] * sol + d[None, :]
-        if HAS_CACHE:
-            out += tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+        if HAS_CACHE:  # a sparse step: o_cache + A_S; a dense step (SUBTRACT): O_dense - A_S, the new o_cache
+            base = tl.load(OC + offsets, mask=rows[:, None] < L, other=0.0).to(tl.float32)
+            out = base - out if SUBTRACT else base + out
         tl.store(O + offsets, out.to(O.dtype.element_ty), mask=rows[:, None] < L)
 
     # --- MLP: fc1 on gathered neurons, fused bias + GELU; then the activation-cache delta ----------------
@@ -667,22 +668,31 @@ def row_lse_log2(q: torch.Tensor, k: torch.Tensor, block_m: int = 64) -> torch.T
 
 
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
-                     o_cache: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), (B, L, H, D) in q's dtype.
+                     o_cache: torch.Tensor | None = None, dense_out: torch.Tensor | None = None,
+                     out: torch.Tensor | None = None) -> torch.Tensor:
+    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), or dense_out - A_S (a dense step's new
+    o_cache, in one pass: A_S is never written), (B, L, H, D) in q's dtype, into `out` when given (contiguous; it
+    may be o_cache itself: each element is read before it is written, by the same program).
     One program per 64-row tile of a query group. (A per-group variant that shared each gathered K/V tile between
     128 + 64 row tiles at 8 warps was slower on the H100: 0.207 vs 0.155 ms at 16.5% keys, results/NOTES.md.)"""
     B, L, H, D = q.shape
     _check_head_dim(q)
+    if o_cache is not None and dense_out is not None:
+        raise ValueError("sparse_attention: o_cache (a sparse step) or dense_out (a dense step), not both")
     G, NK = key_index.shape[2], key_index.shape[3]
     index = key_index.to(torch.int32).contiguous()
-    out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
-    cache = o_cache.contiguous() if o_cache is not None else out  # unread when HAS_CACHE is False
+    if out is None:
+        out = torch.empty(B, L, H, D, device=q.device, dtype=q.dtype)
+    elif out.shape != q.shape or out.dtype != q.dtype or not out.is_contiguous():
+        raise ValueError(f"sparse_attention: out must be contiguous {tuple(q.shape)} {q.dtype}")
+    base = o_cache if o_cache is not None else dense_out
+    cache = base.contiguous() if base is not None else out  # unread when HAS_CACHE is False
     block_m = _row_tile(group, 64)
     _sparse_attention_kernel[(triton.cdiv(L, block_m), B * H)](
         q, k, v, index, cache, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2), L, H, G, NK,
-        D ** -0.5 * LOG2E, D=D, GROUP=group, BLOCK_M=block_m, HAS_CACHE=o_cache is not None,
-        EVEN_N=NK % 128 == 0)  # every autotune config's BLOCK_N divides 128
+        D ** -0.5 * LOG2E, D=D, GROUP=group, BLOCK_M=block_m, HAS_CACHE=base is not None,
+        SUBTRACT=dense_out is not None, EVEN_N=NK % 128 == 0)  # every autotune config's BLOCK_N divides 128
     return out
 
 
