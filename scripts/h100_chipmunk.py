@@ -133,6 +133,10 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     plain_ref = C.sparse_attention_reference(q, k, v, ref_index, s["group"])
     rows.append({"check": "sparse attention, no cache",
                  "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"]), plain_ref)})
+    # A dense step's new o_cache = O_dense - A_S in one pass (here o_cache stands in for O_dense).
+    rows.append({"check": "dense step: O_dense - sparse attention in one pass",
+                 "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"], dense_out=o_cache),
+                                    C.sparse_attention_reference(q, k, v, ref_index, s["group"], dense_out=o_cache))})
     if keys % 128:  # the kernel drops its masks when the key count is a multiple of 128: check that path too
         full_tiles = C.select_key_columns(ref_sums, 128)
         rows.append({"check": "sparse attention + o_cache (128 keys: unmasked tiles)",
@@ -142,10 +146,17 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
 
     count = C.rounded_count(0.35, s["hidden"], 16 if s is SMALL else 256)
     x, w1, b1, w2, b2, index, act, out_cache = mlp_inputs(s, device, dtype, count)
-    act_ref, out_ref = act.clone(), out_cache.clone()
+    act_ref, out_ref, act_before, out_before = act.clone(), out_cache.clone(), act.clone(), out_cache.clone()
     pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, s["block"])
     layer_out = torch.empty(out_cache.shape, dtype=x.dtype, device=x.device)
     means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, s["block"], out=layer_out)
+    # The layers' call: the delta kernel writes the means into the reference pre-activations (was a scatter).
+    pre_mean = torch.randn(*means.shape[:2], s["hidden"], device=device)
+    scattered = pre_mean.clone().scatter_(2, index.long(), means)
+    T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act_before, out_before, s["block"], pre_mean=pre_mean)
+    rows.append({"check": "sparse MLP: means written by the delta kernel vs scattered: mismatch", "exact": True,
+                 "rel_err": float((pre_mean != scattered).float().mean())})
+    del pre_mean, scattered, act_before, out_before
     layer = C.SparseMlpLayer.__new__(C.SparseMlpLayer)  # only for its block-mean helper
     ref_means = C.SparseMlpLayer._selected_block_means(layer, pre, s["tokens"])
     rows.append({"check": f"sparse MLP: activation cache ({count}/{s['hidden']} neurons)",
@@ -184,6 +195,12 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
         got = T.top_and_random(change, top, count, given)
         rows.append({"check": f"top + random keys in one launch ({label}) vs two launches: index mismatch",
                      "exact": True, "rel_err": float((got != composed).float().mean())})
+    # The layers' call: bf16 means ranked by their change from a float32 reference inside the kernel.
+    now, reference = torch.randn(blocks, s["hidden"], device=device, dtype=dtype), torch.randn_like(change)
+    got = T.top_and_random(now, top, count, seed, reference=reference)
+    expected = T.top_and_random((now.float() - reference).abs(), top, count, seed)
+    rows.append({"check": "top + random keys of |now - reference| in the kernel vs computed before: index mismatch",
+                 "exact": True, "rel_err": float((got != expected).float().mean())})
     for r in rows:
         r["passed"] = None if r["rel_err"] is None else (r["rel_err"] == 0 if r.get("exact") else passed(r["rel_err"]))
     return {"rows": rows, "passed": all(r["passed"] for r in rows if r["passed"] is not None)}

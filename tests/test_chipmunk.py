@@ -192,6 +192,20 @@ def test_selected_index_sets_come_out_ascending_as_a_sort_would_give_them():
         assert torch.equal(chipmunk.select_key_columns(scores, count), expected)
 
 
+def test_neuron_sets_ranked_by_change_from_a_reference_into_a_buffer():
+    """The layers' reselection call: bf16 pre-activation means ranked by |now - reference| in float32, written into
+    the layer's index buffer, as ranking the change computed beforehand gives them."""
+    torch.manual_seed(12)
+    now, reference = torch.randn(1, 3, 500).bfloat16(), torch.randn(1, 3, 500)
+    change = (now.float() - reference).abs()
+    buffer = torch.full((1, 3, 120), -1, dtype=torch.int32)
+    got = chipmunk.top_and_random(now, 100, 120, 1_000_007, reference=reference, out=buffer)
+    expected = chipmunk.top_and_random(change, 100, 120, 1_000_007)
+    assert got is buffer and torch.equal(got, expected)
+    top = change.topk(100, dim=-1).indices
+    assert bool(torch.isin(top[0, 0], got[0, 0]).all())  # the 100 largest changes are in, plus 20 others
+
+
 def test_block_means_of_partial_and_whole_blocks():
     torch.manual_seed(12)
     x = torch.randn(2, 300, 8)
@@ -407,6 +421,12 @@ for shape, top, total in (((1, 3, 300), 60, 90), ((2, 12288), 3686, 4352)):
         for given in (seed, torch.tensor(seed)):
             got = T.top_and_random(change, top, total, given)
             assert torch.equal(got, expected), (shape, seed, (got != expected).sum())
+    # The layers' call: bf16 scores ranked by their change from a float32 reference, computed in the kernel, into a
+    # given buffer; as the reference path ranks (scores.float() - reference).abs().
+    now, reference = torch.randn(*shape).bfloat16(), torch.randn(*shape)
+    buffer = torch.full((*shape[:-1], total), -1, dtype=torch.int32)
+    got = T.top_and_random(now, top, total, 1_000_007, reference=reference, out=buffer)
+    assert got is buffer and torch.equal(got, T.top_and_random((now.float() - reference).abs(), top, total, 1_000_007))
 # The MLP kernels' loops drop their load masks when every tile is full (16 wide, interpreted): (inputs, outputs,
 # neurons) = (32, 24, 20) takes fc1's unmasked loop and fc2's fully masked one, (24, 32, 32) the other two, and
 # (32, 32, 20), (32, 24, 32) fc2's loads masked along one dim. 80 tokens in blocks of 32: a partial last row tile.
@@ -418,7 +438,7 @@ for (d, out, K), layout in itertools.product(shapes, (lambda t: t, C.neuron_majo
     w2 = torch.randn(out, hidden) / 8
     index = torch.stack([torch.randperm(hidden)[:K].sort().values for _ in range(3)])[None].int()
     act, out_cache = layout(torch.randn(B, L, hidden)), torch.randn(B, L, out)
-    act_ref, out_ref, act_before = act.clone(), out_cache.clone(), act.clone()
+    act_ref, out_ref, act_before, out_before = act.clone(), out_cache.clone(), act.clone(), out_cache.clone()
     pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, block)
     low = torch.full((B, L, out), float("nan"), dtype=torch.bfloat16)
     means = T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, block, out=low)
@@ -430,6 +450,12 @@ for (d, out, K), layout in itertools.product(shapes, (lambda t: t, C.neuron_majo
     assert not torch.equal(act, act_before) and act.stride() == act_before.stride()  # updated in place, same layout
     rows = (torch.arange(3 * block) < L).view(3, block)
     torch.testing.assert_close(means, (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None], rtol=1e-5, atol=1e-5)
+    # Given the layer's reference pre-activations (B, nb, hidden), the delta kernel writes the means into their
+    # neurons' places, as the scatter it replaces, bit for bit; the caches' update is unchanged.
+    pre_mean, a2, o2 = torch.randn(B, 3, hidden), act_before.clone(), out_before.clone()
+    expected = pre_mean.clone().scatter_(2, index.long(), means)
+    assert T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, a2, o2, block, pre_mean=pre_mean) is None
+    assert torch.equal(pre_mean, expected) and torch.equal(a2, act) and torch.equal(o2, out_cache)
 # fc2's epilogue in column chunks (the interpreted config above: 16-wide tiles in 4 chunks of 4) at the GPU's tiles,
 # 128x256 and 128x128 in chunks of 64 (here 32-row tiles): the float32 cache and its bf16 copy bit for bit as one
 # whole-tile update gives them, and as the reference. 300 outputs leave a partial last tile (masked chunks, one of
@@ -553,6 +579,13 @@ def check_tma():
         torch.testing.assert_close(o, out_ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(low.float(), o.to(torch.bfloat16).float(), rtol=2 ** -7, atol=0)  # as above
         torch.testing.assert_close(means, means_ref, rtol=1e-5, atol=1e-5)
+        # The means written into the layer's reference pre-activations, by the delta kernel or (fused) a scatter.
+        for tma, fused in itertools.product((False, True), (False, True)):
+            pre_mean = torch.randn(B, 3, hidden)
+            expected = pre_mean.clone().scatter_(2, index.long(), results[tma, fused][3])
+            T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act.clone(), out_cache.clone(), block, tma=tma,
+                         fused_delta=fused, pre_mean=pre_mean)
+            assert torch.equal(pre_mean, expected), (tma, fused)
 
 try:
     check_tma()

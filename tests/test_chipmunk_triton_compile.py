@@ -39,7 +39,8 @@ NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.coun
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
 ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
-               "top_keys_16_warps", "top_and_random_neurons_seed_in_tensor", "top_neurons_radix",
+               "top_keys_16_warps", "top_and_random_neurons_seed_in_tensor", "top_and_random_neurons_change",
+               "top_neurons_radix",
                "top_and_random_neurons_radix"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_attention_dense_step",
             "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
@@ -67,10 +68,12 @@ def kernel_args():
                 EVEN_N=NK_ATTN % 128 == 0)
     mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
     seed_mix, golden, mix1, mix2 = chipmunk.HASH_CONSTANTS
-    top_and_random = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, SEED=meta(1, dtype=torch.int64),
+    top_and_random = dict(X=meta(NB, HIDDEN, dtype=torch.float32), REF=meta(NB, HIDDEN, dtype=torch.float32),
+                          OUT=mlp_index, SEED=meta(1, dtype=torch.int64),
                           offset=chipmunk.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
                           mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
-                          sx=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, BLOCK=16384, SEARCH="bitwise")
+                          sx=HIDDEN, sr=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, HAS_REF=False, BLOCK=16384,
+                          SEARCH="bitwise")
     fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
                PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), ACT=act, DELTA=delta, sxb=x.stride(0), sxl=x.stride(1),
                snb=delta.stride(0), snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
@@ -103,10 +106,13 @@ def kernel_args():
         # Shapes that leave partial tiles take the masked loads (other neuron counts, model widths).
         "sparse_fc1_uneven": (ct._sparse_fc1_kernel, None, dict(fc1, EVEN_D=False)),
         "activation_delta": (ct._activation_delta_kernel, [dict(BLOCK_K=64, num_warps=4, num_stages=3)],
-                             dict(NEW=delta, IDX=mlp_index, ACT=act, DELTA=delta, snb=delta.stride(0),
+                             dict(NEW=delta, IDX=mlp_index, ACT=act, DELTA=delta,
+                                  PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32),
+                                  PREMEAN=meta(B, NB, HIDDEN, dtype=torch.float32), snb=delta.stride(0),
                                   snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
-                                  sdb=delta.stride(0), sdl=delta.stride(1), L=L, NK=NK_MLP, NB=NB,
-                                  TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M)),
+                                  sdb=delta.stride(0), sdl=delta.stride(1), spb=NB * HIDDEN, spn=HIDDEN, L=L,
+                                  NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, BLOCK_M=MLP_BLOCK_M,
+                                  WRITE_MEANS=True)),
         "dense_mlp_epilogue": (ct._dense_mlp_epilogue_kernel, [dict(num_warps=8, num_stages=1)],
                                dict(PRE=meta(B, HIDDEN, L), B1=meta(HIDDEN), ACT=meta(B, HIDDEN, L),
                                     MEANS=meta(B, NB, HIDDEN, dtype=torch.float32), spb=HIDDEN * L, sph=L,
@@ -120,6 +126,10 @@ def kernel_args():
         "top_and_random_neurons": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)], top_and_random),
         "top_and_random_neurons_seed_in_tensor": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
                                                   dict(top_and_random, SEED_IN_TENSOR=True)),
+        # The layers' call: the change since the reference ranked in the kernel, bf16 scores, the seed in a tensor.
+        "top_and_random_neurons_change": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
+                                          dict(top_and_random, X=meta(NB, HIDDEN), SEED_IN_TENSOR=True,
+                                               HAS_REF=True)),
         "top_and_random_neurons_radix": (ct._top_and_random_kernel, [dict(num_warps=16, num_stages=1)],
                                          dict(top_and_random, SEARCH="radix")),
         # The autotuner also times twice the warps up to 16 (half the keys per thread per round): no spills there.

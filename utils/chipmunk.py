@@ -280,13 +280,22 @@ def top_ascending(scores: torch.Tensor, count: int) -> torch.Tensor:
     return scores.topk(count, dim=-1, sorted=False).indices.sort(dim=-1).values.to(torch.int32)
 
 
-def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
+def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
+                   reference: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The `top` largest entries along the last dim plus `total - top` others at random (the highest of a
-    hashed_uniform noise draw), indices ascending, int32: Chipmunk's neuron set with its random keys. One kernel
-    launch on the Triton path (utils.chipmunk_triton.top_and_random)."""
+    hashed_uniform noise draw), indices ascending, int32: Chipmunk's neuron set with its random keys. With
+    `reference` (float32), of |scores - reference| (scores widened to float32 first). `out`: an int32 buffer of the
+    result's shape to write into. One kernel launch on the Triton path (utils.chipmunk_triton.top_and_random)."""
     triton_ops = _kernels_for(scores)
     if triton_ops is not None and scores.shape[-1] <= triton_ops.TOP_ASCENDING_MAX_ROW:
-        return triton_ops.top_and_random(scores, top, total, seed)
+        return triton_ops.top_and_random(scores, top, total, seed, reference=reference, out=out)
+    if reference is not None:
+        scores = (scores.float() - reference).abs()
+    index = _top_and_random_reference(scores, top, total, seed)
+    return index if out is None else out.copy_(index)
+
+
+def _top_and_random_reference(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int) -> torch.Tensor:
     index = top_ascending(scores, top)
     if total == top:
         return index
@@ -707,14 +716,14 @@ class SparseMlpLayer:
                 # A new tensor every call (never the cache itself: a compiled graph could reuse a handed-out
                 # cache's buffer for later temporaries), written by fc2's epilogue.
                 output = torch.empty(s.tensors["out_cache"].shape, dtype=x.dtype, device=x.device)
-                pre_means = triton_ops.sparse_mlp(x, self.w1, self.b1, self.w2_t, index, s.tensors["act_cache"],
-                                                  s.tensors["out_cache"], cfg.bm, out=output)
+                # The selected neurons' caches are fresh now: their next change is measured from the block means
+                # of these pre-activations, which the kernels write into pre_mean.
+                triton_ops.sparse_mlp(x, self.w1, self.b1, self.w2_t, index, s.tensors["act_cache"],
+                                      s.tensors["out_cache"], cfg.bm, out=output, pre_mean=s.tensors["pre_mean"])
             else:
                 pre = sparse_mlp_reference(x, self.w1, self.b1, self.w2, index, s.tensors["act_cache"],
                                            s.tensors["out_cache"], cfg.bm)
-                pre_means = self._selected_block_means(pre, x.shape[1])
-            # The selected neurons' caches are fresh now: measure their next change from here.
-            s.tensors["pre_mean"].scatter_(2, s.tensors["neuron_index_int64"], pre_means)
+                s.tensors["pre_mean"].scatter_(2, index.long(), self._selected_block_means(pre, x.shape[1]))
             s.stats["sparse"] += 1
         s.last_step = step
         if output is not None:
@@ -757,16 +766,16 @@ class SparseMlpLayer:
         pre-activation is fc1 of the block mean of x (`x_means`, block_means(x)): one small matmul instead of a
         dense fc1."""
         s, cfg = self.state, self.config
-        now = F.linear(x_means.to(self.w1.dtype), self.w1, self.b1).float()  # B, nb, hidden
-        change = (now - s.tensors["pre_mean"]).abs()
+        now = F.linear(x_means.to(self.w1.dtype), self.w1, self.b1)  # B, nb, hidden
         total = rounded_count(cfg.top_keys + cfg.random_keys, hidden, cfg.counts_multiple_of)
         top = min(total, int(round(cfg.top_keys * hidden)))
         # Deterministic per (layer, step), so runs that compute the same steps draw the same random neurons, on any
         # device, eager or replayed from a CUDA graph (where the step is a device tensor the replays update).
         step_value = s.clock.step_tensor if s.clock.step_tensor is not None else step
-        index = top_and_random(change, top, total, 1_000_003 * (s.index + 1) + step_value)
-        s.store("neuron_index", index)
-        s.store("neuron_index_int64", index.long())  # scatter_'s index type, made once per selection
+        # Ranked by |now - pre_mean| (in float32) and written into the index buffer, in the selection's one launch.
+        into = s.buffer("neuron_index", (*now.shape[:-1], total), torch.int32)
+        s.tensors["neuron_index"] = top_and_random(now, top, total, 1_000_003 * (s.index + 1) + step_value,
+                                                   reference=s.tensors["pre_mean"], out=into)
         s.flags["neurons"] = True
         s.stats["reselect"] += 1
 

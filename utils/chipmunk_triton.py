@@ -305,18 +305,28 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         return w
 
     @triton.jit
-    def _activation_delta_kernel(NEW, IDX, ACT, DELTA, snb, snl, sab, sal, sak, sdb, sdl, L, NK, NB, TOKENS_PER_BLOCK,
-                                 BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _activation_delta_kernel(NEW, IDX, ACT, DELTA, PRESUM, PREMEAN, snb, snl, sab, sal, sak, sdb, sdl, spb, spn,
+                                 L, NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                                 WRITE_MEANS: tl.constexpr):
         """delta = new - act_cache[selected]; act_cache[selected] = new (new is already in the cache's dtype, so
         the deltas telescope exactly in it). With a neuron-major cache (sal == 1, as utils.chipmunk keeps it for
         this kernel) each selected neuron's tokens are contiguous, so the gather is coalesced; a token-major cache
-        splits it into 2-byte accesses (0.33 ms on the H100 at FLUX shapes, ~7x its traffic at full bandwidth)."""
+        splits it into 2-byte accesses (0.33 ms on the H100 at FLUX shapes, ~7x its traffic at full bandwidth).
+        WRITE_MEANS: the first row tile of each token block also writes its selected neurons' pre-activation block
+        means (fc1's sums over the block's tokens, complete once fc1 has run) into their places in PREMEAN (B, nb,
+        hidden): the layer's reference for the next change, without a division and a scatter launched after."""
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
         j = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
         mask = (rows[:, None] < L) & (j[None, :] < NK)
         neuron = tl.load(IDX + (b * NB + blk) * NK + j, mask=j < NK, other=0)
+        if WRITE_MEANS:
+            if (pid_m * BLOCK_M) % TOKENS_PER_BLOCK == 0:
+                count = tl.minimum(TOKENS_PER_BLOCK, L - blk * TOKENS_PER_BLOCK).to(tl.float32)
+                sums = tl.load(PRESUM + (b * NB + blk) * NK + j, mask=j < NK, other=0.0)
+                # Rounded as torch's division rounds (IEEE), not Triton's default approximate float32 division.
+                tl.store(PREMEAN + b * spb + blk * spn + neuron, tl.math.div_rn(sums, count), mask=j < NK)
         new = tl.load(NEW + b * snb + rows[:, None] * snl + j[None, :], mask=mask, other=0.0)
         act_ptr = ACT + b * sab + rows[:, None] * sal + neuron[None, :] * sak
         delta = new.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
@@ -601,23 +611,31 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         chosen = _take_ascending(key, valid, _kth_largest(key, valid, K, 32, SEARCH), K)
         tl.store(OUT + row * so + tl.cumsum(chosen.to(tl.int32), 0) - 1, offs.to(tl.int32), mask=chosen)
 
-    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK", "SEED_IN_TENSOR"],
+    @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK", "SEED_IN_TENSOR", "HAS_REF"],
                      prune_configs_by={"early_config_prune": _selection_warps_only})
     @triton.jit(do_not_specialize=["offset"])
-    def _top_and_random_kernel(X, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, so,
-                               SEED_IN_TENSOR: tl.constexpr, BLOCK: tl.constexpr, SEARCH: tl.constexpr):
+    def _top_and_random_kernel(X, REF, OUT, SEED, offset, seed_mix, golden, mix1, mix2, N, TOP, TOTAL, sx, sr, so,
+                               SEED_IN_TENSOR: tl.constexpr, HAS_REF: tl.constexpr, BLOCK: tl.constexpr,
+                               SEARCH: tl.constexpr):
         """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
         in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
         numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
         this equals top_ascending(hashed_uniform(...).scatter_(-1, top, 2.0), TOTAL) (the reference) without the
         noise tensor, the scatter and the second launch. The seed is offset (seed * seed_mix, wrapped) or, when
-        SEED_IN_TENSOR, read from SEED (a device scalar that CUDA-graph replays update)."""
+        SEED_IN_TENSOR, read from SEED (a device scalar that CUDA-graph replays update). HAS_REF: the scores are
+        |X - REF| (float32), the change since a reference, computed here instead of by two launches before."""
         row = tl.program_id(0).to(tl.int64)
         if SEED_IN_TENSOR:  # loaded first: after the first search it cost registers that spilled (sm_90, 16 warps)
             offset = tl.load(SEED).to(tl.int64) * seed_mix  # int64 multiplication wraps, as the reference's
         offs = tl.arange(0, BLOCK)
         valid = offs < N
-        key = _float_key(X, row, sx, offs, valid)
+        if HAS_REF:
+            x = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32)
+            change = tl.abs(x - tl.load(REF + row * sr + offs, mask=valid, other=0.0))
+            bits = change.to(tl.int32, bitcast=True)  # non-negative floats: their bits order them
+            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (a -0.0 or a NaN with the sign set: as _float_key orders it)
+        else:
+            key = _float_key(X, row, sx, offs, valid)
         top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, SEARCH), TOP)
         z = (row * N + offs + 1 + offset).to(tl.uint64, bitcast=True)
         z = z * golden.to(tl.uint64, bitcast=True)
@@ -718,10 +736,13 @@ def top_ascending(scores: torch.Tensor, count: int, search: str | None = None) -
 
 
 def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
-                   search: str | None = None) -> torch.Tensor:
+                   search: str | None = None, reference: torch.Tensor | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
     indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays).
-    `search`: one of SELECTION_SEARCHES (same result), or None for the autotuner's pick."""
+    `search`: one of SELECTION_SEARCHES (same result), or None for the autotuner's pick. `reference` (float32, the
+    shape of scores): rank |scores - reference| instead (scores in any float dtype, widened to float32 first).
+    `out`: a contiguous int32 tensor (*scores.shape[:-1], total) to write the indices into."""
     size = scores.shape[-1]
     if not 0 < top <= total <= size or size > TOP_ASCENDING_MAX_ROW:
         raise ValueError(f"top_and_random: {top} + random of {total} of {size} (rows of at most "
@@ -730,15 +751,25 @@ def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tenso
     rows = scores.reshape(-1, size)
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
-    out = torch.empty(rows.shape[0], total, device=scores.device, dtype=torch.int32)
+    if reference is not None:
+        if reference.shape != scores.shape or reference.dtype != torch.float32:
+            raise ValueError(f"top_and_random: reference must be float32 {tuple(scores.shape)}")
+        ref_rows = reference.reshape(-1, size)
+        ref_rows = ref_rows if ref_rows.stride(-1) == 1 else ref_rows.contiguous()
+    shape = (*scores.shape[:-1], total)
+    if out is None:
+        out = torch.empty(shape, device=scores.device, dtype=torch.int32)
+    elif out.shape != shape or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"top_and_random: out must be contiguous int32 {shape}")
     in_tensor = isinstance(seed, torch.Tensor)
     seed_mix, golden, mix1, mix2 = HASH_CONSTANTS
     block = triton.next_power_of_2(size)
+    ref = ref_rows if reference is not None else rows  # unread without HAS_REF
     _launch_selection(
-        _top_and_random_kernel, (rows.shape[0],), search, rows, out, seed if in_tensor else rows,
+        _top_and_random_kernel, (rows.shape[0],), search, rows, ref, out, seed if in_tensor else rows,
         0 if in_tensor else hash_offset(seed), seed_mix, golden, mix1, mix2, size, top, total, rows.stride(0),
-        out.stride(0), SEED_IN_TENSOR=in_tensor, BLOCK=block)
-    return out.view(*scores.shape[:-1], total)
+        ref.stride(0), total, SEED_IN_TENSOR=in_tensor, HAS_REF=reference is not None, BLOCK=block)
+    return out
 
 
 def _check_search(search: str | None) -> None:
@@ -783,7 +814,8 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None, tma: bool | None = None, fused_delta: bool = False) -> torch.Tensor:
+               out: torch.Tensor | None = None, tma: bool | None = None, fused_delta: bool = False,
+               pre_mean: torch.Tensor | None = None) -> torch.Tensor | None:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
@@ -795,7 +827,9 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     `fused_delta`: fc1's epilogue updates the activation cache and writes the deltas itself (no separate
     _activation_delta_kernel, no compact new-activation tensor written and read back): the same results. Off by
     default until the device measures it (scripts/h100_chipmunk.py --parts speed times both).
-    Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32."""
+    Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32; or, given `pre_mean`
+    ((B, nb, hidden) float32, last dim contiguous: the layer's reference pre-activations), writes them into their
+    neurons' places there (what `pre_mean.scatter_(2, neuron_index, means)` does) and returns None."""
     if tma is None:
         tma = tma_by_default(x)
     B, L, DM = x.shape
@@ -834,11 +868,17 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         fc1 = _sparse_fc1_kernel
         fc1[grid1](x, w1, b1, index, new, pre_sum, caches[0], caches[1], x.stride(0), x.stride(1), *caches[2:], L, DM,
                    NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
+    if pre_mean is not None and (pre_mean.shape != (B, NB, w1.shape[0]) or pre_mean.dtype != torch.float32
+                                 or pre_mean.stride(-1) != 1):
+        raise ValueError(f"sparse_mlp: pre_mean must be float32 {(B, NB, w1.shape[0])} with its last dim contiguous")
+    means_in_delta_kernel = pre_mean is not None and not fused_delta
     if not fused_delta:
         delta_k = 16 if INTERPRET else 64
+        means_at = pre_mean if means_in_delta_kernel else pre_sum  # a pointer left untouched without WRITE_MEANS
         _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
-            new, index, act_cache, delta, new.stride(0), new.stride(1), act_cache.stride(0), act_cache.stride(1),
-            act_cache.stride(2), delta.stride(0), delta.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k,
+            new, index, act_cache, delta, pre_sum, means_at, new.stride(0), new.stride(1), act_cache.stride(0),
+            act_cache.stride(1), act_cache.stride(2), delta.stride(0), delta.stride(1), means_at.stride(0),
+            means_at.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, WRITE_MEANS=means_in_delta_kernel,
             num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
@@ -848,7 +888,13 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     fc2[grid2](*operands, out_cache.stride(0), out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB,
                block, WRITE_LOW=out is not None, BLOCK_M=block_m, EVEN_K=NK % _largest(fc2, "BLOCK_K") == 0,
                EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0)
-    return pre_sum / block_sizes(L, block, x.device)[None, :, None]
+    if means_in_delta_kernel:
+        return None
+    means = pre_sum / block_sizes(L, block, x.device)[None, :, None]
+    if pre_mean is not None:  # fused_delta: no delta kernel to write them
+        pre_mean.scatter_(2, index.long(), means)
+        return None
+    return means
 
 
 def tma_by_default(x: torch.Tensor) -> bool:
