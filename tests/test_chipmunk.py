@@ -261,32 +261,57 @@ def test_schedule_comes_from_the_step_index_and_resets_per_generation(make_args,
     assert chipmunk.chipmunk_stats(pipe)["MLP layer 1"] == {"dense": 3, "sparse": 6, "reselect": 4}  # + 0 | 1,2 | 1
 
 
-def test_single_blocks_select_neurons_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
-    """A single block's MLP selects its neurons from the attention's input, before the attention (a side stream on
-    a GPU); the double blocks' image MLPs select in their own call. Latents equal selecting in the MLP's call."""
-    calls = []
-    reselect = chipmunk.SparseMlpLayer._reselect
+def _callers() -> set[str]:
+    frame, names = sys._getframe(2), set()
+    while frame is not None:
+        names.add(frame.f_code.co_name)
+        frame = frame.f_back
+    return names
 
-    def spy(self, means, step, hidden):
-        calls.append((self.state.index, step, sys._getframe(1).f_code.co_name))
+
+def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
+    """A single block's MLP input is its attention's input: before the attention (a side stream on a GPU) it selects
+    its neurons, and once its kernels have run in its own call (step 1's selection comes first) the whole MLP step
+    runs there; the double blocks' image MLPs do both in their own call. Latents equal doing everything in the MLP's
+    call, and equal selecting ahead without running the MLP ahead (CHIPMUNK_MLP_AHEAD=0)."""
+    reselects, ahead_steps = [], []
+    reselect, run_ahead = chipmunk.SparseMlpLayer._reselect, chipmunk.SparseMlpLayer._run_ahead
+
+    def spy_reselect(self, means, step, hidden):
+        reselects.append((self.state.index, step, "select_ahead" in _callers()))
         return reselect(self, means, step, hidden)
 
-    monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy)
+    def spy_ahead(self, x, step, last):
+        ahead_steps.append((self.state.index, step))
+        return run_ahead(self, x, step, last)
+
+    monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy_reselect)
+    monkeypatch.setattr(chipmunk.SparseMlpLayer, "_run_ahead", spy_ahead)
     ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
     doubles = len(pipe.transformer.transformer_blocks)
-    where = {(index, step): caller for index, step, caller in calls}
-    assert len(where) == len(calls) == 5 * 3  # layers 1..5, reselecting at steps 1, 3, 5, once each
+    where = {(index, step): beside for index, step, beside in reselects}
+    assert len(where) == len(reselects) == 5 * 3  # layers 1..5, reselecting at steps 1, 3, 5, once each
     assert 1 <= doubles < 5, doubles  # both kinds of block are sparse in the tiny model
-    assert all(caller == ("select_ahead" if index >= doubles else "__call__")
-               for (index, _), caller in where.items()), where
+    assert all(beside == (index >= doubles) for (index, _), beside in where.items()), where
+    # MLP steps: 0 dense, 1 sparse with a reselection (selected ahead, computed in the MLP's call: its kernels' first
+    # run), then the whole step ahead from step 2, the dense step 4 included.
+    assert sorted(ahead_steps, key=lambda a: a[::-1]) == [(i, t) for t in range(2, STEPS) for i in range(doubles, 6)]
+
+    def generate():
+        reselects.clear(), ahead_steps.clear()
+        return pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", str(STEPS))),
+                    generator=torch.manual_seed(make_args().seed), output_type="latent").images
+
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)
+    selected_ahead = generate()
+    assert not ahead_steps and torch.equal(ahead, selected_ahead)
     for layer in pipe.transformer.chipmunk_layers:
         if isinstance(layer, chipmunk.SparseAttentionLayer):
             assert (layer.mlp_beside is not None) == (layer.state.index >= doubles)
             layer.mlp_beside = None
-    calls.clear()
-    inline = pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", str(STEPS))),
-                  generator=torch.manual_seed(make_args().seed), output_type="latent").images
-    assert {caller for *_, caller in calls} == {"__call__"}
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", True)
+    inline = generate()
+    assert not any(beside for *_, beside in reselects) and not ahead_steps
     assert torch.equal(ahead, inline)
 
 

@@ -33,6 +33,7 @@ special case.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -560,6 +561,8 @@ class SparseAttentionLayer:
         else:
             out = self._sparse(triton_ops, q, k, v, o_cache=s.tensors["o_cache"])
             s.stats["sparse"] += 1
+        if self.mlp_beside is not None:
+            self.mlp_beside.release_input()  # after the attention's kernels, which run beside the MLP's fc1
         s.last_step = step
         return out
 
@@ -635,10 +638,13 @@ def _dense_attention_like(processor):
 
 # --- sparse MLP layer ------------------------------------------------------------------------------
 
-# A single block's MLP selects its neurons before the attention (select_ahead), on a side stream so that the
-# latency-bound selection runs beside the attention; False: on the current stream (the device check's reference,
-# and CHIPMUNK_SELECT_AHEAD_STREAM=main, to time the side stream's share end to end: not isolated yet).
+# A single block's MLP input is its attention's input too, so its work can start before the attention (select_ahead):
+# on a side stream, beside the attention. MLP_AHEAD (CHIPMUNK_MLP_AHEAD=0 turns it off): the whole MLP step runs there
+# once the layer's kernels are tuned, not only its neuron selection. SELECT_AHEAD_ON_SIDE_STREAM False
+# (CHIPMUNK_SELECT_AHEAD_STREAM=main): that work runs on the current stream instead (the device check's reference).
 SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
+MLP_AHEAD = os.environ.get("CHIPMUNK_MLP_AHEAD", "1") != "0"
+
 
 class SparseMlpLayer:
     """fc1 -> GELU(tanh) -> fc2 with Chipmunk's per-token-block neuron deltas. `b2` may be None (single
@@ -650,6 +656,8 @@ class SparseMlpLayer:
         self.config, self.w1, self.b1, self.w2, self.b2 = config, w1, b1, w2, b2
         self.w2_t: torch.Tensor | None = None  # (hidden, out) copy for the Triton kernel's row gathers
         self.selected_ahead_at: int | None = None  # the step whose neurons select_ahead chose (None: not ahead)
+        self.output_ahead: tuple[int, torch.Tensor] | None = None  # (step, output) of an MLP step run ahead
+        self.input_read: torch.cuda.Event | None = None  # recorded on the side stream once it no longer reads x
         self.side_stream: torch.cuda.Stream | None = None
         self.id = _register(self)
 
@@ -660,38 +668,82 @@ class SparseMlpLayer:
         return dense, not dense and (not s.flags.get("neurons") or
                                      due_since(last, step, lambda t: mlp_reselect_step(t, cfg)))
 
+    def _side(self, device: torch.device) -> torch.cuda.Stream | None:
+        """The side stream to start work on beside the attention (made ready to follow the current stream's work so
+        far), or None to run it in place (CPU, or CHIPMUNK_SELECT_AHEAD_STREAM=main)."""
+        if device.type != "cuda" or not SELECT_AHEAD_ON_SIDE_STREAM:
+            return None
+        if self.side_stream is None or self.side_stream.device != device:
+            self.side_stream = torch.cuda.Stream(device, priority=-1)  # first: its blocks take free SMs
+        self.side_stream.wait_stream(torch.cuda.current_stream(device))
+        return self.side_stream
+
     def select_ahead(self, x: torch.Tensor) -> None:
-        """A single block's MLP input is its attention's input too: when this step reselects neurons, start the
-        selection (a small matmul and a latency-bound search over 36 rows: the search 65 us on the H200) on a side
-        stream before the attention runs, instead of after it on the stream's critical path. `__call__` joins it. The
-        block means are taken on the current stream into a persistent buffer, so the side stream reads only this
-        layer's own buffers (never `x`, whose memory compiled code may reuse once the attention op returns). The
-        same decisions and numbers as selecting in `__call__`; on CPU it runs in place."""
+        """Called with the attention's input before the attention runs. Once this layer's sparse kernels have run
+        (and tuned) in its own call, the whole MLP step runs here (`_run_ahead`); until then, on a reselection step,
+        only the neuron selection (a small matmul and a latency-bound search over 36 rows: the search 65 us on the
+        H200), instead of after the attention on the stream's critical path. `__call__` joins either. The block
+        means are taken on the current stream into a persistent buffer, so the side stream's selection reads only
+        this layer's own buffers (never `x`, whose memory compiled code may reuse once the attention op returns).
+        The same decisions and numbers as in `__call__`; on CPU it runs in place."""
         s = self.state
+        self.output_ahead = None
         step, last = s.begin(self._shape_key(x))
+        if MLP_AHEAD and s.stats["sparse"] > 0:
+            self._run_ahead(x, step, last)
+            return
         if not self._due(last, step)[1]:
             return
         means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
-        if x.is_cuda and SELECT_AHEAD_ON_SIDE_STREAM:
-            if self.side_stream is None or self.side_stream.device != x.device:
-                self.side_stream = torch.cuda.Stream(x.device, priority=-1)  # first: its blocks take free SMs
-            self.side_stream.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(self.side_stream):
-                self._reselect(means, step, self.w1.shape[0])
-        else:
+        side = self._side(x.device)
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             self._reselect(means, step, self.w1.shape[0])
         self.selected_ahead_at = step
+
+    def _run_ahead(self, x: torch.Tensor, step: int, last: int | None) -> None:
+        """This step's MLP on the side stream, beside the attention and its output projection. The output is
+        allocated on the current stream (whose later work reads and frees it). Compiled code may reuse x's memory
+        once the attention op returns, so the op ends with `release_input`: the current stream waits there until
+        the side stream has read x (fc1), after the attention kernel is queued."""
+        output = x.new_empty(*x.shape[:-1], self.w2.shape[0])
+        side = self._side(x.device)
+        if side is None:
+            self._step(x, step, last, output)
+        else:
+            self.input_read = torch.cuda.Event()
+            with torch.cuda.stream(side):
+                self._step(x, step, last, output, self.input_read)
+        self.output_ahead = (step, output)
+
+    def release_input(self) -> None:
+        """Called by the attention op after its own kernels: the current stream waits until the MLP running ahead
+        no longer reads the attention's input (a no-op when nothing runs ahead on the side stream)."""
+        if self.input_read is not None:
+            torch.cuda.current_stream().wait_event(self.input_read)
+            self.input_read = None
 
     @staticmethod
     def _shape_key(x: torch.Tensor) -> tuple:
         return tuple(x.shape), x.dtype, x.device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.output_ahead is not None:  # run ahead beside the attention: join the side stream, hand it out
+            step, output = self.output_ahead
+            self.output_ahead = None
+            if step == self.state.clock.step and output.shape[:-1] == x.shape[:-1]:
+                if self.side_stream is not None and x.is_cuda:
+                    torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
+                return output
+        step, last = self.state.begin(self._shape_key(x))
+        return self._step(x, step, last)
+
+    def _step(self, x: torch.Tensor, step: int, last: int | None, output: torch.Tensor | None = None,
+              x_read: torch.cuda.Event | None = None) -> torch.Tensor:
+        """This step's MLP (dense, or sparse with a reselection when due) into `output` if given (else a new tensor);
+        `x_read` is recorded on the current stream once no kernel reads x any more."""
         s, cfg = self.state, self.config
-        step, last = s.begin(self._shape_key(x))
         triton_ops = _kernels_for(x)
         hidden = self.w1.shape[0]
-        output = None  # a dense step's fc2 output, or the sparse Triton path's (rounded by fc2's epilogue)
         dense, reselect = self._due(last, step)
         if self.selected_ahead_at is not None:  # join the side stream (a stale one: an interrupted forward)
             if self.side_stream is not None and x.is_cuda:
@@ -700,9 +752,12 @@ class SparseMlpLayer:
             self.selected_ahead_at = None
         if dense:
             act, pre_mean = self._dense_fc1(x, triton_ops)
+            if x_read is not None:
+                x_read.record()
             # The output is fc2's in x's dtype: the float32 cache holds the same values, so it is not read back.
-            output = F.linear(act, self.w2, self.b2).to(x.dtype)
-            s.store("out_cache", output, dtype=torch.float32)
+            result = F.linear(act, self.w2, self.b2).to(x.dtype)
+            output = result if output is None else output.copy_(result)
+            s.store("out_cache", result, dtype=torch.float32)
             s.store("pre_mean", pre_mean)  # the reference the change is measured against
             s.flags["neurons"] = False  # a neuron set is chosen against the new reference
             s.stats["dense"] += 1
@@ -715,22 +770,26 @@ class SparseMlpLayer:
                     self.w2_t = self.w2.t().contiguous()
                 # A new tensor every call (never the cache itself: a compiled graph could reuse a handed-out
                 # cache's buffer for later temporaries), written by fc2's epilogue.
-                output = torch.empty(s.tensors["out_cache"].shape, dtype=x.dtype, device=x.device)
+                if output is None:
+                    output = torch.empty(s.tensors["out_cache"].shape, dtype=x.dtype, device=x.device)
                 # The selected neurons' caches are fresh now: their next change is measured from the block means
                 # of these pre-activations, which the kernels write into pre_mean.
                 triton_ops.sparse_mlp(x, self.w1, self.b1, self.w2_t, index, s.tensors["act_cache"],
-                                      s.tensors["out_cache"], cfg.bm, out=output, pre_mean=s.tensors["pre_mean"])
+                                      s.tensors["out_cache"], cfg.bm, out=output, pre_mean=s.tensors["pre_mean"],
+                                      x_read=x_read)
             else:
                 pre = sparse_mlp_reference(x, self.w1, self.b1, self.w2, index, s.tensors["act_cache"],
                                            s.tensors["out_cache"], cfg.bm)
+                if x_read is not None:
+                    x_read.record()
                 s.tensors["pre_mean"].scatter_(2, index.long(), self._selected_block_means(pre, x.shape[1]))
+                # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled
+                # graph reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
+                cache = s.tensors["out_cache"]
+                output = cache.to(x.dtype, copy=True) if output is None else output.copy_(cache)
             s.stats["sparse"] += 1
         s.last_step = step
-        if output is not None:
-            return output
-        # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled graph
-        # reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
-        return s.tensors["out_cache"].to(x.dtype, copy=True)
+        return output
 
     def _dense_fc1(self, x: torch.Tensor, triton_ops=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A dense step's fc1 + GELU, computed transposed: (B, hidden, L) = W1 x^T is the activation cache's

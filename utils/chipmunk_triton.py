@@ -815,7 +815,7 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
                out: torch.Tensor | None = None, tma: bool | None = None, fused_delta: bool = False,
-               pre_mean: torch.Tensor | None = None) -> torch.Tensor | None:
+               pre_mean: torch.Tensor | None = None, x_read: torch.cuda.Event | None = None) -> torch.Tensor | None:
     """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
@@ -829,7 +829,9 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     default until the device measures it (scripts/h100_chipmunk.py --parts speed times both).
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32; or, given `pre_mean`
     ((B, nb, hidden) float32, last dim contiguous: the layer's reference pre-activations), writes them into their
-    neurons' places there (what `pre_mean.scatter_(2, neuron_index, means)` does) and returns None."""
+    neurons' places there (what `pre_mean.scatter_(2, neuron_index, means)` does) and returns None.
+    `x_read`: recorded on the current stream after fc1, the last kernel that reads x (a caller running this on a side
+    stream lets the main stream reuse x's memory from there)."""
     if tma is None:
         tma = tma_by_default(x)
     B, L, DM = x.shape
@@ -839,6 +841,9 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         raise ValueError("sparse_mlp needs x (last dim contiguous) and a float32 out_cache")
     if out is not None and (out.shape != out_cache.shape or out.stride(-1) != 1):
         raise ValueError(f"sparse_mlp: out must be {tuple(out_cache.shape)} with its last dim contiguous")
+    if pre_mean is not None and (pre_mean.shape != (B, NB, w1.shape[0]) or pre_mean.dtype != torch.float32
+                                 or pre_mean.stride(-1) != 1):
+        raise ValueError(f"sparse_mlp: pre_mean must be float32 {(B, NB, w1.shape[0])} with its last dim contiguous")
     if tma and B > 1 and x.stride(0) != L * x.stride(1):
         x = x.contiguous()  # the descriptor views x as (B * L, DM): each batch's rows must follow the previous one's
     if tma and ((x.stride(1) * x.element_size()) % 16 or x.data_ptr() % 16):
@@ -868,9 +873,8 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         fc1 = _sparse_fc1_kernel
         fc1[grid1](x, w1, b1, index, new, pre_sum, caches[0], caches[1], x.stride(0), x.stride(1), *caches[2:], L, DM,
                    NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
-    if pre_mean is not None and (pre_mean.shape != (B, NB, w1.shape[0]) or pre_mean.dtype != torch.float32
-                                 or pre_mean.stride(-1) != 1):
-        raise ValueError(f"sparse_mlp: pre_mean must be float32 {(B, NB, w1.shape[0])} with its last dim contiguous")
+    if x_read is not None:
+        x_read.record()
     means_in_delta_kernel = pre_mean is not None and not fused_delta
     if not fused_delta:
         delta_k = 16 if INTERPRET else 64
