@@ -644,6 +644,7 @@ def _dense_attention_like(processor):
 # (CHIPMUNK_SELECT_AHEAD_STREAM=main): that work runs on the current stream instead (the device check's reference).
 SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
 MLP_AHEAD = os.environ.get("CHIPMUNK_MLP_AHEAD", "1") != "0"
+MLP_AHEAD_DENSE = os.environ.get("CHIPMUNK_MLP_AHEAD", "1") != "sparse"  # "sparse": dense MLP steps in their own call
 
 
 class SparseMlpLayer:
@@ -689,7 +690,7 @@ class SparseMlpLayer:
         s = self.state
         self.output_ahead = None
         step, last = s.begin(self._shape_key(x))
-        if MLP_AHEAD and s.stats["sparse"] > 0:
+        if MLP_AHEAD and s.stats["sparse"] > 0 and (MLP_AHEAD_DENSE or not self._due(last, step)[0]):
             self._run_ahead(x, step, last)
             return
         if not self._due(last, step)[1]:
