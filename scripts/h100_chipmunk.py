@@ -496,14 +496,15 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     # The single blocks' MLPs select their neurons on a side stream beside the attention (select_ahead). The same
     # selection on the main stream must give the same latents bit for bit: a missing join would hand fc1 the
     # previous neurons, or read the means before they are written.
+    side_stream, mlp_ahead = C.SELECT_AHEAD_ON_SIDE_STREAM, C.MLP_AHEAD  # as the environment set them
     C.SELECT_AHEAD_ON_SIDE_STREAM = False
     runs["eager, selection ahead on the main stream"] = generate()
-    C.SELECT_AHEAD_ON_SIDE_STREAM = True
+    C.SELECT_AHEAD_ON_SIDE_STREAM = side_stream
     # The single blocks' MLP steps run ahead beside the attention (MLP_AHEAD) once their kernels have run in their own
     # call: computed in the MLP's call instead, the latents must be the same bit for bit.
     C.MLP_AHEAD = False
     runs["eager, MLP in its own call"] = generate()
-    C.MLP_AHEAD = True
+    C.MLP_AHEAD = mlp_ahead
     # The selection ahead reads the attention's input where the MLP's own call would read the MLP's: the same tensor
     # in the model's code, handed over through the compiled block's concat. Checked equal on the first single block.
     # (Not by switching mlp_beside off and back: the processor reads it while dynamo traces, so that recompiles the
