@@ -500,10 +500,10 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     C.SELECT_AHEAD_ON_SIDE_STREAM = False
     runs["eager, selection ahead on the main stream"] = generate()
     C.SELECT_AHEAD_ON_SIDE_STREAM = side_stream
-    # The single blocks' MLP steps run ahead beside the attention (MLP_AHEAD) once their kernels have run in their own
-    # call: computed in the MLP's call instead, the latents must be the same bit for bit.
-    C.MLP_AHEAD = False
-    runs["eager, MLP in its own call"] = generate()
+    # With CHIPMUNK_MLP_AHEAD=1 the single blocks' MLP steps run ahead beside the attention once their kernels have
+    # run in their own call: computed in the MLP's call instead (the default), the latents must be the same bit for bit.
+    C.MLP_AHEAD = not mlp_ahead
+    runs["eager, MLP ahead" if C.MLP_AHEAD else "eager, MLP in its own call"] = generate()
     C.MLP_AHEAD = mlp_ahead
     # The selection ahead reads the attention's input where the MLP's own call would read the MLP's: the same tensor
     # in the model's code, handed over through the compiled block's concat. Checked equal on the first single block.
@@ -539,18 +539,19 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
     graphed = [r for r in rows if r["run"].startswith("graphs")]
     same_stream = next(r for r in rows if "main stream" in r["run"])
-    inline = next(r for r in rows if "own call" in r["run"])
+    inline = next(r for r in rows if "MLP ahead" in r["run"] or "own call" in r["run"])
     a, m = inputs["attention input"].float(), inputs["MLP input"].float()
     return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
             "tolerance": tolerance, "mlps_selecting_beside_attention": len(beside),
             "first_single_block_inputs": {"bitwise_equal": bool(torch.equal(a, m)), "rel_err": rel_err(m, a),
                                           "max_abs_diff": float((a - m).abs().max())},
             "side_stream_bitwise": same_stream["bitwise_equal"], "mlp_ahead_bitwise": inline["bitwise_equal"],
+            "mlp_ahead": mlp_ahead,
             "passed": same_stream["bitwise_equal"] and inline["bitwise_equal"] and
             all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
-E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "mlp_inline", "hicache", "eager")  # in the order they run
+E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "mlp_ahead", "hicache", "eager")  # in the order they run
 E2E_DEFAULT = "dense,chipmunk,hicache,eager"
 
 
@@ -582,8 +583,8 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
         "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs], None),
         "chipmunk, selection on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
                                                               main_stream),
-        "chipmunk, single blocks' MLP in its own call" + per_kind: ("mlp_inline", ["--chipmunk_config", config,
-                                                                                  *graphs], {"CHIPMUNK_MLP_AHEAD": "0"}),
+        "chipmunk, single blocks' MLP ahead beside the attention" + per_kind: (
+            "mlp_ahead", ["--chipmunk_config", config, *graphs], {"CHIPMUNK_MLP_AHEAD": "1"}),
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ("hicache", [
             "--chipmunk_config", config, "--cache_mode", "hicache", "--interval", "5", "--max_order", "2",
             "--first_enhance", "3", "--hicache_scale", "0.6"], None),
@@ -706,9 +707,10 @@ def markdown(record: dict) -> str:
                   f"{r['same_layer_decisions']} |" for r in g["rows"]]
         inputs = g.get("first_single_block_inputs", {})
         lines += ["", f"graph calls: {g['calls']}; {g.get('mlps_selecting_beside_attention', 0)} single-block MLPs "
-                  f"select their neurons and, once tuned, run their whole step on a side stream beside the attention "
+                  f"select their neurons{' and, once tuned, run their whole step' if g.get('mlp_ahead') else ''} "
+                  f"on a side stream beside the attention "
                   f"(the same work on the main stream must match bit for bit: {g.get('side_stream_bitwise')}; the MLP "
-                  f"in its own call: {g.get('mlp_ahead_bitwise')}); the first single block's attention input "
+                  f"ahead against in its own call: {g.get('mlp_ahead_bitwise')}); the first single block's attention input "
                   f"against its MLP's input: bitwise {inputs.get('bitwise_equal')}, max abs diff "
                   f"{inputs.get('max_abs_diff', float('nan')):.2e}; tolerance {g['tolerance']:.1e}: "
                   f"{'PASS' if g['passed'] else 'FAIL'}", ""]
@@ -765,8 +767,8 @@ def main() -> int:
                              "call of session 12, and a median of 2 averages it in")
     parser.add_argument("--e2e_variants", default=E2E_DEFAULT,
                         help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)} (main_stream: "
-                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main; mlp_inline: with "
-                             "CHIPMUNK_MLP_AHEAD=0)")
+                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main; mlp_ahead: with "
+                             "CHIPMUNK_MLP_AHEAD=1)")
     parser.add_argument("--e2e_float8", action="store_true",
                         help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
                              "Chipmunk's own comparison)")

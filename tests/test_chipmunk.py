@@ -272,8 +272,8 @@ def _callers() -> set[str]:
 def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
     """A single block's MLP input is its attention's input: before the attention (a side stream on a GPU) it selects
     its neurons, and once its kernels have run in its own call (step 1's selection comes first) the whole MLP step
-    runs there; the double blocks' image MLPs do both in their own call. Latents equal doing everything in the MLP's
-    call, and equal selecting ahead without running the MLP ahead (CHIPMUNK_MLP_AHEAD=0)."""
+    runs there (opt-in: CHIPMUNK_MLP_AHEAD=1); the double blocks' image MLPs do both in their own call. Latents equal
+    doing everything in the MLP's call, running ahead only sparse MLP steps, and selecting ahead alone (the default)."""
     reselects, ahead_steps = [], []
     reselect, run_ahead = chipmunk.SparseMlpLayer._reselect, chipmunk.SparseMlpLayer._run_ahead
 
@@ -287,6 +287,7 @@ def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(
 
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy_reselect)
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_run_ahead", spy_ahead)
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", True)  # opt-in (CHIPMUNK_MLP_AHEAD=1)
     ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
     doubles = len(pipe.transformer.transformer_blocks)
     where = {(index, step): beside for index, step, beside in reselects}
@@ -302,7 +303,12 @@ def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(
         return pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", str(STEPS))),
                     generator=torch.manual_seed(make_args().seed), output_type="latent").images
 
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD_DENSE", False)  # CHIPMUNK_MLP_AHEAD=sparse: dense step 4 in its call
+    sparse_only = generate()
+    # A second generation: the kernels have run, so step 1 runs ahead too; the dense steps 0 and 4 do not.
+    assert sorted(ahead_steps) == [(i, t) for i in range(doubles, 6) for t in (1, 2, 3, 5)]
+    assert torch.equal(ahead, sparse_only)
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)  # the default
     selected_ahead = generate()
     assert not ahead_steps and torch.equal(ahead, selected_ahead)
     for layer in pipe.transformer.chipmunk_layers:
