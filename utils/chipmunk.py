@@ -648,6 +648,9 @@ def _dense_attention_like(processor):
 SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
 MLP_AHEAD = os.environ.get("CHIPMUNK_MLP_AHEAD", "0") in ("1", "sparse")
 MLP_AHEAD_DENSE = os.environ.get("CHIPMUNK_MLP_AHEAD", "0") != "sparse"  # "sparse": dense MLP steps in their own call
+# Diagnosis of that difference: CHIPMUNK_MLP_AHEAD_RELEASE=after_mlp makes the attention op wait for the whole MLP
+# step instead of only fc1's read of its input (no overlap of the output projection with fc2).
+RELEASE_AFTER_MLP = os.environ.get("CHIPMUNK_MLP_AHEAD_RELEASE", "after_fc1") == "after_mlp"
 
 
 class SparseMlpLayer:
@@ -716,7 +719,9 @@ class SparseMlpLayer:
         else:
             self.input_read = torch.cuda.Event()
             with torch.cuda.stream(side):
-                self._step(x, step, last, output, self.input_read)
+                self._step(x, step, last, output, None if RELEASE_AFTER_MLP else self.input_read)
+                if RELEASE_AFTER_MLP:
+                    self.input_read.record()
         self.output_ahead = (step, output)
 
     def release_input(self) -> None:
