@@ -485,12 +485,18 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
          "--disable_inductor_tuning_flags"])))
     pipe = optimize(load_pipeline(args), args)
 
+    from torch._dynamo.utils import counters
+
     def generate():
+        """Latents, seconds, the layers' decision counts, and how many graphs dynamo compiled during the run (a
+        recompile changes kernels, hence rounding: it tells a recompile from a wrong replay)."""
+        compiled = counters["stats"]["unique_graphs"]
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         images = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent").images
         torch.cuda.synchronize()
-        return images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe)
+        return (images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe),
+                counters["stats"]["unique_graphs"] - compiled)
 
     runs = {"eager 1": generate(), "eager 2": generate()}
     # The single blocks' MLPs select their neurons on a side stream beside the attention (select_ahead). The same
@@ -525,16 +531,16 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     install_step_graphs(pipe)
     for i in (1, 2, 3):
         runs[f"graphs {i}"] = generate()
-    reference, _, stats_eager = runs["eager 1"]
+    reference, _, stats_eager, _ = runs["eager 1"]
     rows = []
     previous = stats_eager
-    for name, (latents, seconds, stats) in runs.items():
+    for name, (latents, seconds, stats, compiled) in runs.items():
         per_generation = {layer: {k: n - previous[layer][k] for k, n in counts.items()} for layer, counts in
                           stats.items()} if name != "eager 1" else stats
         previous = stats
         rows.append({"run": name, "seconds": seconds, "rel_err_vs_eager_1": rel_err(latents, reference),
                      "bitwise_equal": bool(torch.equal(latents, reference)),
-                     "same_layer_decisions": per_generation == stats_eager})
+                     "same_layer_decisions": per_generation == stats_eager, "graphs_compiled": compiled})
     # Graphs must match eager as closely as eager matches itself (its second generation against its first).
     tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
     graphed = [r for r in rows if r["run"].startswith("graphs")]
@@ -702,9 +708,10 @@ def markdown(record: dict) -> str:
     g = record.get("graphs")
     if g and g.get("rows"):
         lines += [f"## Chipmunk's step graphs vs eager ({g['steps']} steps, same seed, same compiled stack)", "",
-                  "| run | s | rel. error vs eager 1 | bitwise | same layer decisions |", "|---|---|---|---|---|"]
+                  "| run | s | rel. error vs eager 1 | bitwise | same layer decisions | graphs compiled |",
+                  "|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_err_vs_eager_1']:.2e} | {r['bitwise_equal']} | "
-                  f"{r['same_layer_decisions']} |" for r in g["rows"]]
+                  f"{r['same_layer_decisions']} | {r.get('graphs_compiled', '')} |" for r in g["rows"]]
         inputs = g.get("first_single_block_inputs", {})
         lines += ["", f"graph calls: {g['calls']}; {g.get('mlps_selecting_beside_attention', 0)} single-block MLPs "
                   f"select their neurons{' and, once tuned, run their whole step' if g.get('mlp_ahead') else ''} "

@@ -250,3 +250,17 @@ def test_env_script_builds_aoti_with_the_system_gpp_where_the_device_sets_opt_gc
     other = shutil.which("g++") or "/some/other/g++"
     kept = _source_env(tmp_path, '&& echo "CXX=$CXX"', CXX=other, **env).stdout
     assert f"CXX={other}" in kept.splitlines()
+
+
+def test_chipmunk_graphs_table_says_how_many_graphs_each_run_compiled(monkeypatch):
+    """A recompile between runs changes kernels and rounding: the graphs table shows it per run (records made before
+    the column existed render it empty). Rendered from session 14's call 2 record."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+
+    record = json.loads((ROOT / "results/h200/chipmunk_session14_call2/chipmunk_h200.json").read_text())
+    rows = record["graphs"]["rows"]
+    rows[-1]["graphs_compiled"] = 2
+    text = h100_chipmunk.markdown(record)
+    assert "| graphs 3 | 1.28 | 0.00e+00 | True | True | 2 |" in text
+    assert "| eager 2 | 1.37 | 0.00e+00 | True | True |  |" in text
