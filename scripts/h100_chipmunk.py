@@ -447,7 +447,8 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
         graphs = ["--chipmunk_config", config, "--compile_mode", "reduce-overhead"]
         variants["chipmunk step graphs"] = (graphs, None)
         # The single blocks' neuron selection on the main stream: the busy and span columns against the side stream's.
-        variants["chipmunk step graphs, selection on the main stream"] = (graphs, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"})
+        main_stream = {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}
+        variants["chipmunk step graphs, selection on the main stream"] = (graphs, main_stream)
     for name, (extra, env) in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
@@ -717,7 +718,7 @@ def markdown(record: dict) -> str:
                   f"select their neurons{' and, once tuned, run their whole step' if g.get('mlp_ahead') else ''} "
                   f"on a side stream beside the attention "
                   f"(the same work on the main stream must match bit for bit: {g.get('side_stream_bitwise')}; the MLP "
-                  f"ahead against in its own call: {g.get('mlp_ahead_bitwise')}); the first single block's attention input "
+                  f"ahead vs in its own call: {g.get('mlp_ahead_bitwise')}); the first single block's attention input "
                   f"against its MLP's input: bitwise {inputs.get('bitwise_equal')}, max abs diff "
                   f"{inputs.get('max_abs_diff', float('nan')):.2e}; tolerance {g['tolerance']:.1e}: "
                   f"{'PASS' if g['passed'] else 'FAIL'}", ""]
@@ -741,13 +742,16 @@ def markdown(record: dict) -> str:
                   "device ms: the sum of the step's kernel durations; busy: the time at least one runs (below the sum "
                   "where the side stream overlaps); span: first kernel start to last kernel end (the step's wall time "
                   "on the device)", "",
-                  "| variant | step | host ms | device ms | busy ms | span ms | kernels |", "|---|---|---|---|---|---|---|"]
+                  "| variant | step | host ms | device ms | busy ms | span ms | kernels |",
+                  "|---|---|---|---|---|---|---|"]
         for r in tr["rows"]:
             if "steps" not in r:
-                lines.append(f"| {r['variant']} | {r.get('skipped') or 'FAILED (exit %s)' % r.get('exit_code')} | | | | | |")
+                failed = r.get("skipped") or "FAILED (exit %s)" % r.get("exit_code")
+                lines.append(f"| {r['variant']} | {failed} | | | | | |")
                 continue
-            lines += [f"| {r['variant']} | {i} | {s['host_ms']:.1f} | {s['device_ms']:.1f} | {s.get('busy_ms', 0):.1f} | "
-                      f"{s.get('span_ms', 0):.1f} | {s['kernels']} |" for i, s in enumerate(r["steps"])]
+            lines += [f"| {r['variant']} | {i} | {s['host_ms']:.1f} | {s['device_ms']:.1f} | "
+                      f"{s.get('busy_ms', 0):.1f} | {s.get('span_ms', 0):.1f} | {s['kernels']} |"
+                      for i, s in enumerate(r["steps"])]
         lines.append("")
     prof = record.get("profile")
     if prof:

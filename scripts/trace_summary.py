@@ -99,7 +99,8 @@ def main() -> int:
         parser.error(f"{opts.trace}: no such file (make one with run_benchmark.py --trace-file PATH)")
     events = load_events(opts.trace)
 
-    lines = [f"# Trace summary: {opts.trace.name}", "", "| step | host ms | device ms | busy ms | span ms | kernels | device / host |",
+    lines = [f"# Trace summary: {opts.trace.name}", "",
+             "| step | host ms | device ms | busy ms | span ms | kernels | device / host |",
              "|---|---|---|---|---|---|---|"]
     for i, row in enumerate(step_table(events)):
         ratio = row["device_ms"] / row["host_ms"] if row["host_ms"] else float("nan")

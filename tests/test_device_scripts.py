@@ -185,7 +185,8 @@ def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environme
                                   wanted="mlp_ahead,main_stream,dense,chipmunk")["rows"]
     assert [r["variant"] for r in rows] == ["dense stack (CUDA graphs)", "chipmunk (CUDA graphs per step kind)",
                                             "chipmunk, selection on the main stream (CUDA graphs per step kind)",
-                                            "chipmunk, single blocks' MLP ahead beside the attention (CUDA graphs per step kind)"]
+                                            "chipmunk, single blocks' MLP ahead beside the attention "
+                                            "(CUDA graphs per step kind)"]
     assert [env for _, env in calls] == [None, None, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"},
                                          {"CHIPMUNK_MLP_AHEAD": "1"}]
     assert calls[1][0] == calls[2][0] == calls[3][0]  # the same command: only the environment differs
