@@ -465,7 +465,7 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
         # Steps 0-3 are one of each kind (both dense, attention dense + reselect, sparse, sparse + reselect).
         rows.append({"variant": name, "trace": str(trace), "steps": trace_summary.step_table(events),
                      "top_kernels": trace_summary.kernel_table(events, 12),
-                     "step_kernels": {i: trace_summary.step_kernel_table(events, i, 40) for i in range(min(4, steps))}})
+                     "step_kernels": trace_summary.step_kernel_tables(events, min(4, steps), 40)})
     return {"steps": steps, "rows": rows}
 
 

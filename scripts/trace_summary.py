@@ -69,10 +69,12 @@ def step_table(events: list[dict], label: str = "denoising_step") -> list[dict]:
     return rows
 
 
-def step_kernel_table(events: list[dict], step: int, top: int, label: str = "denoising_step") -> list[dict]:
-    """The kernels of one `label` range (0-based), summed by name: where one step kind's device time goes."""
+def step_kernel_tables(events: list[dict], count: int, top: int,
+                       label: str = "denoising_step") -> dict[int, list[dict]]:
+    """The kernels of the first `count` `label` ranges, summed by name per range (empty past the last range): where
+    each step kind's device time goes. One pass over the trace for all of them."""
     steps = _steps_with_kernels(events, label)
-    return _by_name(steps[step][2], top) if step < len(steps) else []
+    return {i: _by_name(steps[i][2], top) if i < len(steps) else [] for i in range(count)}
 
 
 def kernel_table(events: list[dict], top: int) -> list[dict]:

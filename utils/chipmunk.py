@@ -691,6 +691,11 @@ class SparseMlpLayer:
         self.side_stream.wait_stream(torch.cuda.current_stream(device))
         return self.side_stream
 
+    def _join_side(self, x: torch.Tensor) -> None:
+        """The current stream waits for the work started on the side stream (nothing to join on CPU)."""
+        if self.side_stream is not None and x.is_cuda:
+            torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
+
     def select_ahead(self, x: torch.Tensor) -> None:
         """Called with the attention's input before the attention runs. Once this layer's sparse kernels have run
         (and tuned) in its own call, the whole MLP step runs here (`_run_ahead`); until then, on a reselection step,
@@ -702,10 +707,11 @@ class SparseMlpLayer:
         s = self.state
         self.output_ahead = None
         step, last = s.begin(self._shape_key(x))
-        if MLP_AHEAD and s.stats["sparse"] > 0 and (MLP_AHEAD_DENSE or not self._due(last, step)[0]):
+        dense, reselect = self._due(last, step)
+        if MLP_AHEAD and s.stats["sparse"] > 0 and (MLP_AHEAD_DENSE or not dense):
             self._run_ahead(x, step, last)
             return
-        if not self._due(last, step)[1]:
+        if not reselect:
             return
         means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
         side = self._side(x.device)
@@ -748,8 +754,7 @@ class SparseMlpLayer:
         if self.output_ahead is not None:  # run ahead beside the attention: join the side stream, hand it out
             step, output = self.output_ahead
             self.output_ahead = None
-            if self.side_stream is not None and x.is_cuda:  # joined even if stale (an interrupted forward)
-                torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
+            self._join_side(x)  # even if stale (an interrupted forward)
             if step == self.state.clock.step and output.shape[:-1] == x.shape[:-1]:
                 return output
         step, last = self.state.begin(self._shape_key(x))
@@ -764,8 +769,7 @@ class SparseMlpLayer:
         hidden = self.w1.shape[0]
         dense, reselect = self._due(last, step)
         if self.selected_ahead_at is not None:  # join the side stream (a stale one: an interrupted forward)
-            if self.side_stream is not None and x.is_cuda:
-                torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
+            self._join_side(x)
             reselect = reselect and self.selected_ahead_at != step
             self.selected_ahead_at = None
         if dense:

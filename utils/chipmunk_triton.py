@@ -590,10 +590,15 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         return above | (tied & (tl.cumsum(tied.to(tl.int32), 0) <= take_tied))
 
     @triton.jit
-    def _float_key(X, row, sx, offs, valid):
-        """The row's float values as int32 keys of the same order (flip the magnitude bits of negatives)."""
-        bits = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32).to(tl.int32, bitcast=True)
+    def _order_key(values):
+        """float32 values as int32 keys of the same order (flip the magnitude bits of negatives)."""
+        bits = values.to(tl.int32, bitcast=True)
         return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+    @triton.jit
+    def _float_key(X, row, sx, offs, valid):
+        """The row's float values as int32 keys of the same order."""
+        return _order_key(tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32))
 
     @triton.autotune(configs=_selection_configs(), key=["N", "BLOCK"],
                      prune_configs_by={"early_config_prune": _selection_warps_only})
@@ -631,9 +636,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         valid = offs < N
         if HAS_REF:
             x = tl.load(X + row * sx + offs, mask=valid, other=0.0).to(tl.float32)
-            change = tl.abs(x - tl.load(REF + row * sr + offs, mask=valid, other=0.0))
-            bits = change.to(tl.int32, bitcast=True)  # non-negative floats: their bits order them
-            key = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # (a -0.0 or a NaN with the sign set: as _float_key orders it)
+            key = _order_key(tl.abs(x - tl.load(REF + row * sr + offs, mask=valid, other=0.0)))
         else:
             key = _float_key(X, row, sx, offs, valid)
         top = _take_ascending(key, valid, _kth_largest(key, valid, TOP, 32, SEARCH), TOP)
