@@ -469,6 +469,35 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
     return {"steps": steps, "rows": rows}
 
 
+def cache_digests(layers: list) -> dict[str, tuple[float, float]]:
+    """'layer/cache' -> (sum, sum of |x|) in float64 of each Chipmunk layer's caches now: two runs whose caches hold
+    the same values give the same checksums, and a change in any element almost surely moves one of them."""
+    names, sums = [], []
+    for layer in layers:
+        for cache, tensor in sorted(layer.state.tensors.items()):
+            values = tensor.double()
+            names.append(f"{layer.state.name}/{cache}")
+            sums.append(torch.stack([values.sum(), values.abs().sum()]))
+    if not sums:
+        return {}
+    return dict(zip(names, map(tuple, torch.stack(sums).cpu().tolist())))
+
+
+def first_departures(run: list[dict], reference: list[dict], limit: int = 8) -> list[dict]:
+    """The first `limit` (step, cache) whose checksums differ between a run's per-step digests and the reference's,
+    in step order and, within a step, in the layers' order (which is the order they compute in). A cache the
+    reference did not have yet is left out: the buffers outlive a generation, so a later run's step 0 still shows
+    the last generation's neuron sets, which that step does not use."""
+    found = []
+    for step, (digest, expected) in enumerate(zip(run, reference)):
+        for name, sums in digest.items():
+            if name in expected and expected[name] != sums:
+                found.append({"step": step, "cache": name, "sums": sums, "expected": expected.get(name)})
+                if len(found) == limit:
+                    return found
+    return found
+
+
 def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     """Chipmunk's step graphs (utils/chipmunk_graphs.py) against the same compiled stack run eagerly, in one process
     on one pipeline: two eager generations (their difference is the run-to-run noise floor), then three with the
@@ -488,29 +517,40 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
 
     from torch._dynamo.utils import counters
 
-    def generate():
+    digests = {}  # run -> per step: every layer cache's checksums, to find where a run first departs from eager 1
+
+    def generate(name: str):
         """Latents, seconds, the layers' decision counts, and how many graphs dynamo compiled during the run (a
-        recompile changes kernels, hence rounding: it tells a recompile from a wrong replay)."""
+        recompile changes kernels, hence rounding: it tells a recompile from a wrong replay). Each step's cache
+        checksums go to digests[name] (one sync per step, between steps: it changes no stream's order)."""
         compiled = counters["stats"]["unique_graphs"]
+        steps_seen = digests[name] = []
+
+        def at_step_end(_pipe, _i, _t, callback_kwargs):
+            steps_seen.append(cache_digests(pipe.transformer.chipmunk_layers))
+            return callback_kwargs
+
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        images = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent").images
+        images = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent",
+                      callback_on_step_end=at_step_end).images
         torch.cuda.synchronize()
         return (images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe),
                 counters["stats"]["unique_graphs"] - compiled)
 
-    runs = {"eager 1": generate(), "eager 2": generate()}
+    runs = {name: generate(name) for name in ("eager 1", "eager 2")}
     # The single blocks' MLPs select their neurons on a side stream beside the attention (select_ahead). The same
     # selection on the main stream must give the same latents bit for bit: a missing join would hand fc1 the
     # previous neurons, or read the means before they are written.
     side_stream, mlp_ahead = C.SELECT_AHEAD_ON_SIDE_STREAM, C.MLP_AHEAD  # as the environment set them
     C.SELECT_AHEAD_ON_SIDE_STREAM = False
-    runs["eager, selection ahead on the main stream"] = generate()
+    runs["eager, selection ahead on the main stream"] = generate("eager, selection ahead on the main stream")
     C.SELECT_AHEAD_ON_SIDE_STREAM = side_stream
     # With CHIPMUNK_MLP_AHEAD=1 the single blocks' MLP steps run ahead beside the attention once their kernels have
     # run in their own call: computed in the MLP's call instead (the default), the latents must be the same bit for bit.
     C.MLP_AHEAD = not mlp_ahead
-    runs["eager, MLP ahead" if C.MLP_AHEAD else "eager, MLP in its own call"] = generate()
+    name = "eager, MLP ahead" if C.MLP_AHEAD else "eager, MLP in its own call"
+    runs[name] = generate(name)
     C.MLP_AHEAD = mlp_ahead
     # The selection ahead reads the attention's input where the MLP's own call would read the MLP's: the same tensor
     # in the model's code, handed over through the compiled block's concat. Checked equal on the first single block.
@@ -527,11 +567,11 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
 
     C.SparseMlpLayer.select_ahead = lambda layer, x: (keep("attention input", layer, x), select_ahead(layer, x))[1]
     C.SparseMlpLayer.__call__ = lambda layer, x: (keep("MLP input", layer, x), mlp_call(layer, x))[1]
-    runs["eager, inputs kept"] = generate()
+    runs["eager, inputs kept"] = generate("eager, inputs kept")
     C.SparseMlpLayer.select_ahead, C.SparseMlpLayer.__call__ = select_ahead, mlp_call
     install_step_graphs(pipe)
     for i in (1, 2, 3):
-        runs[f"graphs {i}"] = generate()
+        runs[f"graphs {i}"] = generate(f"graphs {i}")
     reference, _, stats_eager, _ = runs["eager 1"]
     rows = []
     previous = stats_eager
@@ -541,7 +581,8 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
         previous = stats
         rows.append({"run": name, "seconds": seconds, "rel_err_vs_eager_1": rel_err(latents, reference),
                      "bitwise_equal": bool(torch.equal(latents, reference)),
-                     "same_layer_decisions": per_generation == stats_eager, "graphs_compiled": compiled})
+                     "same_layer_decisions": per_generation == stats_eager, "graphs_compiled": compiled,
+                     "first_cache_departures": first_departures(digests[name], digests["eager 1"])})
     # Graphs must match eager as closely as eager matches itself (its second generation against its first).
     tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
     graphed = [r for r in rows if r["run"].startswith("graphs")]
@@ -722,6 +763,14 @@ def markdown(record: dict) -> str:
                   f"against its MLP's input: bitwise {inputs.get('bitwise_equal')}, max abs diff "
                   f"{inputs.get('max_abs_diff', float('nan')):.2e}; tolerance {g['tolerance']:.1e}: "
                   f"{'PASS' if g['passed'] else 'FAIL'}", ""]
+        departed = [r for r in g["rows"] if r.get("first_cache_departures")]
+        if departed:
+            lines += ["Where a run's caches first depart from eager 1's (checksums after each step: sum, sum of |x|):",
+                      "", "| run | step | layer/cache | sums | eager 1's |", "|---|---|---|---|---|"]
+            lines += [f"| {r['run']} | {d['step']} | {d['cache']} | {d['sums'][0]:.9g}, {d['sums'][1]:.9g} | "
+                      + f"{d['expected'][0]:.9g}, {d['expected'][1]:.9g} |"
+                      for r in departed for d in r["first_cache_departures"]]
+            lines += [""]
     elif g:
         lines += ["## Chipmunk's step graphs vs eager", "", f"skipped: {g['skipped']}", ""]
     e2e = record.get("e2e")

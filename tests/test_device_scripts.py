@@ -265,3 +265,39 @@ def test_chipmunk_graphs_table_says_how_many_graphs_each_run_compiled(monkeypatc
     text = h100_chipmunk.markdown(record)
     assert "| graphs 3 | 1.28 | 0.00e+00 | True | True | 2 |" in text
     assert "| eager 2 | 1.37 | 0.00e+00 | True | True |  |" in text
+
+
+def test_cache_digests_find_the_first_cache_a_run_departs_at(monkeypatch):
+    """The graphs part checksums every layer's caches after each step; the first (step, cache) whose checksums differ
+    from eager 1's names where a graphed run departs, in the layers' order. One element changed by one bf16 ulp is
+    found; equal caches give nothing."""
+    from types import SimpleNamespace
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    import h100_chipmunk
+
+    torch = pytest.importorskip("torch")
+    gen = torch.Generator().manual_seed(3)
+
+    def layers(tensors):
+        return [SimpleNamespace(state=SimpleNamespace(name=f"MLP layer {i}", tensors=t)) for i, t in enumerate(tensors)]
+
+    caches = [{"act_cache": torch.randn(2, 64, 32, generator=gen).bfloat16(),
+               "neuron_index": torch.randint(0, 32, (2, 1, 8), generator=gen, dtype=torch.int32)} for _ in range(3)]
+    reference = [h100_chipmunk.cache_digests(layers(caches)) for _ in range(2)]
+    assert len(reference[0]) == 6 and all(len(v) == 2 for v in reference[0].values())
+    assert h100_chipmunk.first_departures(reference, reference) == []
+    changed = [{k: v.clone() for k, v in c.items()} for c in caches]
+    value = changed[1]["act_cache"][1, 5, 7]
+    changed[1]["act_cache"][1, 5, 7] = torch.nextafter(value, torch.tensor(1e9, dtype=torch.bfloat16))
+    assert not torch.equal(changed[1]["act_cache"], caches[1]["act_cache"])
+    changed[2]["pre_mean"] = torch.randn(2, 1, 32, generator=gen)  # a cache the reference did not have yet
+    run = [reference[0], h100_chipmunk.cache_digests(layers(changed))]
+    found = h100_chipmunk.first_departures(run, reference)
+    assert [(d["step"], d["cache"]) for d in found] == [(1, "MLP layer 1/act_cache")]
+    assert found[0]["expected"] == reference[1]["MLP layer 1/act_cache"]
+
+    record = json.loads((ROOT / "results/h200/chipmunk_session14_call2/chipmunk_h200.json").read_text())
+    record["graphs"]["rows"][-1]["first_cache_departures"] = found
+    text = h100_chipmunk.markdown(record)
+    assert "| graphs 3 | 1 | MLP layer 1/act_cache |" in text

@@ -108,9 +108,8 @@ def install_step_graphs(pipeline) -> str:
     layers, config = transformer.chipmunk_layers, transformer.chipmunk_config
     if not layers:
         raise RuntimeError("Chipmunk's step graphs: the config leaves no sparse layer (attn and mlp both disabled)")
-    eager_forward = transformer.forward
-    graphs = ChipmunkStepGraphs(lambda **t: eager_forward(**t, return_dict=False), layers, config,
-                                layers[0].state.clock, transformer.device)
+    graphs = ChipmunkStepGraphs(compile_utils.tensor_forward(transformer), layers, config, layers[0].state.clock,
+                                transformer.device)
     compile_utils.install_compiled_forward(transformer, graphs, what="Chipmunk's step graphs")
     transformer.chipmunk_step_graphs = graphs
     return f"CUDA graphs per Chipmunk step kind ({len(layers)} sparse layers)"

@@ -403,10 +403,19 @@ def install_step_graph(transformer: torch.nn.Module) -> str:
     (results/h200/stages_sigmoid_gelu_2026-12-01.md). Inductor's own CUDA graph trees record each block apart and
     keep the glue on the host. Only for a forward whose every call runs the same kernels: not with feature
     caching (Chipmunk has its own per-step-kind graphs)."""
-    eager_forward = transformer.forward
-    install_compiled_forward(transformer, cudagraph(lambda **tensors: eager_forward(**tensors, return_dict=False)),
-                             what="the step CUDA graph")
+    install_compiled_forward(transformer, cudagraph(tensor_forward(transformer)), what="the step CUDA graph")
     return "the whole forward as one CUDA graph per input shape"
+
+
+def tensor_forward(transformer: torch.nn.Module) -> Callable:
+    """The transformer's forward as it is now (compiled blocks, eager glue) as a callable of its tensors alone, for
+    install_compiled_forward. It hands the blocks joint_attention_kwargs={}, as FluxPipeline does (it turns None into
+    {}; install_compiled_forward refuses any other): the compiled blocks guard on that argument's type, and None
+    recompiled every block kind (3 graphs), whose kernels inductor may tune to other configs than the pipeline's
+    own run, rounding differently. On the H200 Chipmunk's step graphs, so recompiled, differed from eager by 4e-3
+    in some processes (results/NOTES.md, session 15)."""
+    eager_forward = transformer.forward
+    return lambda **tensors: eager_forward(**tensors, joint_attention_kwargs={}, return_dict=False)
 
 
 def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable, what: str = "export_aoti") -> None:
