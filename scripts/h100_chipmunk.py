@@ -546,8 +546,9 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     C.SELECT_AHEAD_ON_SIDE_STREAM = False
     runs["eager, selection ahead on the main stream"] = generate("eager, selection ahead on the main stream")
     C.SELECT_AHEAD_ON_SIDE_STREAM = side_stream
-    # With CHIPMUNK_MLP_AHEAD=1 the single blocks' MLP steps run ahead beside the attention once their kernels have
-    # run in their own call: computed in the MLP's call instead (the default), the latents must be the same bit for bit.
+    # With CHIPMUNK_MLP_AHEAD=1 (the default) the single blocks' MLP steps run ahead beside the attention once their
+    # kernels have run in their own call: computed in the MLP's call instead (=0), the latents must be the same bit for
+    # bit.
     C.MLP_AHEAD = not mlp_ahead
     name = "eager, MLP ahead" if C.MLP_AHEAD else "eager, MLP in its own call"
     runs[name] = generate(name)
@@ -599,7 +600,7 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
             all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
-E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "mlp_ahead", "hicache", "eager")  # in the order they run
+E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "mlp_own_call", "hicache", "eager")  # in the order they run
 E2E_DEFAULT = "dense,chipmunk,hicache,eager"
 
 
@@ -631,8 +632,8 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
         "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs], None),
         "chipmunk, selection on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
                                                               main_stream),
-        "chipmunk, single blocks' MLP ahead beside the attention" + per_kind: (
-            "mlp_ahead", ["--chipmunk_config", config, *graphs], {"CHIPMUNK_MLP_AHEAD": "1"}),
+        "chipmunk, single blocks' MLP in its own call" + per_kind: (
+            "mlp_own_call", ["--chipmunk_config", config, *graphs], {"CHIPMUNK_MLP_AHEAD": "0"}),
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ("hicache", [
             "--chipmunk_config", config, "--cache_mode", "hicache", "--interval", "5", "--max_order", "2",
             "--first_enhance", "3", "--hicache_scale", "0.6"], None),
@@ -827,8 +828,8 @@ def main() -> int:
                              "call of session 12, and a median of 2 averages it in")
     parser.add_argument("--e2e_variants", default=E2E_DEFAULT,
                         help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)} (main_stream: "
-                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main; mlp_ahead: with "
-                             "CHIPMUNK_MLP_AHEAD=1)")
+                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main; mlp_own_call: with "
+                             "CHIPMUNK_MLP_AHEAD=0, the single blocks' MLP step in its own call)")
     parser.add_argument("--e2e_float8", action="store_true",
                         help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
                              "Chipmunk's own comparison)")

@@ -272,8 +272,8 @@ def _callers() -> set[str]:
 def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
     """A single block's MLP input is its attention's input: before the attention (a side stream on a GPU) it selects
     its neurons, and once its kernels have run in its own call (step 1's selection comes first) the whole MLP step
-    runs there (opt-in: CHIPMUNK_MLP_AHEAD=1); the double blocks' image MLPs do both in their own call. Latents equal
-    doing everything in the MLP's call, running ahead only sparse MLP steps, and selecting ahead alone (the default)."""
+    runs there (the default, CHIPMUNK_MLP_AHEAD=1); the double blocks' image MLPs do both in their own call. Latents
+    equal doing everything in the MLP's call, running ahead only sparse MLP steps, and selecting ahead alone (=0)."""
     reselects, ahead_steps = [], []
     reselect, run_ahead = chipmunk.SparseMlpLayer._reselect, chipmunk.SparseMlpLayer._run_ahead
 
@@ -287,7 +287,7 @@ def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(
 
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy_reselect)
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_run_ahead", spy_ahead)
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD", True)  # opt-in (CHIPMUNK_MLP_AHEAD=1)
+    assert chipmunk.MLP_AHEAD and chipmunk.MLP_AHEAD_DENSE  # the default (CHIPMUNK_MLP_AHEAD=1)
     ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
     doubles = len(pipe.transformer.transformer_blocks)
     where = {(index, step): beside for index, step, beside in reselects}
@@ -308,7 +308,7 @@ def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(
     # A second generation: the kernels have run, so step 1 runs ahead too; the dense steps 0 and 4 do not.
     assert sorted(ahead_steps) == [(i, t) for i in range(doubles, 6) for t in (1, 2, 3, 5)]
     assert torch.equal(ahead, sparse_only)
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)  # the default
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)  # CHIPMUNK_MLP_AHEAD=0
     selected_ahead = generate()
     assert not ahead_steps and torch.equal(ahead, selected_ahead)
     for layer in pipe.transformer.chipmunk_layers:
@@ -703,7 +703,7 @@ def test_the_tma_kernels_are_the_default_only_where_tma_exists():
 
 
 @pytest.mark.parametrize("variable, value, message", [
-    ("CHIPMUNK_MLP_AHEAD", "yes", "one of 0 (default), 1, sparse"),
+    ("CHIPMUNK_MLP_AHEAD", "yes", "one of 1 (default), sparse, 0"),
     ("CHIPMUNK_MLP_AHEAD_RELEASE", "later", "one of after_fc1 (default), after_mlp, serial")])
 def test_a_misspelt_mlp_ahead_setting_is_refused_at_import(variable, value, message):
     result = subprocess.run([sys.executable, "-c", "import utils.chipmunk"], cwd=ROOT, capture_output=True, text=True,

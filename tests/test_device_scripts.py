@@ -166,7 +166,7 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
 
 def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environment(tmp_path, monkeypatch):
     """--e2e_variants picks which variants run, in the fixed order; main_stream is Chipmunk graphed with
-    CHIPMUNK_SELECT_AHEAD_STREAM=main for its child only, mlp_ahead with CHIPMUNK_MLP_AHEAD=1. An unknown name is refused before anything runs."""
+    CHIPMUNK_SELECT_AHEAD_STREAM=main for its child only, mlp_own_call with CHIPMUNK_MLP_AHEAD=0. An unknown name is refused before anything runs."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import h100_chipmunk
 
@@ -182,13 +182,12 @@ def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environme
 
     monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
     rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"),
-                                  wanted="mlp_ahead,main_stream,dense,chipmunk")["rows"]
+                                  wanted="mlp_own_call,main_stream,dense,chipmunk")["rows"]
     assert [r["variant"] for r in rows] == ["dense stack (CUDA graphs)", "chipmunk (CUDA graphs per step kind)",
                                             "chipmunk, selection on the main stream (CUDA graphs per step kind)",
-                                            "chipmunk, single blocks' MLP ahead beside the attention "
-                                            "(CUDA graphs per step kind)"]
+                                            "chipmunk, single blocks' MLP in its own call (CUDA graphs per step kind)"]
     assert [env for _, env in calls] == [None, None, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"},
-                                         {"CHIPMUNK_MLP_AHEAD": "1"}]
+                                         {"CHIPMUNK_MLP_AHEAD": "0"}]
     assert calls[1][0] == calls[2][0] == calls[3][0]  # the same command: only the environment differs
     with pytest.raises(ValueError, match="unknown e2e variant.*'sidestream'.*main_stream"):
         h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), wanted="dense,sidestream")

@@ -641,19 +641,19 @@ def _dense_attention_like(processor):
 # A single block's MLP input is its attention's input too, so its work can start before the attention (select_ahead):
 # on a side stream, beside the attention. SELECT_AHEAD_ON_SIDE_STREAM False (CHIPMUNK_SELECT_AHEAD_STREAM=main): that
 # work runs on the current stream instead (the device check's reference).
-# MLP_AHEAD (opt-in, CHIPMUNK_MLP_AHEAD=1, or =sparse for sparse MLP steps only): the whole MLP step runs there once
-# the layer's kernels are tuned, not only its neuron selection. 1.34-1.35x against 1.32-1.33x end to end on the H200,
-# but its step graphs differ from eager by 4.1e-3 where the same work on the main stream matches bit for bit
-# (results/NOTES.md, session 14): off by default until that difference is explained.
+# MLP_AHEAD (the default, CHIPMUNK_MLP_AHEAD=1; =sparse for sparse MLP steps only; =0 off): the whole MLP step runs
+# there once the layer's kernels are tuned, not only its neuron selection: 1.34-1.35x against 1.32-1.33x end to end
+# on the H200. Its step graphs equal eager bit for bit; the 4.1e-3 they differed by in session 14 came from the step
+# graphs recompiling the blocks (results/NOTES.md, session 15).
 SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
-_MLP_AHEAD_SETTING = os.environ.get("CHIPMUNK_MLP_AHEAD", "0")
+_MLP_AHEAD_SETTING = os.environ.get("CHIPMUNK_MLP_AHEAD", "1")
 if _MLP_AHEAD_SETTING not in ("0", "1", "sparse"):
-    raise ValueError(f"CHIPMUNK_MLP_AHEAD={_MLP_AHEAD_SETTING!r}: one of 0 (default), 1, sparse")
+    raise ValueError(f"CHIPMUNK_MLP_AHEAD={_MLP_AHEAD_SETTING!r}: one of 1 (default), sparse, 0")
 MLP_AHEAD = _MLP_AHEAD_SETTING in ("1", "sparse")
 MLP_AHEAD_DENSE = _MLP_AHEAD_SETTING != "sparse"  # "sparse": dense MLP steps in their own call
-# Diagnosis of that difference (CHIPMUNK_MLP_AHEAD_RELEASE): "after_mlp" makes the attention op wait for the whole
-# MLP step instead of only fc1's read of its input (no overlap of the output projection with fc2); "serial" waits for
-# it before the attention's kernels (the side stream in the graph, but nothing concurrent).
+# How much runs beside what (CHIPMUNK_MLP_AHEAD_RELEASE, for diagnosis): "after_mlp" makes the attention op wait for
+# the whole MLP step instead of only fc1's read of its input (no overlap of the output projection with fc2); "serial"
+# waits for it before the attention's kernels (the side stream in the graph, but nothing concurrent).
 MLP_AHEAD_RELEASE = os.environ.get("CHIPMUNK_MLP_AHEAD_RELEASE", "after_fc1")
 if MLP_AHEAD_RELEASE not in ("after_fc1", "after_mlp", "serial"):
     raise ValueError(f"CHIPMUNK_MLP_AHEAD_RELEASE={MLP_AHEAD_RELEASE!r}: one of after_fc1 (default), after_mlp, serial")
