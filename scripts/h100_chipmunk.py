@@ -492,7 +492,7 @@ def first_departures(run: list[dict], reference: list[dict], limit: int = 8) -> 
     for step, (digest, expected) in enumerate(zip(run, reference)):
         for name, sums in digest.items():
             if name in expected and expected[name] != sums:
-                found.append({"step": step, "cache": name, "sums": sums, "expected": expected.get(name)})
+                found.append({"step": step, "cache": name, "sums": sums, "expected": expected[name]})
                 if len(found) == limit:
                     return found
     return found
@@ -769,7 +769,7 @@ def markdown(record: dict) -> str:
             lines += ["Where a run's caches first depart from eager 1's (checksums after each step: sum, sum of |x|):",
                       "", "| run | step | layer/cache | sums | eager 1's |", "|---|---|---|---|---|"]
             lines += [f"| {r['run']} | {d['step']} | {d['cache']} | {d['sums'][0]:.9g}, {d['sums'][1]:.9g} | "
-                      + f"{d['expected'][0]:.9g}, {d['expected'][1]:.9g} |"
+                      f"{d['expected'][0]:.9g}, {d['expected'][1]:.9g} |"
                       for r in departed for d in r["first_cache_departures"]]
             lines += [""]
     elif g:
