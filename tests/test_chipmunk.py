@@ -702,10 +702,7 @@ def test_the_tma_kernels_are_the_default_only_where_tma_exists():
     assert T.tma_by_default(torch.randn(2, 64, 32)) is False
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("CHIPMUNK_MLP_AHEAD", "yes", "one of 1 (default), sparse, 0"),
-    ("CHIPMUNK_MLP_AHEAD_RELEASE", "later", "one of after_fc1 (default), after_mlp, serial")])
-def test_a_misspelt_mlp_ahead_setting_is_refused_at_import(variable, value, message):
+def test_a_misspelt_mlp_ahead_setting_is_refused_at_import():
     result = subprocess.run([sys.executable, "-c", "import utils.chipmunk"], cwd=ROOT, capture_output=True, text=True,
-                            env=dict(os.environ, **{variable: value}))
-    assert result.returncode != 0 and f"{variable}={value!r}: {message}" in result.stderr
+                            env=dict(os.environ, CHIPMUNK_MLP_AHEAD="yes"))
+    assert result.returncode != 0 and "CHIPMUNK_MLP_AHEAD='yes': one of 1 (default), sparse, 0" in result.stderr

@@ -651,12 +651,6 @@ if _MLP_AHEAD_SETTING not in ("0", "1", "sparse"):
     raise ValueError(f"CHIPMUNK_MLP_AHEAD={_MLP_AHEAD_SETTING!r}: one of 1 (default), sparse, 0")
 MLP_AHEAD = _MLP_AHEAD_SETTING in ("1", "sparse")
 MLP_AHEAD_DENSE = _MLP_AHEAD_SETTING != "sparse"  # "sparse": dense MLP steps in their own call
-# How much runs beside what (CHIPMUNK_MLP_AHEAD_RELEASE, for diagnosis): "after_mlp" makes the attention op wait for
-# the whole MLP step instead of only fc1's read of its input (no overlap of the output projection with fc2); "serial"
-# waits for it before the attention's kernels (the side stream in the graph, but nothing concurrent).
-MLP_AHEAD_RELEASE = os.environ.get("CHIPMUNK_MLP_AHEAD_RELEASE", "after_fc1")
-if MLP_AHEAD_RELEASE not in ("after_fc1", "after_mlp", "serial"):
-    raise ValueError(f"CHIPMUNK_MLP_AHEAD_RELEASE={MLP_AHEAD_RELEASE!r}: one of after_fc1 (default), after_mlp, serial")
 
 
 class SparseMlpLayer:
@@ -730,13 +724,8 @@ class SparseMlpLayer:
             self._step(x, step, last, output)
         else:
             self.input_read = torch.cuda.Event()
-            after_fc1 = MLP_AHEAD_RELEASE == "after_fc1"
             with torch.cuda.stream(side):
-                self._step(x, step, last, output, self.input_read if after_fc1 else None)
-                if not after_fc1:
-                    self.input_read.record()
-            if MLP_AHEAD_RELEASE == "serial":
-                self.release_input()
+                self._step(x, step, last, output, self.input_read)
         self.output_ahead = (step, output)
 
     def release_input(self) -> None:
