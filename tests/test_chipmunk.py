@@ -270,10 +270,12 @@ def _callers() -> set[str]:
 
 
 def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(make_args, monkeypatch):
-    """A single block's MLP input is its attention's input: before the attention (a side stream on a GPU) it selects
-    its neurons, and once its kernels have run in its own call (step 1's selection comes first) the whole MLP step
-    runs there (the default, CHIPMUNK_MLP_AHEAD=1); the double blocks' image MLPs do both in their own call. Latents
-    equal doing everything in the MLP's call, running ahead only sparse MLP steps, and selecting ahead alone (=0)."""
+    """A single block's MLP input is its attention's input. By default (CHIPMUNK_MLP_AHEAD=1) its whole MLP step starts
+    in the attention processor before the projections (a side stream on a GPU; in place on CPU, and in the first
+    generation before its kernels have run) and its input no longer travels through the block's concat (NoColumns);
+    proj_out joins it. With =0 the MLP runs in proj_out's call and only its neuron selection starts beside the
+    attention (in the attention op); with no attention beside, everything happens in the MLP's call. The double
+    blocks' image MLPs always run in their own call. Latents equal bit for bit in all three."""
     reselects, ahead_steps = [], []
     reselect, run_ahead = chipmunk.SparseMlpLayer._reselect, chipmunk.SparseMlpLayer._run_ahead
 
@@ -281,44 +283,55 @@ def test_single_blocks_run_their_mlp_beside_the_attention_with_the_same_latents(
         reselects.append((self.state.index, step, "select_ahead" in _callers()))
         return reselect(self, means, step, hidden)
 
-    def spy_ahead(self, x, step, last):
-        ahead_steps.append((self.state.index, step))
-        return run_ahead(self, x, step, last)
+    def spy_ahead(self, x, step, last, beside):
+        ahead_steps.append((self.state.index, step, beside))
+        return run_ahead(self, x, step, last, beside)
 
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_reselect", spy_reselect)
     monkeypatch.setattr(chipmunk.SparseMlpLayer, "_run_ahead", spy_ahead)
-    assert chipmunk.MLP_AHEAD and chipmunk.MLP_AHEAD_DENSE  # the default (CHIPMUNK_MLP_AHEAD=1)
+    assert chipmunk.MLP_AHEAD  # the default (CHIPMUNK_MLP_AHEAD=1)
     ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
     doubles = len(pipe.transformer.transformer_blocks)
+    assert 1 <= doubles < 5, doubles  # both kinds of block are sparse in the tiny model
+    singles = range(doubles, 6)
+    assert all(isinstance(b.proj_mlp, chipmunk.NoColumns) for b in pipe.transformer.single_transformer_blocks)
     where = {(index, step): beside for index, step, beside in reselects}
     assert len(where) == len(reselects) == 5 * 3  # layers 1..5, reselecting at steps 1, 3, 5, once each
-    assert 1 <= doubles < 5, doubles  # both kinds of block are sparse in the tiny model
     assert all(beside == (index >= doubles) for (index, _), beside in where.items()), where
-    # MLP steps: 0 dense, 1 sparse with a reselection (selected ahead, computed in the MLP's call: its kernels' first
-    # run), then the whole step ahead from step 2, the dense step 4 included.
-    assert sorted(ahead_steps, key=lambda a: a[::-1]) == [(i, t) for t in range(2, STEPS) for i in range(doubles, 6)]
+    # Every step of every single block's MLP starts ahead: in place until its sparse kernels have run (steps 0 and 1,
+    # whose sparse step tunes them), beside the attention from step 2 (the dense step 4 included).
+    assert sorted(ahead_steps, key=lambda a: a[1::-1]) == [(i, t, t >= 2) for t in range(STEPS) for i in singles]
 
     def generate():
         reselects.clear(), ahead_steps.clear()
         return pipe(**pipeline_call_kwargs(make_args("--num_inference_steps", str(STEPS))),
                     generator=torch.manual_seed(make_args().seed), output_type="latent").images
 
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD_DENSE", False)  # CHIPMUNK_MLP_AHEAD=sparse: dense step 4 in its call
-    sparse_only = generate()
-    # A second generation: the kernels have run, so step 1 runs ahead too; the dense steps 0 and 4 do not.
-    assert sorted(ahead_steps) == [(i, t) for i in range(doubles, 6) for t in (1, 2, 3, 5)]
-    assert torch.equal(ahead, sparse_only)
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)  # CHIPMUNK_MLP_AHEAD=0
-    selected_ahead = generate()
-    assert not ahead_steps and torch.equal(ahead, selected_ahead)
+    assert torch.equal(generate(), ahead)  # a second generation: every step beside the attention
+    assert sorted(ahead_steps) == [(i, t, True) for i in singles for t in range(STEPS)]
+
+    monkeypatch.setattr(chipmunk, "MLP_AHEAD", False)  # CHIPMUNK_MLP_AHEAD=0, read when Chipmunk is applied
+    reselects.clear(), ahead_steps.clear()
+    selected_ahead, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
+    assert all(isinstance(b.proj_mlp, chipmunk.PassThrough) for b in pipe.transformer.single_transformer_blocks)
+    assert torch.equal(ahead, selected_ahead)
+    assert not ahead_steps and all(beside == (index >= doubles) for index, _, beside in reselects)
     for layer in pipe.transformer.chipmunk_layers:
         if isinstance(layer, chipmunk.SparseAttentionLayer):
             assert (layer.mlp_beside is not None) == (layer.state.index >= doubles)
             layer.mlp_beside = None
-    monkeypatch.setattr(chipmunk, "MLP_AHEAD", True)
     inline = generate()
     assert not any(beside for *_, beside in reselects) and not ahead_steps
     assert torch.equal(ahead, inline)
+
+
+def test_a_single_blocks_proj_out_alone_is_refused_when_its_mlp_starts_in_the_attention(make_args):
+    """proj_out of a block whose MLP starts in its attention processor has no MLP input: called without the attention
+    having run this step, it says so instead of computing an MLP from the attention output."""
+    _, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG, steps=2)
+    proj_out = pipe.transformer.single_transformer_blocks[0].proj_out
+    with pytest.raises(RuntimeError, match="starts in its block's attention processor, which did not run"):
+        proj_out(torch.randn(1, 8, proj_out.dim))
 
 
 def test_deferred_dense_rule():
@@ -705,4 +718,4 @@ def test_the_tma_kernels_are_the_default_only_where_tma_exists():
 def test_a_misspelt_mlp_ahead_setting_is_refused_at_import():
     result = subprocess.run([sys.executable, "-c", "import utils.chipmunk"], cwd=ROOT, capture_output=True, text=True,
                             env=dict(os.environ, CHIPMUNK_MLP_AHEAD="yes"))
-    assert result.returncode != 0 and "CHIPMUNK_MLP_AHEAD='yes': one of 1 (default), sparse, 0" in result.stderr
+    assert result.returncode != 0 and "CHIPMUNK_MLP_AHEAD='yes': one of 1 (default), 0" in result.stderr

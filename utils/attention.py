@@ -118,7 +118,11 @@ class FluxKernelAttnProcessor:
     projections, QK norms, RoPE and output projections are those of diffusers' `FluxAttnProcessor`;
     subclasses define `attend(q, k, v, block_input)` on (batch, seq, heads, head_dim) tensors; `block_input` is the
     attention's hidden_states (a single block's normalised input, which its MLP shares), for a kernel that starts
-    other work of the block beside the attention (Chipmunk's MLP neuron selection); most ignore it."""
+    other work of the block beside the attention (Chipmunk's MLP); `begin(block_input)` is called with it before the
+    projections, to start work there. Most ignore both."""
+
+    def begin(self, block_input: torch.Tensor) -> None:
+        """Called with a single block's attention input before its projections."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                block_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,6 +132,9 @@ class FluxKernelAttnProcessor:
                  attention_mask: torch.Tensor | None = None, image_rotary_emb: torch.Tensor | None = None):
         if attention_mask is not None:
             raise NotImplementedError(f"{type(self).__name__} takes no attention mask (FLUX uses none)")
+        block_input = hidden_states if encoder_hidden_states is None else None
+        if block_input is not None:
+            self.begin(block_input)
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))
@@ -144,7 +151,6 @@ class FluxKernelAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        block_input = hidden_states if encoder_hidden_states is None else None
         hidden_states = self.attend(query, key, value, block_input).flatten(2, 3).to(query.dtype)
 
         if encoder_hidden_states is not None:

@@ -537,8 +537,9 @@ class SparseAttentionLayer:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  block_input: torch.Tensor | None = None) -> torch.Tensor:
-        if block_input is not None and self.mlp_beside is not None:
-            self.mlp_beside.select_ahead(block_input)  # on a side stream, beside the attention below
+        beside = self.mlp_beside if block_input is not None else None
+        if beside is not None and not beside.runs_ahead:  # (one that runs ahead started before the projections)
+            beside.select_ahead(block_input)  # its neuron selection, on a side stream beside the attention below
         s, cfg = self.state, self.config
         step, last = s.begin((tuple(q.shape), q.dtype, q.device))
         triton_ops = _kernels_for(q)
@@ -561,8 +562,8 @@ class SparseAttentionLayer:
         else:
             out = self._sparse(triton_ops, q, k, v, o_cache=s.tensors["o_cache"])
             s.stats["sparse"] += 1
-        if self.mlp_beside is not None:
-            self.mlp_beside.release_input()  # after the attention's kernels, which run beside the MLP's fc1
+        if beside is not None:
+            beside.release_input()  # after the attention's kernels, which run beside the MLP's fc1
         s.last_step = step
         return out
 
@@ -601,8 +602,8 @@ def chipmunk_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay
                           block_input: torch.Tensor | None = None) -> torch.Tensor:
     """Opaque to torch.compile: the per-step dense/sparse decision and the caches stay in Python. Contiguous, as
     the fake says: compiled code after the op is traced for those strides (the reference path's are not).
-    `block_input`: a single block's normalised input, which its sparse MLP selects its neurons from beside the
-    attention (an input of the op, so compiled code keeps it alive until the op has read it)."""
+    `block_input`: a single block's normalised input, which its sparse MLP reads beside the attention (an input of
+    the op, so compiled code keeps it alive until the op has waited for the MLP's reads)."""
     return _layer(layer_id)(q, k, v, block_input).contiguous()
 
 
@@ -611,11 +612,25 @@ def _(q, k, v, layer_id, block_input=None):
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("flux_harness::chipmunk_mlp_start", mutates_args=("x",))
+def chipmunk_mlp_start_op(x: torch.Tensor, layer_id: torch.Tensor) -> None:
+    """Starts a single block's MLP step from its normalised input x, before the attention's projections: on a side
+    stream beside them once its kernels are tuned. x is declared mutated (it is only read) so that compiled code,
+    whose scheduler would otherwise move this op down to the attention op, keeps it ahead of every later reader of x:
+    the QKV projection first. The attention op waits until the MLP has read x; proj_out joins its output."""
+    _layer(layer_id).select_ahead(x)
+
+
 class ChipmunkAttnProcessor(FluxKernelAttnProcessor):
     """FLUX joint attention with Chipmunk's sparse deltas in place of the attention kernel."""
 
     def __init__(self, layer: SparseAttentionLayer):
         self.layer = layer
+
+    def begin(self, block_input: torch.Tensor) -> None:
+        mlp = self.layer.mlp_beside
+        if mlp is not None and mlp.runs_ahead:
+            chipmunk_mlp_start_op(block_input, mlp.id)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                block_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -638,19 +653,20 @@ def _dense_attention_like(processor):
 
 # --- sparse MLP layer ------------------------------------------------------------------------------
 
-# A single block's MLP input is its attention's input too, so its work can start before the attention (select_ahead):
-# on a side stream, beside the attention. SELECT_AHEAD_ON_SIDE_STREAM False (CHIPMUNK_SELECT_AHEAD_STREAM=main): that
-# work runs on the current stream instead (the device check's reference).
-# MLP_AHEAD (the default, CHIPMUNK_MLP_AHEAD=1; =sparse for sparse MLP steps only; =0 off): the whole MLP step runs
-# there once the layer's kernels are tuned, not only its neuron selection: 1.34-1.35x against 1.32-1.33x end to end
-# on the H200. Its step graphs equal eager bit for bit; the 4.1e-3 they differed by in session 14 came from the step
-# graphs recompiling the blocks (results/NOTES.md, session 15).
+# A single block's MLP input is its attention's input too, so its work can start before the attention: on a side
+# stream, beside the attention. SELECT_AHEAD_ON_SIDE_STREAM False (CHIPMUNK_SELECT_AHEAD_STREAM=main): that work runs
+# on the current stream instead (the device check's reference).
+# MLP_AHEAD (the default, CHIPMUNK_MLP_AHEAD=1; =0 off), read when Chipmunk is applied: a single block's whole MLP
+# step starts before its attention's projections (`chipmunk_mlp_start_op`, `SparseMlpLayer.runs_ahead`) and proj_out
+# joins it; the block's concat then carries no MLP input (`NoColumns`). On the H200 the MLP beside the attention gave
+# 1.348x against 1.32x end to end (session 15); the concat's MLP half cost two copies of the normalised input per
+# block (written into the concat, copied out for the MLP's call). Off, the MLP runs in proj_out's call and only its
+# neuron selection starts beside the attention (in the attention op).
 SELECT_AHEAD_ON_SIDE_STREAM = os.environ.get("CHIPMUNK_SELECT_AHEAD_STREAM", "side").lower() != "main"
 _MLP_AHEAD_SETTING = os.environ.get("CHIPMUNK_MLP_AHEAD", "1")
-if _MLP_AHEAD_SETTING not in ("0", "1", "sparse"):
-    raise ValueError(f"CHIPMUNK_MLP_AHEAD={_MLP_AHEAD_SETTING!r}: one of 1 (default), sparse, 0")
-MLP_AHEAD = _MLP_AHEAD_SETTING in ("1", "sparse")
-MLP_AHEAD_DENSE = _MLP_AHEAD_SETTING != "sparse"  # "sparse": dense MLP steps in their own call
+if _MLP_AHEAD_SETTING not in ("0", "1"):
+    raise ValueError(f"CHIPMUNK_MLP_AHEAD={_MLP_AHEAD_SETTING!r}: one of 1 (default), 0")
+MLP_AHEAD = _MLP_AHEAD_SETTING == "1"
 
 
 class SparseMlpLayer:
@@ -664,6 +680,7 @@ class SparseMlpLayer:
         self.w2_t: torch.Tensor | None = None  # (hidden, out) copy for the Triton kernel's row gathers
         self.selected_ahead_at: int | None = None  # the step whose neurons select_ahead chose (None: not ahead)
         self.output_ahead: tuple[int, torch.Tensor] | None = None  # (step, output) of an MLP step run ahead
+        self.runs_ahead = False  # set by apply_chipmunk_config: every step starts ahead (x never reaches __call__)
         self.input_read: torch.cuda.Event | None = None  # recorded on the side stream once it no longer reads x
         self.side_stream: torch.cuda.Stream | None = None
         self.id = _register(self)
@@ -691,20 +708,21 @@ class SparseMlpLayer:
             torch.cuda.current_stream(x.device).wait_stream(self.side_stream)
 
     def select_ahead(self, x: torch.Tensor) -> None:
-        """Called with the attention's input before the attention runs. Once this layer's sparse kernels have run
-        (and tuned) in its own call, the whole MLP step runs here (`_run_ahead`); until then, on a reselection step,
-        only the neuron selection (a small matmul and a latency-bound search over 36 rows: the search 65 us on the
-        H200), instead of after the attention on the stream's critical path. `__call__` joins either. The block
-        means are taken on the current stream into a persistent buffer, so the side stream's selection reads only
-        this layer's own buffers (never `x`, whose memory compiled code may reuse once the attention op returns).
-        The same decisions and numbers as in `__call__`; on CPU it runs in place."""
+        """Called with the attention's input before the attention runs. A layer that `runs_ahead` (called before the
+        projections) runs its whole MLP step here (`_run_ahead`): on the side stream once its sparse kernels have run
+        (and tuned) with nothing beside them, in place before that. Otherwise (called by the attention op), only
+        the neuron selection (a small matmul and a latency-bound search over 36 rows: the search 65 us on the H200),
+        instead of after the attention on the stream's critical path; `__call__` joins it. The block means are taken
+        on the current stream into a persistent buffer, so the side stream's selection reads only this layer's own
+        buffers (never `x`, whose memory compiled code may reuse once the attention op returns). The same decisions
+        and numbers as in `__call__`; on CPU it runs in place."""
         s = self.state
         self.output_ahead = None
         step, last = s.begin(self._shape_key(x))
-        dense, reselect = self._due(last, step)
-        if MLP_AHEAD and s.stats["sparse"] > 0 and (MLP_AHEAD_DENSE or not dense):
-            self._run_ahead(x, step, last)
+        if self.runs_ahead:
+            self._run_ahead(x, step, last, beside=s.stats["sparse"] > 0)
             return
+        dense, reselect = self._due(last, step)
         if not reselect:
             return
         means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
@@ -713,13 +731,13 @@ class SparseMlpLayer:
             self._reselect(means, step, self.w1.shape[0])
         self.selected_ahead_at = step
 
-    def _run_ahead(self, x: torch.Tensor, step: int, last: int | None) -> None:
-        """This step's MLP on the side stream, beside the attention and its output projection. The output is
-        allocated on the current stream (whose later work reads and frees it). Compiled code may reuse x's memory
-        once the attention op returns, so the op ends with `release_input`: the current stream waits there until
-        the side stream has read x (fc1), after the attention kernel is queued."""
+    def _run_ahead(self, x: torch.Tensor, step: int, last: int | None, beside: bool) -> None:
+        """This step's MLP, on the side stream beside the attention's projections, the attention and its output
+        projection if `beside` (else in place). The output is allocated on the current stream (whose later work reads and frees it). Compiled code may
+        reuse x's memory once the attention op returns, so the op ends with `release_input`: the current stream waits
+        there until the side stream has read x (fc1), after the attention kernel is queued."""
         output = x.new_empty(*x.shape[:-1], self.w2.shape[0])
-        side = self._side(x.device)
+        side = self._side(x.device) if beside else None
         if side is None:
             self._step(x, step, last, output)
         else:
@@ -740,12 +758,17 @@ class SparseMlpLayer:
         return tuple(x.shape), x.dtype, x.device
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The MLP's output for this step: the one run ahead (joined here), or computed now from x. A layer that runs
+        ahead gets the attention's output as x (only its shape is read): its input never reaches here."""
         if self.output_ahead is not None:  # run ahead beside the attention: join the side stream, hand it out
             step, output = self.output_ahead
             self.output_ahead = None
             self._join_side(x)  # even if stale (an interrupted forward)
             if step == self.state.clock.step and output.shape[:-1] == x.shape[:-1]:
                 return output
+        if self.runs_ahead:
+            raise RuntimeError(f"Chipmunk {self.state.name}: starts in its block's attention processor, which did not "
+                               f"run at step {self.state.clock.step} (a block's proj_out called on its own?)")
         step, last = self.state.begin(self._shape_key(x))
         return self._step(x, step, last)
 
@@ -884,11 +907,19 @@ class PassThrough(torch.nn.Module):
         return x
 
 
+class NoColumns(torch.nn.Module):
+    """Stands in for a single block's `proj_mlp` when its MLP starts in the attention processor: no columns, so the
+    block's concat is the attention output alone (the normalised input is neither copied into it nor out of it)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[..., :0]
+
+
 class ChipmunkSingleProjOut(torch.nn.Module):
     """A single block's `proj_out` (linear2) split into the attention-output part and the MLP's fc2.
-    Input: cat([attention output (dim), normalised block input (dim)]); output: the block's pre-gate
-    feature = attn @ Wa^T + bias + MLP(x) with linear2's bias added ONCE (Chipmunk's reference adds it
-    in both halves)."""
+    Input: cat([attention output (dim), normalised block input (dim)]), or the attention output alone when the MLP
+    started in the attention processor (NoColumns); output: the block's pre-gate feature = attn @ Wa^T + bias + MLP(x) with
+    linear2's bias added ONCE (Chipmunk's reference adds it in both halves)."""
 
     def __init__(self, proj_out: torch.nn.Linear, proj_mlp: torch.nn.Linear, layer_index: int, clock: StepClock,
                  config: MlpConfig):
@@ -906,9 +937,14 @@ class ChipmunkSingleProjOut(torch.nn.Module):
         self.layer = SparseMlpLayer(layer_index, clock, config, self.w1, self.b1, self.w2, None)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        attn_output, x = hidden_states.split([self.dim, hidden_states.shape[-1] - self.dim], dim=-1)
-        mlp = chipmunk_mlp_op(x.contiguous(), self.layer.id, self.dim)
-        return self.attn_out(attn_output) + mlp
+        if hidden_states.shape[-1] == self.dim:  # the attention output alone: the MLP started before the attention
+            attn_output = x = hidden_states  # the op reads only x's shape, and waits for the MLP's side stream
+        else:
+            attn_output, x = hidden_states.split([self.dim, hidden_states.shape[-1] - self.dim], dim=-1)
+            x = x.contiguous()
+        # The output projection first: its matmul runs while the MLP may still run on the side stream.
+        attended = self.attn_out(attn_output)
+        return attended + chipmunk_mlp_op(x, self.layer.id, self.dim)
 
 
 # --- applying it to a FLUX pipeline ----------------------------------------------------------------
@@ -943,8 +979,11 @@ def apply_chipmunk_config(pipeline, config: ChipmunkConfig) -> str:
                 block.proj_out = ChipmunkSingleProjOut(block.proj_out, block.proj_mlp, index, clock, config.mlp)
                 block.proj_mlp, block.act_mlp = PassThrough(), PassThrough()
                 layers.append(block.proj_out.layer)
-                if isinstance(block.attn.processor, ChipmunkAttnProcessor):  # same input: select beside attention
+                if isinstance(block.attn.processor, ChipmunkAttnProcessor):  # same input: starts beside the attention
                     block.attn.processor.layer.mlp_beside = block.proj_out.layer
+                    if MLP_AHEAD:  # the whole MLP step, there: its input need not travel through the concat
+                        block.proj_out.layer.runs_ahead = True
+                        block.proj_mlp = NoColumns()
     transformer.chipmunk_layers, transformer.chipmunk_config = layers, config
     sparse_attn = sum(isinstance(layer, SparseAttentionLayer) for layer in layers)
     sparse_mlp = len(layers) - sparse_attn
