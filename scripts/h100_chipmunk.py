@@ -731,7 +731,8 @@ def markdown(record: dict) -> str:
                   f"{r['same_layer_decisions']} | {r.get('graphs_compiled', '')} |" for r in g["rows"]]
         ahead = ("run their whole step, started before the attention's projections" if g.get("mlp_ahead") else
                  "select their neurons beside the attention")
-        lines += ["", f"graph calls: {g['calls']}; {g.get('mlps_beside_attention', g.get('mlps_selecting_beside_attention'))} single-block MLPs {ahead}, on a "
+        beside = g.get("mlps_beside_attention", g.get("mlps_selecting_beside_attention"))  # (older records)
+        lines += ["", f"graph calls: {g['calls']}; {beside} single-block MLPs {ahead}, on a "
                   f"side stream once their kernels are tuned (the same work on the main stream must match bit for bit: "
                   f"{g.get('side_stream_bitwise')}); tolerance {g['tolerance']:.1e}: "
                   f"{'PASS' if g['passed'] else 'FAIL'}", ""]

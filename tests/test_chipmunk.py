@@ -398,6 +398,31 @@ def test_chipmunk_blocks_compile_once_per_block_kind_without_graph_breaks_and_ma
     assert len(graphs) == 4
 
 
+
+def test_a_single_blocks_compiled_code_starts_its_mlp_before_the_qkv_matmul_and_copies_nothing(make_args):
+    """Read inductor's code for a single block (CPU code; the scheduling is inductor's, not the backend's). The MLP's
+    start op must come before the QKV matmul that reads the same normalised input (inductor moved a pure op down to
+    the attention op), and the attention op's output must reach the output projection and the MLP join without a
+    copy: before NoColumns, a concat copy kernel and a clone of its MLP half sat between them."""
+    import re
+
+    from torch._inductor import config as inductor_config
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    with inductor_config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(_chipmunk_latents, make_args, "inductor")
+    single = [c for c in codes if "chipmunk_mlp_start" in c]
+    assert single, "no compiled code starts a single block's MLP"
+    for code in single:
+        start = re.search(r"chipmunk_mlp_start\.default\((buf\d+),", code)
+        qkv = re.search(r"extern_kernels\.\w*mm\(.*reinterpret_tensor\(" + start.group(1) + r",", code)
+        assert qkv and start.start() < qkv.start(), "the MLP starts after the QKV matmul"
+        attention, join = code.index("chipmunk_attention.default("), code.index("chipmunk_mlp.default(")
+        between = code[attention:join]
+        assert "extern_kernels" in between and not re.search(r"\n\s*\w*(cat|clone)\w*\(", between), between
+
+
 # --- Triton kernels, through the CPU interpreter ------------------------------------------------------
 
 KERNEL_CHECK = r"""

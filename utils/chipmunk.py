@@ -733,9 +733,9 @@ class SparseMlpLayer:
 
     def _run_ahead(self, x: torch.Tensor, step: int, last: int | None, beside: bool) -> None:
         """This step's MLP, on the side stream beside the attention's projections, the attention and its output
-        projection if `beside` (else in place). The output is allocated on the current stream (whose later work reads and frees it). Compiled code may
-        reuse x's memory once the attention op returns, so the op ends with `release_input`: the current stream waits
-        there until the side stream has read x (fc1), after the attention kernel is queued."""
+        projection if `beside` (else in place). The output is allocated on the current stream (whose later work
+        reads and frees it). Compiled code may reuse x's memory once the attention op returns, so the op ends with
+        `release_input`: the current stream waits there until the side stream has read x (fc1)."""
         output = x.new_empty(*x.shape[:-1], self.w2.shape[0])
         side = self._side(x.device) if beside else None
         if side is None:
@@ -918,8 +918,8 @@ class NoColumns(torch.nn.Module):
 class ChipmunkSingleProjOut(torch.nn.Module):
     """A single block's `proj_out` (linear2) split into the attention-output part and the MLP's fc2.
     Input: cat([attention output (dim), normalised block input (dim)]), or the attention output alone when the MLP
-    started in the attention processor (NoColumns); output: the block's pre-gate feature = attn @ Wa^T + bias + MLP(x) with
-    linear2's bias added ONCE (Chipmunk's reference adds it in both halves)."""
+    started in the attention processor (NoColumns); output: the block's pre-gate feature
+    = attn @ Wa^T + bias + MLP(x) with linear2's bias added ONCE (Chipmunk's reference adds it in both halves)."""
 
     def __init__(self, proj_out: torch.nn.Linear, proj_mlp: torch.nn.Linear, layer_index: int, clock: StepClock,
                  config: MlpConfig):
