@@ -446,9 +446,9 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
     if not dry:  # under the profiler a replayed graph's kernels are still listed: device time per step kind
         graphs = ["--chipmunk_config", config, "--compile_mode", "reduce-overhead"]
         variants["chipmunk step graphs"] = (graphs, None)
-        # The single blocks' neuron selection on the main stream: the busy and span columns against the side stream's.
+        # The single blocks' work ahead on the main stream: the busy and span columns against the side stream's.
         main_stream = {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}
-        variants["chipmunk step graphs, selection on the main stream"] = (graphs, main_stream)
+        variants["chipmunk step graphs, work ahead on the main stream"] = (graphs, main_stream)
     for name, (extra, env) in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
@@ -592,8 +592,8 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
     Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed.
     The variants are bf16 (stack_args); `float8` adds the pair with float8 linears (Chipmunk's then only in its
     dense projections: the sparse MLP gathers bf16 weights), after the others. `wanted`: which of E2E_VARIANTS run
-    ("main_stream": Chipmunk graphed with the single blocks' neuron selection on the main stream, to time the side
-    stream's share)."""
+    ("main_stream": Chipmunk graphed with the single blocks' work ahead, their MLP step, on the main stream, to time
+    the side stream's share)."""
     keys = e2e_variant_keys(wanted)
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
@@ -604,8 +604,8 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
     variants = {  # name: (key, flags, environment)
         "dense stack" + with_graphs: ("dense", graphs, None),
         "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs], None),
-        "chipmunk, selection on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
-                                                              main_stream),
+        "chipmunk, work ahead on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
+                                                               main_stream),
         "chipmunk, single blocks' MLP in its own call" + per_kind: (
             "mlp_own_call", ["--chipmunk_config", config, *graphs], {"CHIPMUNK_MLP_AHEAD": "0"}),
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ("hicache", [

@@ -184,7 +184,7 @@ def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environme
     rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"),
                                   wanted="mlp_own_call,main_stream,dense,chipmunk")["rows"]
     assert [r["variant"] for r in rows] == ["dense stack (CUDA graphs)", "chipmunk (CUDA graphs per step kind)",
-                                            "chipmunk, selection on the main stream (CUDA graphs per step kind)",
+                                            "chipmunk, work ahead on the main stream (CUDA graphs per step kind)",
                                             "chipmunk, single blocks' MLP in its own call (CUDA graphs per step kind)"]
     assert [env for _, env in calls] == [None, None, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"},
                                          {"CHIPMUNK_MLP_AHEAD": "0"}]

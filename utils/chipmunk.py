@@ -722,8 +722,7 @@ class SparseMlpLayer:
         if self.runs_ahead:
             self._run_ahead(x, step, last, beside=s.stats["sparse"] > 0)
             return
-        dense, reselect = self._due(last, step)
-        if not reselect:
+        if not self._due(last, step)[1]:  # no reselection due
             return
         means = s.store("x_block_means", block_means(x.contiguous(), self.config.bm))
         side = self._side(x.device)
