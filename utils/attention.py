@@ -117,12 +117,8 @@ class FluxKernelAttnProcessor:
     """FLUX joint attention (fused or unfused QKV projections) with a swappable attention kernel: the
     projections, QK norms, RoPE and output projections are those of diffusers' `FluxAttnProcessor`;
     subclasses define `attend(q, k, v, block_input)` on (batch, seq, heads, head_dim) tensors; `block_input` is the
-    attention's hidden_states (a single block's normalised input, which its MLP shares), for a kernel that starts
-    other work of the block beside the attention (Chipmunk's MLP); `begin(block_input)` is called with it before the
-    projections, to start work there. Most ignore both."""
-
-    def begin(self, block_input: torch.Tensor) -> None:
-        """Called with a single block's attention input before its projections."""
+    attention's hidden_states in a single block (its normalised input, which the block's MLP shares), for a kernel
+    that runs beside other work of the block reading it (Chipmunk's MLP). Most ignore it."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                block_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -133,8 +129,6 @@ class FluxKernelAttnProcessor:
         if attention_mask is not None:
             raise NotImplementedError(f"{type(self).__name__} takes no attention mask (FLUX uses none)")
         block_input = hidden_states if encoder_hidden_states is None else None
-        if block_input is not None:
-            self.begin(block_input)
         query, key, value, encoder_query, encoder_key, encoder_value = _get_qkv_projections(
             attn, hidden_states, encoder_hidden_states)
         query = attn.norm_q(query.unflatten(-1, (-1, attn.head_dim)))

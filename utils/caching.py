@@ -1,6 +1,6 @@
 """Feature caching for diffusers' FluxTransformer2DModel: FORA reuse, TaylorSeer, HiCache, FBCache(+Taylor), cache-dit.
 
-Formulas and schedules: ../shared/ALGORITHMS.md sections 1 and 2. How it attaches, without forking the model:
+Formulas and schedules: docs/ALGORITHMS.md. How it attaches, without forking the model:
 
 * The two block lists (`transformer_blocks`, `single_transformer_blocks`) become `_CachedBlockList`s: the same
   ModuleList (same children, same state_dict keys, `compile_repeated_blocks` still finds and compiles the
@@ -12,7 +12,7 @@ Formulas and schedules: ../shared/ALGORITHMS.md sections 1 and 2. How it attache
 * A forward pre-hook / hook pair on the transformer resets state at the first step of each generation
   (StepClock), decides the step type, and counts FLOPs with FlopCounterMode once per step type and shape.
 
-Choice (documented in README): only the IMAGE stream is cached and forecast. On a forecast step no attention
+Choice (docs/DESIGN.md): only the IMAGE stream is cached and forecast. On a forecast step no attention
 runs, so text tokens cannot reach image tokens, and the transformer returns only image tokens; the text-stream
 forecasts of the reference (txt_attn, txt_mlp, the text rows of single blocks) cannot change the output, so
 they are not stored (saves ~11% cache memory) and not computed (saves the `norm1_context` modulations).
@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.pipeline_utils import StackError
+from utils.errors import StackError
 from utils.step_clock import StepClock
 
 SCHEDULED_MODES = ("fora", "taylor", "hicache")  # fixed interval schedule, per-block features

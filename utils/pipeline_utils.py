@@ -18,12 +18,9 @@ from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
 
 from utils import compile_utils
 from utils.benchmark_utils import stack_flags
+from utils.errors import StackError
 
 DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
-
-
-class StackError(ValueError):
-    """An invalid combination of flags, reported before any work is done."""
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -231,7 +228,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         inductor_mode = compile_utils.WITHOUT_CUDAGRAPHS[args.compile_mode]
         compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode)
         if getattr(transformer, "chipmunk_layers", None):
-            from utils.chipmunk_graphs import install_step_graphs
+            from utils.chipmunk.graphs import install_step_graphs
 
             graphs = install_step_graphs(pipeline)
         elif cuda:
@@ -258,8 +255,7 @@ def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
                          f"[{e}]") from None
     gran = PerTensor() if granularity == "tensor" else PerRow()
     # set_inductor_config=False: torchao otherwise turns on coordinate-descent tuning (and more) process-wide, which
-    # belongs to the inductor layer and its --disable_inductor_tuning_flags; it did so in every float8 record
-    # before 2026-12-01's session 7 (results/NOTES.md).
+    # belongs to the inductor layer and its --disable_inductor_tuning_flags (docs/DESIGN.md).
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
               filter_fn=in_blocks)
     return f"applied: torchao float8 dynamic activation + weight, {type(gran).__name__}, linears of the blocks"

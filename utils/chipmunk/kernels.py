@@ -1,8 +1,8 @@
-"""Triton kernels for Chipmunk's sparse deltas (written for H100; any Triton GPU runs them).
+"""Triton kernels for Chipmunk's sparse deltas (written for Hopper, H100 and H200; any Triton GPU runs them).
 
-The PyTorch reference in utils/chipmunk.py defines what each function must return; these compute
+The PyTorch reference (reference.py) defines what each function must return; these compute
 the same thing faster. The module imports cleanly without Triton or a GPU: TRITON_AVAILABLE is then
-False, UNAVAILABLE_REASON says why, and utils.chipmunk uses its reference path (slowly, and says so
+False, UNAVAILABLE_REASON says why, and the layers take the reference path (slowly, and say so
 in the stack's status line). With TRITON_INTERPRET=1 the kernels run on CPU tensors through
 Triton's interpreter (small shapes only), which is how the tests check them without a GPU.
 
@@ -27,7 +27,7 @@ import os
 
 import torch
 
-from utils.chipmunk import HASH_CONSTANTS, block_sizes, hash_offset
+from utils.chipmunk.reference import HASH_CONSTANTS, block_sizes, hash_offset
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
@@ -52,9 +52,8 @@ LOG2E = 1.4426950408889634
 # How the selection kernels find the K-th largest key: "bitwise" (one block-wide sum per bit, stopping early: at most
 # 32, or 32 + 25 in top_and_random) or "radix" (ceil(bits / 8) histogram passes). Both give the same indices. On a GPU
 # the autotuner picks the faster for the row length (search=None); an explicit search runs that one (the tests, the
-# device benchmark). The interpreter runs SELECTION_SEARCH, the one the H200 picks. (A third search, two bits per
-# reduction, lost to bitwise on the H200 in both its versions, 117 and 102 us against 86 and 65, and was removed in
-# session 13.)
+# device benchmark). The interpreter runs SELECTION_SEARCH, the one the H200 picks. (Two bits per reduction lost to
+# bitwise on the H200: 102 us against 65.)
 SELECTION_SEARCH = "bitwise"
 SELECTION_SEARCHES = ("bitwise", "radix")
 
@@ -96,7 +95,7 @@ def _selection_configs() -> list:
     block-wide sum is a barrier, and a row is one program (34 rows of 12,288 neurons: the selection is latency-bound).
     bitwise takes at most 32 sums (57 in top_and_random), radix 4 histogram passes (8), but how tl.histogram lowers
     depends on the Triton version (per-element shared-memory atomics in 3.8, ballots before): on the H200 with Triton
-    3.6, top_and_random took 86 us bitwise and 146 radix (session 10), 65 us bitwise with its early exit (session 13).
+    3.6, top_and_random took 65 us bitwise (with its early exit) and 146 us radix.
     Each row length keeps two warp counts (_selection_warps_only)."""
     if INTERPRET:
         return [triton.Config({"SEARCH": SELECTION_SEARCH}, num_warps=4, num_stages=1)]
@@ -108,7 +107,7 @@ def _selection_warps_only(configs: list, named_args: dict, **kwargs) -> list:
     """Keeps the warp count the row length needs (fewer warps spill a 16,384-key row) and twice that up to 16: the
     rounds of a search run one after another, and each round's per-thread work halves with the keys per thread (an
     8,192-key row, FLUX's attention key sets: 32 keys a thread at 8 warps, 16 at 16). On the H200 the autotuner kept
-    8 warps for the key sets (session 13). 32 warps leave 64 registers a thread, and top_and_random spills there
+    8 warps for the key sets. 32 warps leave 64 registers a thread, and top_and_random spills there
     (16-48 bytes on sm_90)."""
     block = kwargs.get("BLOCK", named_args.get("BLOCK"))
     fewest = _selection_warps(block)
@@ -155,7 +154,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # the rows, stored and reset only at a group's last tile. On the H200 (L=4352, 24 heads of 128, GROUP=192) the
     # first kernel (a program per K tile and group, a row sum per 64-row tile) took 497 us, 233 TFLOP/s for its QK^T
     # pass; the flat loop alone still ~490 us (a row sum crosses warps every tile); with the 2D accumulator 283-330 us
-    # for the configs below (a standalone sweep, results/h200/traces_session9/column_sum_sweep_2026-12-02.txt).
+    # for the configs below (a standalone sweep on the H200).
     @triton.autotune(configs=_configs([dict(BLOCK_N=128, GROUPS_PER_PROGRAM=4, w=4, s=2),
                                        dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=2),
                                        dict(BLOCK_N=128, GROUPS_PER_PROGRAM=8, w=4, s=3),
@@ -238,11 +237,10 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # 192 KB), and a 128x128 tile at 128 registers and 96 KB, so two CTAs per SM (one's epilogue under the other's
     # loop).
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16)),
-                     key=["L", "NK", "DM", "BLOCK_M", "FUSE_DELTA"], reset_to_zero=["PRESUM"], restore_value=["ACT"])
+                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
-    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, ACT, DELTA, sxb, sxl, snb, snl, sab, sal, sak, sdb, sdl, L, DM,
-                           NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                           BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FUSE_DELTA: tl.constexpr):
+    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
         # Row tiles vary fastest: the programs in flight then share one neuron tile position across all token blocks,
         # whose sorted neuron sets cover similar W1 rows, so gathered weights come from L2 instead of DRAM.
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -266,30 +264,19 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 x = tl.load(x_ptr + dd[None, :], mask=(rows[:, None] < L) & (dd[None, :] < DM), other=0.0)
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
-                      sdb, sdl, L, NK, NB, FUSE_DELTA)
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
 
     @triton.jit
-    def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
-                      sdb, sdl, L, NK, NB, FUSE_DELTA: tl.constexpr):
-        """fc1's tile: + bias, its block sums into PRESUM (rows past L left out), GELU(tanh); then either stored
-        compactly into NEW (for _activation_delta_kernel), or, FUSE_DELTA, the activation-cache delta done here:
-        the same update as _activation_delta_kernel (DELTA = new - ACT[selected] with new rounded to the cache's
-        dtype first, ACT[selected] = new), without writing and re-reading NEW. Each (row, selected neuron) of a
-        token block belongs to one tile, so the read-modify-write of ACT has no race."""
+    def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB):
+        """fc1's tile: + bias, its block sums into PRESUM (rows past L left out), GELU(tanh), stored compactly into
+        NEW for _activation_delta_kernel. (Doing the activation delta here instead, without writing and re-reading
+        NEW, measured 0.98-0.99x at FLUX's 30% of neurons on the H200: the epilogue's registers cost the loop more.)"""
         pre = acc + tl.load(B1 + neuron).to(tl.float32)[None, :]
         tl.atomic_add(PRESUM + (b * NB + blk) * NK + j, tl.sum(tl.where(rows[:, None] < L, pre, 0.0), 0), mask=jvalid)
         z2 = 1.5957691216057308 * (pre + 0.044715 * pre * pre * pre)  # 2z, with 2 sqrt(2/pi) = GELU_TANH_2C
         act = pre / (1.0 + tl.exp(-z2))  # gelu_tanh(x) = x * sigmoid(2z)
         mask = (rows[:, None] < L) & jvalid[None, :]
-        if FUSE_DELTA:
-            new = act.to(ACT.dtype.element_ty)
-            act_ptr = ACT + b * sab + rows[:, None] * sal + neuron[None, :] * sak
-            delta = new.to(tl.float32) - tl.load(act_ptr, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DELTA + b * sdb + rows[:, None] * sdl + j[None, :], delta.to(DELTA.dtype.element_ty), mask=mask)
-            tl.store(act_ptr, new, mask=mask)
-        else:
-            tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty), mask=mask)
+        tl.store(NEW + b * snb + rows[:, None] * snl + j[None, :], act.to(NEW.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr):
@@ -309,7 +296,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                                  L, NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                                  WRITE_MEANS: tl.constexpr):
         """delta = new - act_cache[selected]; act_cache[selected] = new (new is already in the cache's dtype, so
-        the deltas telescope exactly in it). With a neuron-major cache (sal == 1, as utils.chipmunk keeps it for
+        the deltas telescope exactly in it). With a neuron-major cache (sal == 1, as the MLP layer keeps it for
         this kernel) each selected neuron's tokens are contiguous, so the gather is coalesced; a token-major cache
         splits it into 2-byte accesses (0.33 ms on the H100 at FLUX shapes, ~7x its traffic at full bandwidth).
         WRITE_MEANS: the first row tile of each token block also writes its selected neurons' pre-activation block
@@ -448,16 +435,16 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # host-side TMA descriptor over its (B * L, width) view instead of pointer loads (cp.async), the gathered weight
     # rows still pointer loads. TMA takes the dense tile's address math and predicates off the loop. On the H200
     # (Triton 3.6) they ran 1.02-1.07x faster than the pointer kernels at 10-70% of the neurons, 1.06x at FLUX's 30%
-    # (0.459 against 0.485 ms), with outputs equal bit for bit (results/h200/chipmunk_speed_tma_session11_2026-12-02.md):
+    # (0.459 against 0.485 ms), with outputs equal bit for bit:
     # sparse_mlp uses them by default where TMA exists. Separate kernels, so the pointer ones stay for other GPUs.
     # Rows past L are the next batch's first rows (or zeros past B * L: TMA fills out-of-bounds boxes with zeros, as
     # it does columns past the width): their sums are never stored, as in the kernels above.
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
-                     key=["L", "NK", "DM", "BLOCK_M", "FUSE_DELTA"], reset_to_zero=["PRESUM"], restore_value=["ACT"])
+                     key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
-    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, ACT, DELTA, snb, snl, sab, sal, sak, sdb, sdl, L, DM,
-                               NK, NB, TOKENS_PER_BLOCK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                               BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, FUSE_DELTA: tl.constexpr):
+    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                               EVEN_D: tl.constexpr):
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc1
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -475,8 +462,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             else:
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
-        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, ACT, DELTA, b, blk, rows, j, jvalid, snb, snl, sab, sal, sak,
-                      sdb, sdl, L, NK, NB, FUSE_DELTA)
+        _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
 
     @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4),
                                       pre_hook=_fc2_tma_box, EPILOGUE_N=64),
@@ -535,7 +521,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         >= the K-th largest, and no tie straddles its edge), so _take_ascending picks the same entries from this
         threshold as from the K-th largest. Continuous keys separate the K-th from the (K+1)-th largest long before
         the last bit (a CPU model on random rows of FLUX's sizes: ~20 rounds of 32 for the neuron changes, ~14 of 25
-        for the 24-bit noise); ties run all BITS. On the H200, top_and_random went from 85 to 65 us (session 13)."""
+        for the 24-bit noise); ties run all BITS. On the H200 the early exit took top_and_random from 85 to 65 us."""
         key = _lanes_below_every_candidate(key, valid)
         if BITS == 32:
             threshold = tl.full((), -2147483648, tl.int32)  # the search runs over key ^ 0x80000000, unsigned
@@ -607,8 +593,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
         """One row per program: the indices of its K largest values, ascending, ties to the lower index. A search
         (SEARCH: one of SELECTION_SEARCHES) for the K-th largest value's order-preserving key, then a compaction by running
         counts: one launch where torch.topk + an ordering pass take ~40 (the selection steps' host cost in the H100
-        traces). int32 keys: the int64 ones of the first version took 61 us a call for 34 rows of 12,288 (H200,
-        session 8)."""
+        traces). int32 keys: int64 ones took 61 us a call for 34 rows of 12,288 on the H200."""
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK)
         valid = offs < N
@@ -624,7 +609,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                                SEARCH: tl.constexpr):
         """One row per program: its TOP largest values plus TOTAL - TOP others chosen at random, indices ascending,
         in one launch. The random ones are those with the highest hashed_uniform noise among the rest, the same
-        numbers as utils.chipmunk.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
+        numbers as reference.hashed_uniform (splitmix64 of the seed and the flat position, top 24 bits), so
         this equals top_ascending(hashed_uniform(...).scatter_(-1, top, 2.0), TOTAL) (the reference) without the
         noise tensor, the scatter and the second launch. The seed is offset (seed * seed_mix, wrapped) or, when
         SEED_IN_TENSOR, read from SEED (a device scalar that CUDA-graph replays update). HAS_REF: the scores are
@@ -659,7 +644,7 @@ def _check_head_dim(q: torch.Tensor) -> int:
 
 
 def attention_column_sums(q: torch.Tensor, k: torch.Tensor, group: int, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group.
+    """Same as reference.attention_column_sums: (B, H, G, L_k) float32 softmax column sums per query group.
     `lse`: the rows' log-sum-exp of the scaled scores (natural log, (B, H, L)) when the dense attention already
     computed it (FA3 does); else a first pass over the keys computes it."""
     B, L, H, D = q.shape
@@ -691,11 +676,11 @@ def row_lse_log2(q: torch.Tensor, k: torch.Tensor, block_m: int = 64) -> torch.T
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_index: torch.Tensor, group: int,
                      o_cache: torch.Tensor | None = None, dense_out: torch.Tensor | None = None,
                      out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.sparse_attention_reference: A_S (+ o_cache), or dense_out - A_S (a dense step's new
+    """Same as reference.sparse_attention_reference: A_S (+ o_cache), or dense_out - A_S (a dense step's new
     o_cache, in one pass: A_S is never written), (B, L, H, D) in q's dtype, into `out` when given (contiguous; it
     may be o_cache itself: each element is read before it is written, by the same program).
     One program per 64-row tile of a query group. (A per-group variant that shared each gathered K/V tile between
-    128 + 64 row tiles at 8 warps was slower on the H100: 0.207 vs 0.155 ms at 16.5% keys, results/NOTES.md.)"""
+    128 + 64 row tiles at 8 warps was slower on the H100: 0.207 vs 0.155 ms at 16.5% keys.)"""
     B, L, H, D = q.shape
     _check_head_dim(q)
     if o_cache is not None and dense_out is not None:
@@ -721,7 +706,7 @@ TOP_ASCENDING_MAX_ROW = 16384  # one row per program, held in registers (FLUX: 4
 
 
 def top_ascending(scores: torch.Tensor, count: int, search: str | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
+    """Same as reference.top_ascending (the `count` largest along the last dim, indices ascending, int32) in one
     launch, for rows of at most TOP_ASCENDING_MAX_ROW. `search`: one of SELECTION_SEARCHES (same result), or None for
     the autotuner's pick."""
     size = scores.shape[-1]
@@ -741,7 +726,7 @@ def top_ascending(scores: torch.Tensor, count: int, search: str | None = None) -
 def top_and_random(scores: torch.Tensor, top: int, total: int, seed: torch.Tensor | int,
                    search: str | None = None, reference: torch.Tensor | None = None,
                    out: torch.Tensor | None = None) -> torch.Tensor:
-    """Same as utils.chipmunk.top_and_random (the `top` largest along the last dim plus `total - top` random others,
+    """Same as reference.top_and_random (the `top` largest along the last dim plus `total - top` random others,
     indices ascending, int32) in one launch. `seed`: an int, or an int64 device scalar (CUDA-graph replays).
     `search`: one of SELECTION_SEARCHES (same result), or None for the autotuner's pick. `reference` (float32, the
     shape of scores): rank |scores - reference| instead (scores in any float dtype, widened to float32 first).
@@ -801,8 +786,8 @@ def _largest(kernel, meta: str) -> int:
 def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tensor, block: int) -> torch.Tensor:
     """A dense MLP step's fc1 epilogue in one pass over pre_t = W1 x^T (B, hidden, L), L contiguous: act_t (the same
     shape and layout: the neuron-major activation cache) = gelu_tanh(pre_t + b1), and the block means of the biased
-    pre-activations, (B, nb, hidden) float32, as utils.chipmunk.block_means gives them. Where torch took three passes
-    (the broadcast bias add, GELU, the block sums: ~245 us a layer on the H200, results/NOTES.md session 9)."""
+    pre-activations, (B, nb, hidden) float32, as reference.block_means gives them. Where torch took three passes
+    (the broadcast bias add, GELU, the block sums: ~245 us a layer on the H200)."""
     B, hidden, L = pre_t.shape
     if pre_t.stride(-1) != 1 or act_t.shape != pre_t.shape or act_t.stride(-1) != 1:
         raise ValueError("dense_mlp_epilogue needs pre_t and act_t of one shape, (B, hidden, L) with L contiguous")
@@ -817,19 +802,15 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None, tma: bool | None = None, fused_delta: bool = False,
-               pre_mean: torch.Tensor | None = None, x_read: torch.cuda.Event | None = None) -> torch.Tensor | None:
-    """Same update as utils.chipmunk.sparse_mlp_reference, in place on act_cache and out_cache (float32).
+               out: torch.Tensor | None = None, tma: bool | None = None, pre_mean: torch.Tensor | None = None, x_read: torch.cuda.Event | None = None) -> torch.Tensor | None:
+    """Same update as reference.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
-    (B, L, hidden) may have any strides; neuron-major storage (chipmunk.neuron_major) is the fast one. `out`, if
+    (B, L, hidden) may have any strides; neuron-major storage (reference.neuron_major) is the fast one. `out`, if
     given ((B, L, out), last dim contiguous, any float dtype), receives the updated out_cache rounded to its dtype
     by fc2's epilogue: the layer's output without another pass over the cache.
     `tma`: fc1's X and fc2's deltas through TMA descriptors (_sparse_fc1_tma_kernel, _sparse_fc2_tma_kernel), the
     same results; None (the layers' choice) uses them where `tma_by_default(x)` says they run, True insists on them,
     False keeps the pointer kernels (what the device benchmark compares them with).
-    `fused_delta`: fc1's epilogue updates the activation cache and writes the deltas itself (no separate
-    _activation_delta_kernel, no compact new-activation tensor written and read back): the same results. Off by
-    default until the device measures it (scripts/h100_chipmunk.py --parts speed times both).
     Returns the block means of the selected neurons' fc1 pre-activations, (B, nb, K) float32; or, given `pre_mean`
     ((B, nb, hidden) float32, last dim contiguous: the layer's reference pre-activations), writes them into their
     neurons' places there (what `pre_mean.scatter_(2, neuron_index, means)` does) and returns None.
@@ -855,38 +836,30 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     w1, w2_t, b1 = w1.contiguous(), w2_t.contiguous(), b1.contiguous()
     index = neuron_index.to(torch.int32).contiguous()
     block_m = _row_tile(block, 128)
-    unused = torch.empty(1, 1, 1, device=x.device, dtype=act_cache.dtype)  # for a kernel argument left untouched
-    new = unused if fused_delta else torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
-    # fc1 updates ACT in place only when fused, and the autotuner restores ACT after each trial run (restore_value):
-    # unfused, ACT is the unused stand-in, so tuning does not copy the activation cache for nothing.
-    fc1_act = act_cache if fused_delta else unused
+    new = torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
     # With TMA the deltas' rows are padded to 16 bytes (its stride alignment); the padding is never read (past the
     # descriptor's width). FLUX's neuron counts (multiples of 256) need none.
     pad = 16 // w2_t.element_size() if tma else 1
     delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
-    caches = (fc1_act, delta, new.stride(0), new.stride(1), fc1_act.stride(0), fc1_act.stride(1), fc1_act.stride(2),
-              delta.stride(0), delta.stride(1))
     if tma:
         fc1 = _sparse_fc1_tma_kernel
-        fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, *caches, L, DM, NK, NB, block,
-                   BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
+        fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, new.stride(0), new.stride(1), L, DM,
+                   NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0)
     else:
         fc1 = _sparse_fc1_kernel
-        fc1[grid1](x, w1, b1, index, new, pre_sum, caches[0], caches[1], x.stride(0), x.stride(1), *caches[2:], L, DM,
-                   NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FUSE_DELTA=fused_delta)
+        fc1[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0), new.stride(1), L, DM, NK,
+                   NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0)
     if x_read is not None:
         x_read.record()
-    means_in_delta_kernel = pre_mean is not None and not fused_delta
-    if not fused_delta:
-        delta_k = 16 if INTERPRET else 64
-        means_at = pre_mean if means_in_delta_kernel else pre_sum  # a pointer left untouched without WRITE_MEANS
-        _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
-            new, index, act_cache, delta, pre_sum, means_at, new.stride(0), new.stride(1), act_cache.stride(0),
-            act_cache.stride(1), act_cache.stride(2), delta.stride(0), delta.stride(1), means_at.stride(0),
-            means_at.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, WRITE_MEANS=means_in_delta_kernel,
-            num_warps=4)
+    delta_k = 16 if INTERPRET else 64
+    means_at = pre_mean if pre_mean is not None else pre_sum  # a pointer left untouched without WRITE_MEANS
+    _activation_delta_kernel[(triton.cdiv(L, block_m), triton.cdiv(NK, delta_k), B)](
+        new, index, act_cache, delta, pre_sum, means_at, new.stride(0), new.stride(1), act_cache.stride(0),
+        act_cache.stride(1), act_cache.stride(2), delta.stride(0), delta.stride(1), means_at.stride(0),
+        means_at.stride(1), L, NK, NB, block, BLOCK_M=block_m, BLOCK_K=delta_k, WRITE_MEANS=pre_mean is not None,
+        num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
     fc2 = _sparse_fc2_tma_kernel if tma else _sparse_fc2_kernel
@@ -895,13 +868,9 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     fc2[grid2](*operands, out_cache.stride(0), out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB,
                block, WRITE_LOW=out is not None, BLOCK_M=block_m, EVEN_K=NK % _largest(fc2, "BLOCK_K") == 0,
                EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0)
-    if means_in_delta_kernel:
+    if pre_mean is not None:
         return None
-    means = pre_sum / block_sizes(L, block, x.device)[None, :, None]
-    if pre_mean is not None:  # fused_delta: no delta kernel to write them
-        pre_mean.scatter_(2, index.long(), means)
-        return None
-    return means
+    return pre_sum / block_sizes(L, block, x.device)[None, :, None]
 
 
 def tma_by_default(x: torch.Tensor) -> bool:

@@ -7,11 +7,12 @@ caching every Chipmunk layer takes the same decisions at a given step, and those
 step index alone (`step_kind`): attention dense or sparse (and whether it reselects its key set), MLP dense,
 sparse with a new neuron selection, or sparse. So each kind is recorded once and replayed at the kind's later steps.
 
-How the parts fit (the traps are in results/NOTES.md, "CUDA-graphing Chipmunk's step"):
+How the parts fit (docs/DESIGN.md, "CUDA-graphing Chipmunk's steps", has the traps):
   * the first occurrence of a kind runs eagerly (Triton autotuning, cuBLAS workspaces, the caches' first
     allocation), the second is captured and then replayed, later ones replay;
-  * the caches are persistent buffers written in place (LayerState.store), so every graph reads and writes the
-    same memory whichever kind ran before;
+  * the caches are persistent buffers written in place (layers.SparseLayer.write), so every graph reads and writes
+    the same memory whichever kind ran before; a new input shape reallocates them, so the graphs of the old shape
+    are dropped;
   * before every eager or captured call the layers' `last_step` is set to step - 1, so their Python takes the plain
     schedule's decisions, the ones `step_kind` names; after a replay the wrapper records what the layers' Python
     would have (last step, flags, stats), from a snapshot taken at capture;
@@ -28,17 +29,8 @@ from typing import Callable
 
 import torch
 
-from utils.chipmunk import ChipmunkConfig, attn_dense_step, mlp_dense_step, mlp_reselect_step
-
-
-def step_kind(step: int, config: ChipmunkConfig) -> tuple[bool, bool, bool, bool]:
-    """(attention dense, attention selects its key set, MLP dense, MLP reselects) at `step` when every step is
-    computed: what each Chipmunk layer decides then (the first step of a generation is dense for both)."""
-    a, m = config.attn, config.mlp
-    attn_dense = step == 0 or attn_dense_step(step, a)
-    mlp_dense = step == 0 or mlp_dense_step(step, m)
-    return (attn_dense, attn_dense and (a.recompute_mask or step == 0), mlp_dense,
-            not mlp_dense and mlp_reselect_step(step, m))
+from utils import compile_utils
+from utils.chipmunk.config import ChipmunkConfig, step_kind
 
 
 class ChipmunkStepGraphs:
@@ -48,6 +40,7 @@ class ChipmunkStepGraphs:
         self.forward, self.layers, self.config, self.clock = forward, layers, config, clock
         self.seen: dict[tuple, int] = {}
         self.graphs: dict[tuple, tuple] = {}
+        self.shapes: tuple | None = None  # the input shapes the graphs were recorded for
         self.pool = torch.cuda.graph_pool_handle()
         self.calls = {"eager": 0, "captured": 0, "replayed": 0}
         clock.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
@@ -55,7 +48,10 @@ class ChipmunkStepGraphs:
     def __call__(self, **tensors: torch.Tensor):
         step = self.clock.step
         self.clock.step_tensor.fill_(step)
-        key = (tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items())), step_kind(step, self.config))
+        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        if shapes != self.shapes:  # the layers reallocate their caches: graphs of other shapes hold freed memory
+            self.shapes, self.seen, self.graphs = shapes, {}, {}
+        key = (shapes, step_kind(step, self.config))
         if key in self.graphs:
             graph, static_in, static_out, after = self.graphs[key]
             for k, v in tensors.items():
@@ -65,19 +61,18 @@ class ChipmunkStepGraphs:
             self.calls["replayed"] += 1
             return tuple(t.clone() for t in static_out)
         for layer in self.layers:  # decide as the plain schedule does (replays did not update last_step)
-            layer.state.last_step = step - 1 if step > 0 else None
+            layer.last_step = step - 1 if step > 0 else None
         self.seen[key] = self.seen.get(key, 0) + 1
         if self.seen[key] == 1:
             self.calls["eager"] += 1
             return self.forward(**tensors)
         static_in = {k: v.clone() for k, v in tensors.items()}
-        stats_before = [dict(layer.state.stats) for layer in self.layers]
+        stats_before = [dict(layer.stats) for layer in self.layers]
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             static_out = self.forward(**static_in)
         # What the layers' Python did while capturing is what every replay of this kind stands for.
-        after = [(layer.state.shape_key, dict(layer.state.flags),
-                  {k: n - before[k] for k, n in layer.state.stats.items()})
+        after = [(dict(layer.flags), {k: n - before[k] for k, n in layer.stats.items()})
                  for layer, before in zip(self.layers, stats_before)]
         self.graphs[key] = (graph, static_in, static_out, after)
         graph.replay()  # capturing recorded the kernels without running them
@@ -91,24 +86,21 @@ class ChipmunkStepGraphs:
         return sum(1 for key in self.seen if key not in self.graphs)
 
     def _replayed(self, step: int, after: list) -> None:
-        for layer, (shape_key, flags, stats) in zip(self.layers, after):
-            s = layer.state
-            s.shape_key, s.tensors, s.flags, s.last_step = shape_key, s.buffers[shape_key], dict(flags), step
+        for layer, (flags, stats) in zip(self.layers, after):
+            layer.flags, layer.last_step = dict(flags), step
             for name, n in stats.items():
-                s.stats[name] += n
+                layer.stats[name] += n
 
 
 def install_step_graphs(pipeline) -> str:
     """Route the Chipmunk transformer's forward through ChipmunkStepGraphs (after compile). Returns the status."""
-    from utils import compile_utils
-
     transformer = pipeline.transformer
     if transformer.device.type != "cuda":
         raise RuntimeError("Chipmunk's step graphs need a CUDA device")
     layers, config = transformer.chipmunk_layers, transformer.chipmunk_config
     if not layers:
         raise RuntimeError("Chipmunk's step graphs: the config leaves no sparse layer (attn and mlp both disabled)")
-    graphs = ChipmunkStepGraphs(compile_utils.tensor_forward(transformer), layers, config, layers[0].state.clock,
+    graphs = ChipmunkStepGraphs(compile_utils.tensor_forward(transformer), layers, config, layers[0].clock,
                                 transformer.device)
     compile_utils.install_compiled_forward(transformer, graphs, what="Chipmunk's step graphs")
     transformer.chipmunk_step_graphs = graphs
