@@ -34,8 +34,8 @@ def run_once(pipeline, args):
 def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
     """`runs` warm-up generations, then more (at most `max_extra`) while Chipmunk's step graphs still have a step kind
     to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
-    this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs,
-    results/NOTES.md session 12). Returns the number of warm-up generations run."""
+    this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs).
+    Returns the number of warm-up generations run."""
     for _ in tqdm(range(runs), desc="warm-up"):
         run()
     graphs = getattr(pipeline.transformer, "chipmunk_step_graphs", None)

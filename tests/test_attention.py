@@ -80,7 +80,7 @@ def test_fp8_casts_are_traced_outside_the_op():
 
 def test_the_op_takes_tensors_only_and_float8_inputs_give_bf16():
     """torch 2.11's AOTInductor proxy executor mistranslates a custom op's dtype argument (bf16 arrived as quint8
-    inside the exported blocks on the lent H200, pytorch/pytorch#169157): the op's schema holds tensors only, and
+    inside the exported blocks, pytorch/pytorch#169157): the op's schema holds tensors only, and
     the output dtype follows from the inputs'."""
     schema = torch.ops.flux_harness.fa3_attention.default._schema
     assert [str(a.type) for a in schema.arguments] == ["Tensor"] * 3

@@ -32,7 +32,7 @@ def test_annotation_times_each_stage_and_restores_methods_and_installed_forwards
 
 
 @pytest.mark.parametrize("name, kind", [
-    # names as torch.profiler printed them on the H100 (results/h100/caching_profile.txt, chipmunk_h100_profile.md)
+    # names as torch.profiler printed them on the H100
     ("nvjet_sm90_qqtst_128x128_128x6_1x2_h_bz_ovscale_bias_TNT", "matmul"),
     ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1", "matmul"),
     ("void cutlass::device_kernel<flash::enable_sm90_or_later<flash::FlashAttnFwdSm90<...>>>", "attention"),

@@ -1,5 +1,6 @@
-"""Feature caching on the tiny pipeline (CPU, fp32): the six groups of issue 5, plus interval > 1, batch 2,
-stats(), regional compile and cache-dit."""
+"""Feature caching on the tiny pipeline (CPU, fp32): schedule, finite differences, forecasts (fora, taylor, hicache),
+interval=1 equal to no cache, FBCache, validation, plus interval > 1, batch 2, stats(), regional compile and
+cache-dit."""
 
 import math
 import sys

@@ -180,9 +180,8 @@ def test_regional_export_builds_one_package_per_block_kind_and_matches_eager(tmp
 
 
 def test_a_package_its_loader_cannot_load_is_refused_with_the_alternative_before_this_process_loads_it(tmp_path):
-    # On the lent H200 the AOTI loader crashed on every CUDA package that its CXX built (results/h200/
-    # aoti_session10/): the package is first loaded in a child process, and a failure there is an error naming the
-    # compiler and the two ways out.
+    # On an H200 image the AOTI loader crashed on every CUDA package that its CXX built (docs/DESIGN.md): the package
+    # is first loaded in a child process, and a failure there is an error naming the compiler and the two ways out.
     bad = tmp_path / "flux_double_block_0.pt2"
     bad.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8).numpy().tobytes())
     with pytest.raises(compile_utils.PackageLoadError,

@@ -240,7 +240,7 @@ def test_float8_quantizes_only_the_blocks_linears(make_args, float8_on_cpu):
 
 def test_float8_leaves_the_inductor_config_to_the_inductor_layer(make_args, float8_on_cpu):
     # torchao's float8 config turns on coordinate-descent tuning process-wide unless told not to: with it, an ablation
-    # with --disable_inductor_tuning_flags still tuned (every float8 record before session 7 did).
+    # with --disable_inductor_tuning_flags still tuned.
     import torch._inductor.config as cfg
 
     from utils.pipeline_utils import quantize_float8

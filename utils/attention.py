@@ -59,7 +59,7 @@ def fa3_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     FA3 on a Hopper GPU; PyTorch SDPA otherwise (the fallback kernel; float8 inputs upcast to bf16), so the same
     graph runs on CPU. No dtype argument: torch 2.11's AOTInductor proxy executor hands a custom op's dtype argument
     over in the export schema's numbering (bf16 arrived as c10's quint8, pytorch/pytorch#169157, fixed by #173562),
-    which broke the fp8 op inside the exported blocks on the lent H200.
+    which broke the fp8 op inside the exported blocks.
     """
     out_dtype = _fa3_out_dtype(q)
     if FA3_AVAILABLE and q.is_cuda:
@@ -78,8 +78,7 @@ def fa3_fp8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torc
 
     The casts are here, outside the opaque op, so that torch.compile fuses them into the kernels that make q/k/v
     (QK RMSNorm + RoPE) instead of running three copies per call inside the op: those took 3.9 ms of a 90.6 ms
-    float8 step on the H200 (results/h200/stages_float8_kernels_2026-12-01.md). Measured on H100 at FLUX shapes
-    (results/h100/attention_fp8_microbench.md): relative error 5.3e-2 vs float64 (bf16: 2.3e-3), 894 vs 671
+    float8 step on the H200. Measured on H100 at FLUX shapes (docs/RESULTS.md): relative error 5.3e-2 vs float64 (bf16: 2.3e-3), 894 vs 671
     TFLOP/s. Per-head scaling gave the same error (e4m3's 3-bit mantissa, not its range, limits it) at 2.6x the
     time, so it is not used.
     """

@@ -66,7 +66,7 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--disable_quant", action="store_true", help="no torchao float8 quantization")
     stack.add_argument("--quant_granularity", choices=("tensor", "row"), default="row",
                        help="float8 scaling granularity; per-row measured faster on H100 (FLUX MLP 0.70 ms "
-                            "vs 0.84 per-tensor, 1.01 bf16; results/h100/attention_fp8_microbench.md)")
+                            "vs 0.84 per-tensor, 1.01 bf16; docs/RESULTS.md)")
     stack.add_argument("--disable_inductor_tuning_flags", action="store_true")
     stack.add_argument("--compile_export_mode", choices=("compile", "export_aoti", "disabled"), default=None,
                        help="torch.compile, torch.export + AOTInductor + CUDA graphs, or eager; default "
@@ -80,7 +80,7 @@ def create_parser() -> argparse.ArgumentParser:
                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                        help="torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs (no per-kernel "
                             "launch cost; not with Chipmunk or feature caching). 'max-autotune' variants autotune every "
-                            "GEMM shape: measured ~85-105 s per float8 shape on an H200 (results/NOTES.md), many "
+                            "GEMM shape: measured ~85-105 s per float8 shape on an H200, many "
                             "minutes cold for FLUX")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
                        help="where export_aoti keeps its compiled packages")
@@ -297,7 +297,7 @@ def environment_record(device: str) -> dict[str, Any]:
         "triton": _version("triton"),  # the Chipmunk kernels and inductor's generated code compile with it
         "fa3": _version("fa3-fwd") or _version("flash_attn_3") or _version("flashattn-hopper"),
         "cache_dit": _version("cache-dit"),
-        # export_aoti's .so files are built with it ($CXX): on the lent H200, /opt/gcc/bin/g++ built ones that crashed
+        # export_aoti's .so files are built with it ($CXX): /opt/gcc/bin/g++ has built ones that crashed
         "cxx": cxx_compiler(),
         "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None,

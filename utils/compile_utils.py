@@ -27,7 +27,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 
 # float8's per-row activation scales reduce rows of 12288-15360 elements, beyond inductor's persistent threshold: the
 # looped form reads each row twice. multi_kernel benchmarks the persistent (one-read) form against it per kernel and
-# keeps the faster (~2 ms a step on the H200, results/NOTES.md session 8).
+# keeps the faster (~2 ms a step on the H200; docs/RESULTS.md).
 PERSISTENT_REDUCTION_FLAGS: dict[str, Any] = {
     "triton.multi_kernel": 1,
     # torch 2.11: a graph with multi-kernels loaded from the FX-graph cache crashes (MultiKernelCall.load_cache:
@@ -48,7 +48,7 @@ def set_inductor_flags(flags: dict[str, Any]) -> dict[str, Any]:
 def set_inductor_tuning_flags() -> dict[str, Any]:
     """flux-fast's inductor settings plus persistent row reductions, grouped here so an ablation can drop them in one
     flag. Measured together on the H200 (random:flux-dev 1024^2, float8 stack, one CUDA graph per forward): 84.2 ms
-    per step against 88.1 without the tuning (results/h200/stages_tuned_multi_kernel_cudagraphs_2026-12-02.md)."""
+    per step against 88.1 without the tuning (docs/RESULTS.md)."""
     return set_inductor_flags({
         "conv_1x1_as_mm": True,  # the VAE's 1x1 convolutions as matmuls
         "epilogue_fusion": False,  # measured faster for FLUX in flux-fast
@@ -63,7 +63,7 @@ class TanhGELU(torch.nn.Module):
     (0.5 (1 + tanh(u)) = sigmoid(2u)), for inductor. On CUDA inductor emits tanh as libdevice.tanh, dozens of
     instructions per element, which left the float8 step's activation-quantization kernels compute-bound (they
     recompute the MLP's GELU, once for the row amax and once for the cast: 12.9 of 90.6 ms device time on the
-    H200, results/h200/stages_float8_kernels_2026-12-01.md); sigmoid lowers to ex2.approx and div.full (compiled
+    H200); sigmoid lowers to ex2.approx and div.full (compiled
     for sm_90: 107 PTX instructions per 8 elements against 293 with branches). For compiled
     code only: eager PyTorch's own tanh-GELU kernel is already one fast pass."""
 
@@ -225,11 +225,11 @@ _LOADS_CHECKED: set[tuple[str, float]] = set()
 
 
 def check_package_loads(path: Path) -> None:
-    """Load the package once in a child process before this process does. On the lent H200 every CUDA package
-    that CXX=/opt/gcc/bin/g++ built crashed the loader with a segmentation fault, even a plain bf16 MLP
-    (results/h200/aoti_probe_2026-12-01.md); in the run itself that would end the process and lose its results
-    so far. The crash was in std::regex's locale facets inside the package's .so, and the same package built by
-    /usr/bin/g++ loaded and matched eager (results/h200/aoti_session10/)."""
+    """Load the package once in a child process before this process does. On an H200 image whose CXX was
+    /opt/gcc/bin/g++ every CUDA package it built crashed the loader with a segmentation fault, even a plain bf16 MLP;
+    in the run itself that would end the process and lose its results so far. The crash was in std::regex's locale
+    facets inside the package's .so, and the same package built by /usr/bin/g++ loaded and matched eager
+    (docs/DESIGN.md)."""
     if (str(path), path.stat().st_mtime) in _LOADS_CHECKED:
         return
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r}); "
@@ -240,7 +240,7 @@ def check_package_loads(path: Path) -> None:
         how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else f"failed (exit {child.returncode})"
         raise PackageLoadError(
             f"export_aoti: loading the AOTInductor package {path} {how} in a child process, so this process does not "
-            f"load it. On the lent H200 such a crash came from the C++ compiler that built the .so; this one was "
+            f"load it. Such a crash has come from the C++ compiler that built the .so; this one was "
             f"{cxx_compiler()} (from $CXX). Rerun with CXX set to the system compiler, e.g. CXX=/usr/bin/g++ (the "
             f"package is then rebuilt: its cache key names the compiler). Or use "
             f"--compile_export_mode compile --compile_mode reduce-overhead: it records the compiled forward as one "
@@ -252,7 +252,7 @@ def load_package_with_weights(path: Path, module: torch.nn.Module) -> Any:
     """The AOTInductor package at `path`, running on `module`'s tensors (not copied: user-managed constants)."""
     check_package_loads(path)
     # Single-threaded runner: the default container checks its models' CUDA events (cudaEventQuery) on every call,
-    # which a CUDA graph capture refuses ("operation not permitted when stream is capturing", on the lent H200;
+    # which a CUDA graph capture refuses ("operation not permitted when stream is capturing";
     # pytorch/pytorch#148601 added this runner for AOTI + CUDA graphs, on FLUX).
     loaded = torch._inductor.aoti_load_package(str(path), run_single_threaded=True)
     # Only what the graph uses: after QKV fusion the state_dict still holds the unused to_q/to_k/to_v.
@@ -294,8 +294,7 @@ def load_or_build_regional_aoti(transformer: torch.nn.Module, example_kwargs: di
     """Regional export: one AOTInductor package per block kind (double-stream, single-stream), each built from the
     first block of its kind and loaded once per block with that block's weights; every block's forward then runs
     its package. The repeated blocks compile once per kind, as regional torch.compile does: the whole 57-block
-    transformer did not finish building in 8 minutes on a 16-core H200 host (results/h200/
-    stages_export_aoti_attempt_2026-12-01.log). The glue between blocks (embedders, RoPE, output layer) stays
+    transformer did not finish building in 8 minutes on a 16-core H200 host. The glue between blocks (embedders, RoPE, output layer) stays
     eager Python: CUDA-graph the returned forward to replay it with the blocks.
 
     `kinds` limits the work to some block kinds (the others keep their forward): a second process can build
@@ -400,8 +399,8 @@ def cudagraph(fn: Callable) -> Callable:
 def install_step_graph(transformer: torch.nn.Module) -> str:
     """Record the (compiled) transformer's whole forward, glue and blocks, as one CUDA graph per input shape and
     replay it with the inputs copied in. Regional compile leaves ~1,300 kernel launches, 57 compiled-region calls
-    and the eager glue to the host each step: on the H200 host a float8 step with 78 ms of kernels took 111 ms
-    (results/h200/stages_sigmoid_gelu_2026-12-01.md). Inductor's own CUDA graph trees record each block apart and
+    and the eager glue to the host each step: on the H200 host a float8 step with 78 ms of kernels took 111 ms.
+    Inductor's own CUDA graph trees record each block apart and
     keep the glue on the host. Only for a forward whose every call runs the same kernels: not with feature
     caching (Chipmunk has its own per-step-kind graphs)."""
     install_compiled_forward(transformer, cudagraph(tensor_forward(transformer)), what="the step CUDA graph")
@@ -414,7 +413,7 @@ def tensor_forward(transformer: torch.nn.Module) -> Callable:
     {}; install_compiled_forward refuses any other): the compiled blocks guard on that argument's type, and None
     recompiled every block kind (3 graphs), whose kernels inductor may tune to other configs than the pipeline's
     own run, rounding differently. On the H200 Chipmunk's step graphs, so recompiled, differed from eager by 4e-3
-    in some processes (results/NOTES.md, session 15)."""
+    in some processes."""
     eager_forward = transformer.forward
     return lambda **tensors: eager_forward(**tensors, joint_attention_kwargs={}, return_dict=False)
 

@@ -210,6 +210,14 @@ class SparseAttention(SparseLayer):
 
 # --- sparse MLP ------------------------------------------------------------------------------------
 
+def selected_block_means(pre: torch.Tensor, length: int) -> torch.Tensor:
+    """Block means of the selected neurons' pre-activations (B, nb, block, K), as reference.sparse_mlp_reference
+    returns them, over the `length` real tokens (padded rows excluded): (B, nb, K)."""
+    B, nb, block, K = pre.shape
+    rows = torch.arange(nb * block, device=pre.device).view(nb, block) < length
+    return (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None]
+
+
 @_opaque
 class SparseMlp(SparseLayer):
     """fc1 -> GELU(tanh) -> fc2 with Chipmunk's per-token-block neuron deltas. `b2` may be None (single blocks, where
@@ -323,7 +331,7 @@ class SparseMlp(SparseLayer):
                                              self.out_cache, cfg.bm)
                 if x_read is not None:
                     x_read.record()
-                self.pre_mean.scatter_(2, self.neuron_index.long(), self._selected_block_means(pre, x.shape[1]))
+                self.pre_mean.scatter_(2, self.neuron_index.long(), selected_block_means(pre, x.shape[1]))
                 # Always a new tensor, even in the cache's dtype: handing out the cache itself would let a compiled
                 # graph reuse its buffer for later temporaries (inductor's buffer reuse) and corrupt it.
                 output = self.out_cache.to(x.dtype, copy=True) if output is None else output.copy_(self.out_cache)
@@ -351,11 +359,6 @@ class SparseMlp(SparseLayer):
         pre_t += self.b1.detach()[:, None]  # (GELU's out= below takes no tensor that requires grad)
         torch.ops.aten.gelu.out(pre_t, approximate="tanh", out=cache.transpose(1, 2))
         return cache, R.block_means(pre_t.transpose(1, 2), self.config.bm)
-
-    def _selected_block_means(self, pre: torch.Tensor, length: int) -> torch.Tensor:
-        B, nb, block, K = pre.shape
-        rows = torch.arange(nb * block, device=pre.device).view(nb, block) < length  # padded rows excluded
-        return (pre * rows[None, :, :, None]).sum(2) / rows.sum(1)[None, :, None]
 
     def _reselect(self, x_means: torch.Tensor, step: int) -> None:
         """Per token block: the top_keys neurons whose fc1 pre-activation block mean moved most since their

@@ -1,8 +1,8 @@
-# Source this at the start of every command on an offline H100 node (the lent device, or your own):
+# Source this at the start of every command on an offline GPU node (H100 or H200):
 #
-#   source scripts/h100_env.sh && python3 scripts/h100_stages.py ... ; save_inductor_cache "$OUT"
+#   source scripts/gpu_env.sh && python3 scripts/bench_stages.py ... ; save_inductor_cache "$OUT"
 #
-# * installs the wheels that `../shared/h100/wheels.sh wcwidth` put in .whl/ (diffusers, torchao, FA3, cache-dit,
+# * installs the wheels that `scripts/download_wheels.sh` put in .whl/ (diffusers, torchao, FA3, cache-dit,
 #   the metric packages) into /tmp/site, once per machine, and puts them on PYTHONPATH;
 # * points TorchInductor's on-disk caches (FX graphs, AOT autograd, Triton autotuning) at $TORCHINDUCTOR_CACHE_DIR
 #   (default /tmp/inductor_cache) and fills it from .inductor_cache/inductor_cache.tgz.* when those came along: a
@@ -16,7 +16,7 @@
 #   parallel. `save_inductor_cache DIR full` keeps the binaries too.
 # * save_aoti_cache DIR does the same for the AOTInductor packages in $FLUX_AOTI_DIR (/tmp/flux-harness-aoti, the
 #   stage script's --cache-dir): copy the aoti_cache.tgz.NN parts to .aoti_cache/ and carry it, and a package
-#   built in one 10-minute command is timed in the next (packages hold no weights; their keys name GPU and torch).
+#   built in one command is timed in the next (packages hold no weights; their keys name GPU and torch).
 # * log_gpu_clocks FILE samples SM clock, power and throttle reasons every second in the background (kill it
 #   with `kill %1` or let the command end): a step time that differs between GPUs of one kind is read against it.
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
@@ -28,25 +28,24 @@ fi
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}
 mkdir -p "$TORCHINDUCTOR_CACHE_DIR"
 if ls .inductor_cache/inductor_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
-  cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[h100_env] inductor cache restored"
+  cat .inductor_cache/inductor_cache.tgz.* | tar xz -C "$TORCHINDUCTOR_CACHE_DIR" && echo "[gpu_env] inductor cache restored"
 fi
 
-# AOTInductor builds each package's .so with $CXX. The lent device sets CXX=/opt/gcc/bin/g++ (a wrapper around
+# AOTInductor builds each package's .so with $CXX. Some GPU images set CXX=/opt/gcc/bin/g++ (a wrapper around
 # g++-real 13.3), and every CUDA package it built crashed the loader (std::regex's locale facets, inside the .so);
-# /usr/bin/g++ builds packages that load and match eager (results/h200/aoti_session10/). Only that one value of CXX
-# is replaced.
+# /usr/bin/g++ builds packages that load and match eager (docs/DESIGN.md). Only that one value of CXX is replaced.
 if [ "$CXX" = /opt/gcc/bin/g++ ] && [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++; fi
 
 export FLUX_AOTI_DIR=${FLUX_AOTI_DIR:-/tmp/flux-harness-aoti}
 mkdir -p "$FLUX_AOTI_DIR"
 if ls .aoti_cache/aoti_cache.tgz.* >/dev/null 2>&1 && [ -z "$(ls -A "$FLUX_AOTI_DIR")" ]; then
-  cat .aoti_cache/aoti_cache.tgz.* | tar xz -C "$FLUX_AOTI_DIR" && echo "[h100_env] AOTI packages restored: $(ls "$FLUX_AOTI_DIR")"
+  cat .aoti_cache/aoti_cache.tgz.* | tar xz -C "$FLUX_AOTI_DIR" && echo "[gpu_env] AOTI packages restored: $(ls "$FLUX_AOTI_DIR")"
 fi
 
 _save_parts() {  # _save_parts SRC_DIR DEST_DIR NAME [tar options]: in 15 MiB parts (the device returns <= 16 MiB a file)
   local src=$1 dest=$2 name=$3; shift 3
   tar cz "$@" -C "$src" . | split -b 15M -d - "$dest/$name.tgz." &&
-    echo "[h100_env] $name: $(cat "$dest/$name".tgz.* | wc -c) bytes in $(ls "$dest/$name".tgz.* | wc -l) parts $dest/$name.tgz.NN"
+    echo "[gpu_env] $name: $(cat "$dest/$name".tgz.* | wc -c) bytes in $(ls "$dest/$name".tgz.* | wc -l) parts $dest/$name.tgz.NN"
 }
 
 save_inductor_cache() {  # save_inductor_cache DIR [full]

@@ -1,5 +1,5 @@
-"""The H100 proof scripts run end to end on CPU with the tiny pipeline (a dry run), so that a broken script is found
-here and not after minutes of device time."""
+"""The GPU benchmark scripts (scripts/bench_*.py, gpu_env.sh) run end to end on CPU with the tiny pipeline (a dry run),
+so that a broken script is found here and not after minutes on a GPU node."""
 import json
 import subprocess
 import sys
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_stage_table_dry_run_writes_every_stage(tmp_path):
     stages = ["eager", "compile", "qkv_fusion", "sigmoid_gelu", "persistent_reductions", "inductor_flags",
               "cudagraphs", "export_aoti"]
-    command = [sys.executable, "scripts/h100_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
+    command = [sys.executable, "scripts/bench_stages.py", "--ckpt", "tiny", "--device", "cpu", "--height", "64",
                "--width", "64", "--num_inference_steps", "2", "--stages", ",".join(stages), "--step_runs", "2",
                "--e2e_runs", "1", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "aoti")]
     # A second process that builds the single-block package (on the device it runs beside the timed one): it times
@@ -40,7 +40,7 @@ def test_stage_table_dry_run_writes_every_stage(tmp_path):
 
 
 def test_chipmunk_trace_part_dry_run_tables_host_and_device_time_per_step(tmp_path):
-    subprocess.run([sys.executable, "scripts/h100_chipmunk.py", "--dry-run", "--out", str(tmp_path), "--parts", "trace"],
+    subprocess.run([sys.executable, "scripts/bench_chipmunk.py", "--dry-run", "--out", str(tmp_path), "--parts", "trace"],
                    cwd=ROOT, check=True, capture_output=True, text=True)
     record = json.loads((tmp_path / "chipmunk_dryrun.json").read_text())
     rows = {row["variant"]: row for row in record["trace"]["rows"]}
@@ -54,12 +54,12 @@ def test_chipmunk_trace_part_dry_run_tables_host_and_device_time_per_step(tmp_pa
 def _source_env(work: Path, then: str = "", **env: Path) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/h100_env.sh" {then}'], cwd=work, check=True,
+    return subprocess.run(["bash", "-c", f'source "{ROOT}/scripts/gpu_env.sh" {then}'], cwd=work, check=True,
                           env=dict(os.environ, **{k: str(v) for k, v in env.items()}), capture_output=True, text=True)
 
 
 def test_inductor_cache_goes_out_in_parts_under_the_file_limit_and_comes_back_whole(tmp_path):
-    """The device returns files of at most 16 MiB: h100_env.sh saves the cache in 15 MiB parts and restores from
+    """The device returns files of at most 16 MiB: gpu_env.sh saves the cache in 15 MiB parts and restores from
     them. Incompressible data, so the archive really splits. Triton's binaries stay behind unless asked for."""
     import os
 
@@ -108,7 +108,7 @@ def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
     them under the table (the CPU dry run has no device time, so the rows are made here)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("h100_stages", ROOT / "scripts" / "h100_stages.py")
+    spec = importlib.util.spec_from_file_location("bench_stages", ROOT / "scripts" / "bench_stages.py")
     stages = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(stages)
     kernels = [{"kernel": "triton_red_fused_abs_amax_cat_gelu_view_3", "kind": "fused (inductor)", "ms": 4.7,
@@ -119,7 +119,7 @@ def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
               "environment": {"gpu": "GPU", "torch": "t", "diffusers": "d", "torchao": "a", "fa3": "f"},
               "shapes": {"height": 64, "width": 64, "steps": 2, "image_tokens": 16, "max_sequence_length": 32},
               "compile_scope": "regional", "compile_mode": "default", "quant_granularity": "row", "step_runs": 2,
-              "e2e_runs": 1, "command": "python scripts/h100_stages.py", "applied_untimed": [],
+              "e2e_runs": 1, "command": "python scripts/bench_stages.py", "applied_untimed": [],
               "rows": [{"stage": "float8_quant", "step_ms": 94.2, "step_vs_eager": 0.55, "e2e_s": 2.86,
                         "e2e_speedup": 1.74,
                         "apply_and_compile_s": 199, "step_device_ms_by_kind": {"matmul": 39.77}, "note": "",
@@ -136,11 +136,11 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
     """--e2e_float8 adds the dense stack and Chipmunk with float8 linears; the bf16 variants keep --disable_quant.
     Each variant is compared with the dense stack of its own precision. (Commands captured, not run.)"""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
+    import bench_chipmunk
 
     commands = []
 
-    def fake_child(cmd, timeout, env=None):
+    def fake_child(cmd, timeout):
         commands.append(cmd)
         results = Path(cmd[cmd.index("--results_dir") + 1])
         results.mkdir(parents=True, exist_ok=True)
@@ -149,8 +149,8 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
             {"latency_s": {"median": seconds}, "stages_s": {"denoising_total": {"median": seconds}}, "stack": {}}))
         return 0, ""
 
-    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
-    part = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), float8=True)
+    monkeypatch.setattr(bench_chipmunk, "run_child", fake_child)
+    part = bench_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), float8=True)
     by_name = {row["variant"]: row for row in part["rows"]}
     float8_names = {"dense stack + float8 (CUDA graphs)",
                     "chipmunk + float8 (dense projections) (CUDA graphs per step kind)"}
@@ -164,45 +164,42 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
     assert by_name["dense stack + float8 (CUDA graphs)"]["speedup_vs_dense"] == 1.0
 
 
-def test_chipmunk_e2e_variants_chosen_and_the_main_stream_one_sets_its_environment(tmp_path, monkeypatch):
-    """--e2e_variants picks which variants run, in the fixed order; main_stream is Chipmunk graphed with
-    CHIPMUNK_SELECT_AHEAD_STREAM=main for its child only, mlp_own_call with CHIPMUNK_MLP_AHEAD=0. An unknown name is refused before anything runs."""
+def test_chipmunk_e2e_variants_chosen_run_in_the_fixed_order(tmp_path, monkeypatch):
+    """--e2e_variants picks which variants run, in the fixed order; an unknown name is refused before anything
+    runs."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
+    import bench_chipmunk
 
     calls = []
 
-    def fake_child(cmd, timeout, env=None):
-        calls.append((cmd, env))
+    def fake_child(cmd, timeout):
+        calls.append(cmd)
         results = Path(cmd[cmd.index("--results_dir") + 1])
         results.mkdir(parents=True, exist_ok=True)
         (results / f"bench_{len(calls)}.json").write_text(json.dumps(
             {"latency_s": {"median": 3.0}, "stages_s": {"denoising_total": {"median": 3.0}}, "stack": {}}))
         return 0, ""
 
-    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
-    rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"),
-                                  wanted="mlp_own_call,main_stream,dense,chipmunk")["rows"]
+    monkeypatch.setattr(bench_chipmunk, "run_child", fake_child)
+    rows = bench_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"),
+                                   wanted="eager,chipmunk,dense")["rows"]
     assert [r["variant"] for r in rows] == ["dense stack (CUDA graphs)", "chipmunk (CUDA graphs per step kind)",
-                                            "chipmunk, work ahead on the main stream (CUDA graphs per step kind)",
-                                            "chipmunk, single blocks' MLP in its own call (CUDA graphs per step kind)"]
-    assert [env for _, env in calls] == [None, None, {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"},
-                                         {"CHIPMUNK_MLP_AHEAD": "0"}]
-    assert calls[1][0] == calls[2][0] == calls[3][0]  # the same command: only the environment differs
-    with pytest.raises(ValueError, match="unknown e2e variant.*'sidestream'.*main_stream"):
-        h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), wanted="dense,sidestream")
-    assert len(calls) == 4
+                                            "chipmunk, no CUDA graphs"]
+    assert "--chipmunk_config" not in calls[0] and "--compile_mode" not in calls[2]
+    with pytest.raises(ValueError, match="unknown e2e variant.*'sidestream'.*hicache"):
+        bench_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), wanted="dense,sidestream")
+    assert len(calls) == 3
 
 
 def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path, monkeypatch):
     """A child killed at the budget (run_child's 124) is recorded as cut by the budget, and a real non-zero exit as a
-    failure: session 9's record called a budget cut "FAILED (exit 124)"."""
+    failure, not "FAILED (exit 124)"."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
+    import bench_chipmunk
 
     outcomes = iter([(0, None), (124, "timed out after 5 s"), (1, "Traceback ...")])
 
-    def fake_child(cmd, timeout, env=None):
+    def fake_child(cmd, timeout):
         rc, tail = next(outcomes, (0, None))
         if rc == 0:
             results = Path(cmd[cmd.index("--results_dir") + 1])
@@ -211,13 +208,13 @@ def test_chipmunk_e2e_variant_cut_by_the_budget_is_not_called_a_failure(tmp_path
                 {"latency_s": {"median": 3.0}, "stages_s": {"denoising_total": {"median": 3.0}}, "stack": {}}))
         return rc, tail or ""
 
-    monkeypatch.setattr(h100_chipmunk, "run_child", fake_child)
-    rows = h100_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"))["rows"]
+    monkeypatch.setattr(bench_chipmunk, "run_child", fake_child)
+    rows = bench_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"))["rows"]
     assert rows[0]["median_s"] == 3.0
     assert rows[1]["skipped"].startswith("budget: cut after") and "exit_code" not in rows[1]
     assert rows[2]["exit_code"] == 1 and "skipped" not in rows[2]
     assert rows[-1]["variant"] == "chipmunk, no CUDA graphs"  # last: the least informative to lose to the budget
-    assert "FAILED (exit 1)" in h100_chipmunk.markdown({"environment": {}, "command": "x", "dry_run": False,
+    assert "FAILED (exit 1)" in bench_chipmunk.markdown({"environment": {}, "command": "x", "dry_run": False,
                                                         "part_seconds": {},
                                                         "e2e": {"steps": 4, "runs": 1, "rows": rows}})
 
@@ -227,23 +224,23 @@ def test_chipmunk_speed_record_names_the_autotuners_picks(monkeypatch):
     triton = pytest.importorskip("triton", reason="Triton comes with the CUDA build of torch that requirements.txt "
                                                   "installs; only a CPU-only torch lacks it")
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
-    from utils import chipmunk_triton as T
+    import bench_chipmunk
+    from utils.chipmunk import kernels as T
 
     key = (4608, 3712, 3072, 128)
     monkeypatch.setitem(T._sparse_fc1_kernel.cache, key,
                         triton.Config({"BLOCK_K": 256, "BLOCK_D": 64}, num_warps=8, num_stages=3))
-    picks = h100_chipmunk.autotune_picks()
+    picks = bench_chipmunk.autotune_picks()
     assert picks["_sparse_fc1_kernel"]["4608, 3712, 3072, 128"] == "BLOCK_K=256, BLOCK_D=64, warps 8, stages 3"
 
 
 def test_env_script_builds_aoti_with_the_system_gpp_where_the_device_sets_opt_gcc(tmp_path):
-    """On the lent H200, CXX=/opt/gcc/bin/g++ built AOTI .so files that crashed their loader and /usr/bin/g++ built
-    ones that load (results/h200/aoti_session10/): h100_env.sh swaps that one value, and keeps any other."""
+    """On a GPU image whose CXX=/opt/gcc/bin/g++, that compiler built AOTI .so files that crashed their loader and
+    /usr/bin/g++ built ones that load (docs/DESIGN.md): gpu_env.sh swaps that one value, and keeps any other."""
     import shutil
 
     if not Path("/usr/bin/g++").exists():
-        pytest.skip("no /usr/bin/g++ here: h100_env.sh leaves CXX alone then")
+        pytest.skip("no /usr/bin/g++ here: gpu_env.sh leaves CXX alone then")
     env = dict(TORCHINDUCTOR_CACHE_DIR=tmp_path / "cache", FLUX_AOTI_DIR=tmp_path / "aoti")
     swapped = _source_env(tmp_path, '&& echo "CXX=$CXX"', CXX="/opt/gcc/bin/g++", **env).stdout
     assert "CXX=/usr/bin/g++" in swapped.splitlines()
@@ -254,14 +251,14 @@ def test_env_script_builds_aoti_with_the_system_gpp_where_the_device_sets_opt_gc
 
 def test_chipmunk_graphs_table_says_how_many_graphs_each_run_compiled(monkeypatch):
     """A recompile between runs changes kernels and rounding: the graphs table shows it per run (records made before
-    the column existed render it empty). Rendered from session 14's call 2 record."""
+    the column existed render it empty). Rendered from a recorded H200 run (tests/fixtures)."""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
+    import bench_chipmunk
 
-    record = json.loads((ROOT / "results/h200/chipmunk_session14_call2/chipmunk_h200.json").read_text())
+    record = json.loads((ROOT / "tests/fixtures/chipmunk_device_record.json").read_text())
     rows = record["graphs"]["rows"]
     rows[-1]["graphs_compiled"] = 2
-    text = h100_chipmunk.markdown(record)
+    text = bench_chipmunk.markdown(record)
     assert "| graphs 3 | 1.28 | 0.00e+00 | True | True | 2 |" in text
     assert "| eager 2 | 1.37 | 0.00e+00 | True | True |  |" in text
 
@@ -273,30 +270,32 @@ def test_cache_digests_find_the_first_cache_a_run_departs_at(monkeypatch):
     from types import SimpleNamespace
 
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
-    import h100_chipmunk
+    import bench_chipmunk
 
     torch = pytest.importorskip("torch")
     gen = torch.Generator().manual_seed(3)
 
     def layers(tensors):
-        return [SimpleNamespace(state=SimpleNamespace(name=f"MLP layer {i}", tensors=t)) for i, t in enumerate(tensors)]
+        names = ("act_cache", "neuron_index", "pre_mean")
+        return [SimpleNamespace(name=f"MLP layer {i}", CACHES=names, **{n: t.get(n) for n in names})
+                for i, t in enumerate(tensors)]
 
     caches = [{"act_cache": torch.randn(2, 64, 32, generator=gen).bfloat16(),
                "neuron_index": torch.randint(0, 32, (2, 1, 8), generator=gen, dtype=torch.int32)} for _ in range(3)]
-    reference = [h100_chipmunk.cache_digests(layers(caches)) for _ in range(2)]
+    reference = [bench_chipmunk.cache_digests(layers(caches)) for _ in range(2)]
     assert len(reference[0]) == 6 and all(len(v) == 2 for v in reference[0].values())
-    assert h100_chipmunk.first_departures(reference, reference) == []
+    assert bench_chipmunk.first_departures(reference, reference) == []
     changed = [{k: v.clone() for k, v in c.items()} for c in caches]
     value = changed[1]["act_cache"][1, 5, 7]
     changed[1]["act_cache"][1, 5, 7] = torch.nextafter(value, torch.tensor(1e9, dtype=torch.bfloat16))
     assert not torch.equal(changed[1]["act_cache"], caches[1]["act_cache"])
     changed[2]["pre_mean"] = torch.randn(2, 1, 32, generator=gen)  # a cache the reference did not have yet
-    run = [reference[0], h100_chipmunk.cache_digests(layers(changed))]
-    found = h100_chipmunk.first_departures(run, reference)
+    run = [reference[0], bench_chipmunk.cache_digests(layers(changed))]
+    found = bench_chipmunk.first_departures(run, reference)
     assert [(d["step"], d["cache"]) for d in found] == [(1, "MLP layer 1/act_cache")]
     assert found[0]["expected"] == reference[1]["MLP layer 1/act_cache"]
 
-    record = json.loads((ROOT / "results/h200/chipmunk_session14_call2/chipmunk_h200.json").read_text())
+    record = json.loads((ROOT / "tests/fixtures/chipmunk_device_record.json").read_text())
     record["graphs"]["rows"][-1]["first_cache_departures"] = found
-    text = h100_chipmunk.markdown(record)
+    text = bench_chipmunk.markdown(record)
     assert "| graphs 3 | 1 | MLP layer 1/act_cache |" in text

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ablation harness on one H100 (or more), without the real weights: stack_flux_dev.yaml with
+# The ablation harness on one Hopper GPU (or more), without the real weights: stack_flux_dev.yaml with
 # --ckpt random:flux-dev (full-size FLUX.1-dev architecture, random weights: timings are real, images
 # are noise, so the quality columns only show that the metrics run). Budget < 6 minutes:
 #   * $PROMPTS prompts (default 2), 1 seed, $STEPS denoising steps (default 10, not 28; stated in the summary's
@@ -9,21 +9,20 @@
 #     fusion + FA3 + float8), and each of those three layers disabled in turn ($VARIANTS overrides the list);
 #   * random-init metric models (the node has no metric weights).
 # With 2+ GPUs it also runs the same sweep as a 2-process torchrun (NCCL).
-# Writes summaries, plots, records and timing under $OUT (default results/h100/ablation).
+# Writes summaries, plots, records and timing under $OUT (default runs/ablation).
 #
-#   bash scripts/h100_ablation.sh            # from the project root; OUT=/some/dir to choose the output
-#   PROMPTS=32 STEPS=28 VARIANTS=no_quant bash scripts/h100_ablation.sh   # the wall-time check: few variants
+#   bash scripts/gpu_ablation.sh            # from the project root; OUT=/some/dir to choose the output
+#   PROMPTS=32 STEPS=28 VARIANTS=no_quant bash scripts/gpu_ablation.sh   # the wall-time check: few variants
 #       (few pipeline builds), many images, so fixed start-up costs are amortized as in a real sweep
-#   PACK=1 ...                               # also <name>.tgz of the results (a device returns few files)
+#   PACK=1 ...                               # also <name>.tgz of the results
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-results/h100/ablation}
+OUT=${OUT:-runs/ablation}
 WORK=${WORK:-/tmp/ablation}            # images stay here (1024^2 noise PNGs are ~3 MB each)
 mkdir -p "$OUT" "$WORK"
 
-# Offline node: the wheels fetched by `../shared/h100/wheels.sh wcwidth`, if they came along (ftfy, for open_clip's
-# tokenizer, needs wcwidth, which that node lacks).
-source scripts/h100_env.sh
+# Offline node: the wheels fetched by `scripts/download_wheels.sh`, if they came along.
+source scripts/gpu_env.sh
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 
 ARGS=(--config configs/ablations/stack_flux_dev.yaml

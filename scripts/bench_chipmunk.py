@@ -1,4 +1,4 @@
-"""Chipmunk on an H100: kernel correctness, kernel speed, the interval=1 check and end to end.
+"""Chipmunk on a Hopper GPU (H100, H200): kernel correctness, kernel speed, the interval=1 check and end to end.
 
 Parts (--parts, comma-separated, run in this order; default all):
   kernels    Triton vs the PyTorch reference on fresh random bf16 inputs at FLUX shapes (4608 tokens,
@@ -8,8 +8,7 @@ Parts (--parts, comma-separated, run in this order; default all):
   speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
              MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity; with the
              Triton kernels, the sparse MLP's pointer kernels (sparse_mlp(tma=False)) and its TMA kernels (tma=True,
-             the layers' path on Hopper) side by side at each neuron set; the layers' path with fc1's epilogue
-             doing the activation delta (fused_delta=True) against without; every selection search, checked to
+             the layers' path on Hopper) side by side at each neuron set; every selection search, checked to
              give the same indices.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
@@ -25,16 +24,15 @@ Parts (--parts, comma-separated, run in this order; default all):
              (scripts/trace_summary.py); traces in <out>/traces/.
 Parts that would not fit in --budget_s are skipped and say so. Records: <out>/chipmunk_<gpu>.{json,md}.
 
-    python scripts/h100_chipmunk.py --out results/h100                 # all parts, ~7-8 min on an H100
-    python scripts/h100_chipmunk.py --out results/h100 --parts kernels,speed
-    TRITON_INTERPRET=1 python scripts/h100_chipmunk.py --dry-run --out /tmp/chipmunk_dry   # CPU, small shapes
+    python scripts/bench_chipmunk.py --out runs/chipmunk                # all parts, ~7-8 min on an H100
+    python scripts/bench_chipmunk.py --out runs/chipmunk --parts kernels,speed
+    TRITON_INTERPRET=1 python scripts/bench_chipmunk.py --dry-run --out /tmp/chipmunk_dry   # CPU, small shapes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -46,8 +44,11 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from utils import chipmunk as C  # noqa: E402
-from utils import chipmunk_triton as T  # noqa: E402
+from utils.chipmunk import chipmunk_stats  # noqa: E402
+from utils.chipmunk import config as CF  # noqa: E402
+from utils.chipmunk import kernels as T  # noqa: E402
+from utils.chipmunk import layers as LY  # noqa: E402
+from utils.chipmunk import reference as C  # noqa: E402
 from utils.benchmark_utils import command_line, environment_record  # noqa: E402
 
 import trace_summary  # noqa: E402  (scripts/, this script's folder)
@@ -114,8 +115,8 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows = []
     q, k, v, o_cache = attention_inputs(s, device, dtype)
     ref_sums = C.attention_column_sums(q, k, s["group"])
-    keys = C.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
-    ref_index = C.select_key_columns(ref_sums, keys)
+    keys = CF.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
+    ref_index = C.top_ascending(ref_sums, keys)
     ref_attn = C.sparse_attention_reference(q, k, v, ref_index, s["group"], o_cache)
     if not use_triton:
         return {"skipped": f"Triton kernels unavailable ({T.UNAVAILABLE_REASON})", "rows": []}
@@ -125,7 +126,7 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     if fa3_lse is not None:  # Chipmunk's dense steps take the rows' log-sum-exp from FA3 when it gives one
         rows.append({"check": "softmax column sums from FA3's log-sum-exp",
                      "rel_err": rel_err(T.attention_column_sums(q, k, s["group"], fa3_lse), ref_sums)})
-    index = C.select_key_columns(sums, keys)
+    index = C.top_ascending(sums, keys)
     overlap = float((index[..., :, None] == ref_index[..., None, :]).any(-1).float().mean())
     rows.append({"check": "selected key sets, overlap with reference (info)", "rel_err": None, "value": overlap})
     rows.append({"check": f"sparse attention + o_cache ({keys}/{s['tokens']} keys)",
@@ -138,13 +139,13 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
                  "rel_err": rel_err(T.sparse_attention(q, k, v, ref_index, s["group"], dense_out=o_cache),
                                     C.sparse_attention_reference(q, k, v, ref_index, s["group"], dense_out=o_cache))})
     if keys % 128:  # the kernel drops its masks when the key count is a multiple of 128: check that path too
-        full_tiles = C.select_key_columns(ref_sums, 128)
+        full_tiles = C.top_ascending(ref_sums, 128)
         rows.append({"check": "sparse attention + o_cache (128 keys: unmasked tiles)",
                      "rel_err": rel_err(T.sparse_attention(q, k, v, full_tiles, s["group"], o_cache),
                                         C.sparse_attention_reference(q, k, v, full_tiles, s["group"], o_cache))})
     del q, k, v, o_cache, ref_sums, sums
 
-    count = C.rounded_count(0.35, s["hidden"], 16 if s is SMALL else 256)
+    count = CF.rounded_count(0.35, s["hidden"], 16 if s is SMALL else 256)
     x, w1, b1, w2, b2, index, act, out_cache = mlp_inputs(s, device, dtype, count)
     act_ref, out_ref, act_before, out_before = act.clone(), out_cache.clone(), act.clone(), out_cache.clone()
     pre = C.sparse_mlp_reference(x, w1, b1, w2, index, act_ref, out_ref, s["block"])
@@ -157,8 +158,7 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows.append({"check": "sparse MLP: means written by the delta kernel vs scattered: mismatch", "exact": True,
                  "rel_err": float((pre_mean != scattered).float().mean())})
     del pre_mean, scattered, act_before, out_before
-    layer = C.SparseMlpLayer.__new__(C.SparseMlpLayer)  # only for its block-mean helper
-    ref_means = C.SparseMlpLayer._selected_block_means(layer, pre, s["tokens"])
+    ref_means = LY.selected_block_means(pre, s["tokens"])
     rows.append({"check": f"sparse MLP: activation cache ({count}/{s['hidden']} neurons)",
                  "rel_err": rel_err(act, act_ref)})
     rows.append({"check": "sparse MLP: output cache", "rel_err": rel_err(out_cache, out_ref)})
@@ -237,8 +237,8 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     sums = C.attention_column_sums(q, k, s["group"])
     attn_rows = []
     for fraction in (0.05, 0.1, 0.165, 0.25, 0.5, 1.0):
-        keys = C.rounded_count(fraction, s["tokens"], multiple_k)
-        index = C.select_key_columns(sums, keys)
+        keys = CF.rounded_count(fraction, s["tokens"], multiple_k)
+        index = C.top_ascending(sums, keys)
         ms = bench_ms(lambda: sparse_attention(q, k, v, index, s["group"], o_cache), dry)
         attn_rows.append({"top_keys": fraction, "keys": keys, "ms": ms, "speedup_vs_dense": dense_ms / ms})
     colsum_ms = bench_ms(lambda: (T.attention_column_sums if use_triton else C.attention_column_sums)(q, k, s["group"]),
@@ -263,7 +263,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     tma_error = None
     for sets in ("independent", "shared"):
         for fraction in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
-            count = C.rounded_count(fraction, s["hidden"], multiple_n)
+            count = CF.rounded_count(fraction, s["hidden"], multiple_n)
             picks = torch.rand(1, blocks if sets == "independent" else 1, s["hidden"], device=device)
             index = picks.topk(count, -1).indices.sort(-1).values.int().expand(1, blocks, count).contiguous()
             if sparse_mlp is None:
@@ -277,12 +277,9 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
             if sparse_mlp is not None and tma_error is None:
                 try:
                     mlp_rows[-1].update(tma_timing(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, ms, dry))
-                    if sets == "independent":
-                        mlp_rows[-1].update(fused_delta_timing(s, x, w1, b1, w2_t, index, act, out_cache, layer_out,
-                                                               dry))
                 except Exception as e:  # noqa: BLE001 - recorded; the part goes on with the pointer kernels' rows
                     tma_error = f"{type(e).__name__}: {str(e).strip()[-1000:]}"
-                    print(f"[speed] sparse_mlp(tma=True or fused_delta=True) failed, no more of their timings: "
+                    print(f"[speed] sparse_mlp(tma=True) failed, no more of their timings: "
                           f"{tma_error}", flush=True)
     attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
@@ -316,17 +313,6 @@ def tma_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, point
     return {"tma_ms": ms, "tma_speedup_vs_pointer": pointer_ms / ms, "tma_rel_err_vs_pointer": err}
 
 
-def fused_delta_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, dry: bool) -> dict:
-    """The layers' sparse_mlp (tma=None) with fc1's epilogue doing the activation delta (fused_delta=True) against
-    without it: both medians, and whether the two leave the same caches bit for bit (they must)."""
-    unfused, fused = (caches_after(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, fused_delta=f)
-                      for f in (False, True))
-    ms = {fused: bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out,
-                                               fused_delta=fused), dry) for fused in (False, True)}
-    return {"layers_path_ms": ms[False], "fused_delta_ms": ms[True], "fused_delta_speedup": ms[False] / ms[True],
-            "fused_delta_same_caches": all(torch.equal(f, u) for f, u in zip(fused, unfused))}
-
-
 def autotune_picks() -> dict[str, dict[str, str]]:
     """Each autotuned Chipmunk kernel's chosen config per tuning key (the shapes the speed part ran)."""
     import triton
@@ -346,9 +332,9 @@ def part_speed_selection(s: dict, device: str, blocks: int, multiple_n: int, dry
     row per head and query group), with each search for the K-th largest key and with the autotuner's pick (which
     one it is: the record's "autotuned" picks)."""
     neurons = torch.randn(blocks, s["hidden"], device=device)
-    top, total = C.rounded_count(0.3, s["hidden"], 1), C.rounded_count(0.35, s["hidden"], multiple_n)
+    top, total = CF.rounded_count(0.3, s["hidden"], 1), CF.rounded_count(0.35, s["hidden"], multiple_n)
     keys = torch.randn(s["heads"] * -(-s["tokens"] // s["group"]), s["tokens"], device=device)
-    key_count = C.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
+    key_count = CF.rounded_count(0.165, s["tokens"], 16 if s is SMALL else 128)
     calls = {"top_and_random (neuron sets + random keys)": lambda search: T.top_and_random(neurons, top, total, 7,
                                                                                            search=search),
              "top_ascending (attention key sets)": lambda search: T.top_ascending(keys, key_count, search=search)}
@@ -368,8 +354,8 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
     multiple = 16 if s is SMALL else 128
     q, k, v, o_cache = attention_inputs(s, device, dtype)
     sums = C.attention_column_sums(q, k, s["group"])
-    index = C.select_key_columns(sums, C.rounded_count(0.165, s["tokens"], multiple))
-    neurons_30 = C.rounded_count(0.3, s["hidden"], multiple)
+    index = C.top_ascending(sums, CF.rounded_count(0.165, s["tokens"], multiple))
+    neurons_30 = CF.rounded_count(0.3, s["hidden"], multiple)
     x, w1, b1, w2, _, neurons, act, out_cache = mlp_inputs(s, device, dtype, neurons_30)
     w2_t = w2.t().contiguous()
     layer_out = torch.empty(out_cache.shape, dtype=x.dtype, device=x.device)  # the layer's output, as the layer asks
@@ -397,12 +383,11 @@ def part_profile(s: dict, device: str, dtype: torch.dtype) -> dict:
 
 # --- parts 3 and 4: subprocesses through run_benchmark.py ----------------------------------------------
 
-def run_child(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str]:
-    """`cmd` in the repository root; `env`: variables set on top of this process's."""
-    print("[h100_chipmunk] $", " ".join([f"{k}={v}" for k, v in (env or {}).items()] + cmd), flush=True)
+def run_child(cmd: list[str], timeout: float) -> tuple[int, str]:
+    """`cmd` in the repository root."""
+    print("[bench_chipmunk] $", " ".join(cmd), flush=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout),
-                              env=dict(os.environ, **env) if env else None)
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired as e:
         return 124, f"timed out after {timeout:.0f} s\n{(e.stdout or '')[-2000:] if isinstance(e.stdout, str) else ''}"
     tail = (proc.stdout + proc.stderr)[-4000:]
@@ -442,14 +427,11 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
     kernel launches (scripts/trace_summary.py), which says whether a step is bound by launches or by kernels."""
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     rows = []
-    variants = {"dense stack": ([], None), "chipmunk": (["--chipmunk_config", config], None)}
+    variants = {"dense stack": [], "chipmunk": ["--chipmunk_config", config]}
     if not dry:  # under the profiler a replayed graph's kernels are still listed: device time per step kind
         graphs = ["--chipmunk_config", config, "--compile_mode", "reduce-overhead"]
-        variants["chipmunk step graphs"] = (graphs, None)
-        # The single blocks' work ahead on the main stream: the busy and span columns against the side stream's.
-        main_stream = {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}
-        variants["chipmunk step graphs, work ahead on the main stream"] = (graphs, main_stream)
-    for name, (extra, env) in variants.items():
+        variants["chipmunk step graphs"] = graphs
+    for name, extra in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
             rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
@@ -457,7 +439,7 @@ def part_trace(out: Path, dry: bool, steps: int, deadline: float) -> dict:
         trace = out / "traces" / f"{name.replace(',', '').replace(' ', '_')}_{steps}steps.json.gz"
         trace.parent.mkdir(parents=True, exist_ok=True)
         rc, tail = run_child([sys.executable, "run_benchmark.py", *stack_args(out / "traces", dry, steps, 1), *extra,
-                              "--trace-file", str(trace)], left if not dry else 600, env)
+                              "--trace-file", str(trace)], left if not dry else 600)
         if rc != 0 or not trace.exists():
             rows.append({"variant": name, "exit_code": rc, "log_tail": tail})
             continue
@@ -474,9 +456,12 @@ def cache_digests(layers: list) -> dict[str, tuple[float, float]]:
     the same values give the same checksums, and a change in any element almost surely moves one of them."""
     names, sums = [], []
     for layer in layers:
-        for cache, tensor in sorted(layer.state.tensors.items()):
+        for cache in sorted(layer.CACHES):
+            tensor = getattr(layer, cache)
+            if tensor is None:
+                continue
             values = tensor.double()
-            names.append(f"{layer.state.name}/{cache}")
+            names.append(f"{layer.name}/{cache}")
             sums.append(torch.stack([values.sum(), values.abs().sum()]))
     if not sums:
         return {}
@@ -499,14 +484,14 @@ def first_departures(run: list[dict], reference: list[dict], limit: int = 8) -> 
 
 
 def part_graphs(out: Path, dry: bool, steps: int) -> dict:
-    """Chipmunk's step graphs (utils/chipmunk_graphs.py) against the same compiled stack run eagerly, in one process
+    """Chipmunk's step graphs (utils/chipmunk/graphs.py) against the same compiled stack run eagerly, in one process
     on one pipeline: two eager generations (their difference is the run-to-run noise floor), then three with the
     graphs installed (the first runs each kind eagerly once and captures at its second occurrence, the second
     captures the kinds seen once, the third only replays). Same seed throughout; latents compared to the first."""
     if dry:
         return {"skipped": "CUDA graphs need a GPU"}
     from utils.benchmark_utils import create_parser, pipeline_call_kwargs, resolved_defaults
-    from utils.chipmunk_graphs import install_step_graphs
+    from utils.chipmunk.graphs import install_step_graphs
     from utils.pipeline_utils import load_pipeline, optimize, validate_args
 
     args = validate_args(resolved_defaults(create_parser().parse_args(
@@ -535,18 +520,10 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
         images = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent",
                       callback_on_step_end=at_step_end).images
         torch.cuda.synchronize()
-        return (images.float(), time.perf_counter() - t0, C.chipmunk_stats(pipe),
+        return (images.float(), time.perf_counter() - t0, chipmunk_stats(pipe),
                 counters["stats"]["unique_graphs"] - compiled)
 
     runs = {name: generate(name) for name in ("eager 1", "eager 2")}
-    # The single blocks' MLP steps start on a side stream before their attention's projections (CHIPMUNK_MLP_AHEAD=1,
-    # the default; with =0 only their neuron selection, beside the attention). The same work on the main stream must
-    # give the same latents bit for bit: a missing join would hand fc1 the previous neurons, or proj_out an MLP output
-    # before it is written.
-    side_stream = C.SELECT_AHEAD_ON_SIDE_STREAM  # as the environment set it
-    C.SELECT_AHEAD_ON_SIDE_STREAM = False
-    runs["eager, MLP ahead on the main stream"] = generate("eager, MLP ahead on the main stream")
-    C.SELECT_AHEAD_ON_SIDE_STREAM = side_stream
     install_step_graphs(pipe)
     for i in (1, 2, 3):
         runs[f"graphs {i}"] = generate(f"graphs {i}")
@@ -564,17 +541,14 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     # Graphs must match eager as closely as eager matches itself (its second generation against its first).
     tolerance = max(1e-3, 10 * rows[1]["rel_err_vs_eager_1"])
     graphed = [r for r in rows if r["run"].startswith("graphs")]
-    same_stream = next(r for r in rows if "main stream" in r["run"])
     beside = [layer for layer in pipe.transformer.chipmunk_layers
-              if isinstance(layer, C.SparseAttentionLayer) and layer.mlp_beside is not None]
+              if isinstance(layer, LY.SparseAttention) and layer.mlp_beside is not None]
     return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
-            "tolerance": tolerance, "mlps_beside_attention": len(beside), "mlp_ahead": C.MLP_AHEAD,
-            "side_stream_bitwise": same_stream["bitwise_equal"],
-            "passed": same_stream["bitwise_equal"] and
-            all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
+            "tolerance": tolerance, "mlps_beside_attention": len(beside),
+            "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 
 
-E2E_VARIANTS = ("dense", "chipmunk", "main_stream", "mlp_own_call", "hicache", "eager")  # in the order they run
+E2E_VARIANTS = ("dense", "chipmunk", "hicache", "eager")  # in the order they run
 E2E_DEFAULT = "dense,chipmunk,hicache,eager"
 
 
@@ -591,42 +565,35 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
     """Every variant gets CUDA graphs where it can hold them: the dense stack's whole forward as one graph,
     Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed.
     The variants are bf16 (stack_args); `float8` adds the pair with float8 linears (Chipmunk's then only in its
-    dense projections: the sparse MLP gathers bf16 weights), after the others. `wanted`: which of E2E_VARIANTS run
-    ("main_stream": Chipmunk graphed with the single blocks' work ahead, their MLP step, on the main stream, to time
-    the side stream's share)."""
+    dense projections: the sparse MLP gathers bf16 weights), after the others. `wanted`: which of E2E_VARIANTS run."""
     keys = e2e_variant_keys(wanted)
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
     graphs = [] if dry else ["--compile_mode", "reduce-overhead"]
     with_graphs = " (dry run: no CUDA graphs)" if dry else " (CUDA graphs)"
     per_kind = with_graphs.replace("graphs", "graphs per step kind")
-    main_stream = {"CHIPMUNK_SELECT_AHEAD_STREAM": "main"}
-    variants = {  # name: (key, flags, environment)
-        "dense stack" + with_graphs: ("dense", graphs, None),
-        "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs], None),
-        "chipmunk, work ahead on the main stream" + per_kind: ("main_stream", ["--chipmunk_config", config, *graphs],
-                                                               main_stream),
-        "chipmunk, single blocks' MLP in its own call" + per_kind: (
-            "mlp_own_call", ["--chipmunk_config", config, *graphs], {"CHIPMUNK_MLP_AHEAD": "0"}),
+    variants = {  # name: (key, flags)
+        "dense stack" + with_graphs: ("dense", graphs),
+        "chipmunk" + per_kind: ("chipmunk", ["--chipmunk_config", config, *graphs]),
         "chipmunk + hicache (N=5, order 2, fe 3, scale 0.6)": ("hicache", [
             "--chipmunk_config", config, "--cache_mode", "hicache", "--interval", "5", "--max_order", "2",
-            "--first_enhance", "3", "--hicache_scale", "0.6"], None),
-        "chipmunk, no CUDA graphs": ("eager", ["--chipmunk_config", config], None),  # last: least informative if cut
+            "--first_enhance", "3", "--hicache_scale", "0.6"]),
+        "chipmunk, no CUDA graphs": ("eager", ["--chipmunk_config", config]),  # last: least informative if cut
     }
-    variants = {name: (flags, env) for name, (key, flags, env) in variants.items() if key in keys}
-    with_float8 = {"dense stack + float8" + with_graphs: (graphs, None),  # run without stack_args' --disable_quant
-                   "chipmunk + float8 (dense projections)" + per_kind: (["--chipmunk_config", config, *graphs], None)} \
+    variants = {name: flags for name, (key, flags) in variants.items() if key in keys}
+    with_float8 = {"dense stack + float8" + with_graphs: graphs,  # run without stack_args' --disable_quant
+                   "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs]} \
         if float8 else {}
     variants.update(with_float8)
     rows = []
-    for name, (extra, env) in variants.items():
+    for name, extra in variants.items():
         left = deadline - time.time()
         if left < 60 and not dry:
             rows.append({"variant": name, "skipped": f"budget: {left:.0f} s left"})
             continue
         before = set((out / "e2e").glob("bench_*.json")) if (out / "e2e").exists() else set()
         flags = [a for a in common if a != "--disable_quant"] if name in with_float8 else common
-        rc, tail = run_child([sys.executable, "run_benchmark.py", *flags, *extra], left if not dry else 600, env)
+        rc, tail = run_child([sys.executable, "run_benchmark.py", *flags, *extra], left if not dry else 600)
         new = sorted(set((out / "e2e").glob("bench_*.json")) - before) if (out / "e2e").exists() else []
         if rc == 124:  # run_child's timeout: the budget ran out during this variant, it did not fail
             rows.append({"variant": name, "skipped": f"budget: cut after {left:.0f} s", "log_tail": tail})
@@ -686,7 +653,7 @@ def markdown(record: dict) -> str:
                       "through TMA descriptors; the layers' path on Hopper), its speedup over the pointer kernels and "
                       "its output cache's relative error against theirs."]
         if sp.get("mlp_tma_error"):
-            lines += [f"TMA or fused-delta kernels failed (no timings after it): {sp['mlp_tma_error']}"]
+            lines += [f"TMA kernels failed (no timings after it): {sp['mlp_tma_error']}"]
         lines += ["", "| MLP neuron sets | top_keys | neurons | ms | speedup |"
                   + (" TMA ms | TMA vs pointer | TMA rel. error |" if tma else ""),
                   "|---|---|---|---|---|" + ("---|---|---|" if tma else "")]
@@ -694,17 +661,9 @@ def markdown(record: dict) -> str:
                   f"{r['speedup_vs_dense']:.2f}x |"
                   + ((f" {r['tma_ms']:.3f} | {r['tma_speedup_vs_pointer']:.2f}x | {r['tma_rel_err_vs_pointer']:.1e} |"
                       if "tma_ms" in r else " - | - | - |") if tma else "") for r in sp["mlp"]]
-        fused = [r for r in sp["mlp"] if "fused_delta_ms" in r]
-        if fused:
-            lines += ["", "fc1's epilogue doing the activation delta (`sparse_mlp(fused_delta=True)`), against the layers' "
-                      "path (tma=None), independent sets:", "",
-                      "| top_keys | layers' path ms | fused ms | speedup | same caches |", "|---|---|---|---|---|"]
-            lines += [f"| {r['top_keys']} | {r['layers_path_ms']:.3f} | {r['fused_delta_ms']:.3f} | "
-                      f"{r['fused_delta_speedup']:.2f}x | {'yes' if r['fused_delta_same_caches'] else 'NO'} |"
-                      for r in fused]
         if sp.get("selection"):
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
-            lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk_triton"
+            lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk.kernels"
                       ".SELECTION_SEARCHES; the autotuner's pick is in the table below):", "",
                       "| call | " + " | ".join(searches) + " | same indices |", "|---|" + "---|" * len(searches) + "---|"]
             lines += [f"| {r['call']} | " + " | ".join(f"{r[f'{name}_ms']:.4f}" for name in searches)
@@ -729,13 +688,9 @@ def markdown(record: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_err_vs_eager_1']:.2e} | {r['bitwise_equal']} | "
                   f"{r['same_layer_decisions']} | {r.get('graphs_compiled', '')} |" for r in g["rows"]]
-        ahead = ("run their whole step, started before the attention's projections" if g.get("mlp_ahead") else
-                 "select their neurons beside the attention")
-        beside = g.get("mlps_beside_attention", g.get("mlps_selecting_beside_attention"))  # (older records)
-        lines += ["", f"graph calls: {g['calls']}; {beside} single-block MLPs {ahead}, on a "
-                  f"side stream once their kernels are tuned (the same work on the main stream must match bit for bit: "
-                  f"{g.get('side_stream_bitwise')}); tolerance {g['tolerance']:.1e}: "
-                  f"{'PASS' if g['passed'] else 'FAIL'}", ""]
+        lines += ["", f"graph calls: {g['calls']}; {g['mlps_beside_attention']} single-block MLPs run their whole "
+                  f"step beside the attention, started before its projections, on a side stream once their kernels are "
+                  f"tuned; tolerance {g['tolerance']:.1e}: {'PASS' if g['passed'] else 'FAIL'}", ""]
         departed = [r for r in g["rows"] if r.get("first_cache_departures")]
         if departed:
             lines += ["Where a run's caches first depart from eager 1's (checksums after each step: sum, sum of |x|):",
@@ -788,7 +743,7 @@ def markdown(record: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="results/h100")
+    parser.add_argument("--out", default="runs/chipmunk")
     parser.add_argument("--parts", default="kernels,speed,interval1,e2e")
     parser.add_argument("--dry-run", dest="dry_run", action="store_true",
                         help="CPU, small shapes, tiny pipeline (Triton via TRITON_INTERPRET=1 when set)")
@@ -796,12 +751,9 @@ def main() -> int:
     parser.add_argument("--interval1_steps", type=int, default=12)
     parser.add_argument("--e2e_steps", type=int, default=50)
     parser.add_argument("--e2e_runs", type=int, default=3,
-                        help="timed runs per variant (median). 3: Chipmunk's first timed run was the slow one in every "
-                             "call of session 12, and a median of 2 averages it in")
+                        help="timed runs per variant (median; at least 5 for a reported figure)")
     parser.add_argument("--e2e_variants", default=E2E_DEFAULT,
-                        help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)} (main_stream: "
-                             "Chipmunk graphed with CHIPMUNK_SELECT_AHEAD_STREAM=main; mlp_own_call: with "
-                             "CHIPMUNK_MLP_AHEAD=0, the single blocks' MLP step in its own call)")
+                        help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)}")
     parser.add_argument("--e2e_float8", action="store_true",
                         help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
                              "Chipmunk's own comparison)")
@@ -822,7 +774,7 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    record = {"kind": "h100_chipmunk", "command": command_line(), "environment": environment_record(device),
+    record = {"kind": "bench_chipmunk", "command": command_line(), "environment": environment_record(device),
               "dry_run": dry, "shapes": shapes, "triton": use_triton, "triton_unavailable": T.UNAVAILABLE_REASON,
               "bf16_tolerance": BF16_TOLERANCE, "part_seconds": {}}
     name = "chipmunk_dryrun" if dry else "chipmunk_" + gpu_tag()
@@ -836,9 +788,9 @@ def main() -> int:
         t0 = time.time()
         if t0 > deadline:
             record[part] = {"skipped": f"budget {args.budget_s:.0f} s spent"}
-            print(f"[h100_chipmunk] {part}: skipped (budget)")
+            print(f"[bench_chipmunk] {part}: skipped (budget)")
             continue
-        print(f"[h100_chipmunk] part {part} ...", flush=True)
+        print(f"[bench_chipmunk] part {part} ...", flush=True)
         if part == "kernels":
             record["kernels"] = part_kernels(shapes, device, dtype, use_triton)
             ok &= record["kernels"].get("passed", True)
@@ -863,10 +815,10 @@ def main() -> int:
             torch.cuda.empty_cache()
         record["part_seconds"][part] = time.time() - t0
         save()
-        print(f"[h100_chipmunk] part {part} done in {time.time() - t0:.1f} s", flush=True)
+        print(f"[bench_chipmunk] part {part} done in {time.time() - t0:.1f} s", flush=True)
     save()
     print(markdown(record))
-    print(f"[h100_chipmunk] {'OK' if ok else 'FAILED'} in {time.time() - t_start:.0f} s; records {out / name}.json/.md")
+    print(f"[bench_chipmunk] {'OK' if ok else 'FAILED'} in {time.time() - t_start:.0f} s; records {out / name}.json/.md")
     return 0 if ok else 1
 
 

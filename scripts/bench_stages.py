@@ -13,13 +13,13 @@ transformer's per-step time (CUDA-event median over --step_runs direct forwards 
 shapes) and the end-to-end seconds (median over --e2e_runs full pipeline calls after one warm-up).
 Results are written after every stage, so a run cut short still leaves its finished rows.
 
-    python scripts/h100_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out results/h100
+    python scripts/bench_stages.py --ckpt random:flux-dev --num_inference_steps 28 --out runs/stages
 
 A table too long for one command is split: the second command applies the earlier layers untimed (`--timed`;
 compiling only for the timed stages), and times eager again as its own reference, e.g.
 
-    python scripts/h100_stages.py --stages eager,compile,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,sigmoid_gelu,\
-inductor_flags,cudagraphs,export_aoti --timed eager,inductor_flags,cudagraphs,export_aoti --out results/h100
+    python scripts/bench_stages.py --stages eager,compile,qkv_fusion,fa3_bf16,fa3_fp8,float8_quant,sigmoid_gelu,\
+inductor_flags,cudagraphs,export_aoti --timed eager,inductor_flags,cudagraphs,export_aoti --out runs/stages
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--step_runs", type=int, default=10)
     parser.add_argument("--e2e_runs", type=int, default=2)
     parser.add_argument("--cache-dir", dest="cache_dir", default="/tmp/flux-harness-aoti")
-    parser.add_argument("--out", default="results/h100")
+    parser.add_argument("--out", default="runs/stages")
     parser.add_argument("--device", default="cuda", help="cpu only for a dry run with --ckpt tiny")
     parser.add_argument("--timed", default=None,
                         help="comma list: time only these stages; the others are applied (cumulatively) untimed and "

@@ -6,7 +6,7 @@
 2. torchao float8 granularity: a FLUX MLP (3072 -> 12288 -> 3072, tanh-GELU) on 4608 tokens, compiled,
    bf16 vs float8 per-tensor vs per-row scaling: median ms and relative error vs float64.
 
-    python scripts/h100_attention.py --out results/h100
+    python scripts/bench_attention.py --out runs/attention
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def quant_rows(tokens=4608, dim=3072, hidden=12288) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="results/h100")
+    parser.add_argument("--out", default="runs/attention")
     opts = parser.parse_args()
     torch.manual_seed(0)
     record = {"kind": "attention_and_float8_microbench", "command": "python scripts/" + command_line(),

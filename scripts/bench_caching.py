@@ -1,4 +1,4 @@
-"""Feature caching on the H100: none vs fora / taylor / hicache at intervals 5, 6, 7, one compiled pipeline.
+"""Feature caching on a Hopper GPU: none vs fora / taylor / hicache at intervals 5, 6, 7, one compiled pipeline.
 
 random:flux-dev (full-size, random weights: real cost, meaningless images), 1024^2, 50 steps, the core's best
 dense stack (fused QKV + FA3 + float8 + regional compile). The cache is installed once by optimize() and its
@@ -12,10 +12,10 @@ see utils/caching.py), measured speedup over none, peak memory, and the median t
 step. Writes <out>/caching.json (after every variant, so a cut-off run keeps what it measured), caching.md and,
 unless --no_profile, the top CUDA kernels of one profiled generation of --profile (hicache N=7).
 
-    python scripts/h100_caching.py --out results/h100                      # H100
-    python scripts/h100_caching.py --out /tmp/dry --ckpt tiny --steps 8 --intervals 2 3   # CPU dry run
+    python scripts/bench_caching.py --out runs/caching                      # H100 or H200
+    python scripts/bench_caching.py --out /tmp/dry --ckpt tiny --steps 8 --intervals 2 3   # CPU dry run
 Extra flags are passed to the core parser (e.g. --compile_mode default, --disable_quant).
-Re-render a record's table: python scripts/h100_caching.py --rerender results/h100/caching.json
+Re-render a record's table: python scripts/bench_caching.py --rerender runs/caching/caching.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ START = time.perf_counter()
 
 
 def log(msg: str) -> None:
-    print(f"[h100_caching {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
+    print(f"[bench_caching {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
 class StepTimer:
@@ -121,7 +121,7 @@ def main() -> None:
     def generate():
         pipe(**call, generator=torch.Generator(device="cpu").manual_seed(args.seed))
 
-    record = dict(script="scripts/h100_caching.py", command=command_line(), environment=environment_record(args.device),
+    record = dict(script="scripts/bench_caching.py", command=command_line(), environment=environment_record(args.device),
                   stack=dict(getattr(pipe, "harness_stack", {})), stack_flags=stack_flags(args),
                   steps=args.num_inference_steps, size=[args.height, args.width], runs_per_variant=mine.runs,
                   variants=[], skipped=[])
