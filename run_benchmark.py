@@ -32,17 +32,17 @@ def run_once(pipeline, args):
 
 
 def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
-    """`runs` warm-up generations, then more (at most `max_extra`) while Chipmunk's step graphs still have a step kind
+    """`runs` warm-up generations, then more (at most `max_extra`) while the step graphs still have a step kind
     to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
     this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs).
     Returns the number of warm-up generations run."""
     for _ in tqdm(range(runs), desc="warm-up"):
         run()
-    graphs = getattr(pipeline.transformer, "chipmunk_step_graphs", None)
+    graphs = getattr(pipeline.transformer, "step_graphs", None)
     done = runs
     while runs and graphs is not None and graphs.uncaptured_kinds() and done < runs + max_extra:
-        print(f"[bench] Chipmunk's step graphs: {graphs.uncaptured_kinds()} step kind(s) seen once and not captured "
-              f"yet (captured at their second occurrence): one more warm-up run")
+        print(f"[bench] step graphs: {graphs.uncaptured_kinds()} step kind(s) seen once and not captured yet "
+              f"(captured at their second occurrence): one more warm-up run")
         run()
         done += 1
     return done

@@ -484,14 +484,14 @@ def first_departures(run: list[dict], reference: list[dict], limit: int = 8) -> 
 
 
 def part_graphs(out: Path, dry: bool, steps: int) -> dict:
-    """Chipmunk's step graphs (utils/chipmunk/graphs.py) against the same compiled stack run eagerly, in one process
+    """Chipmunk's step graphs (utils/step_graphs.py, utils/chipmunk/graphs.py) against the same compiled stack run eagerly, in one process
     on one pipeline: two eager generations (their difference is the run-to-run noise floor), then three with the
     graphs installed (the first runs each kind eagerly once and captures at its second occurrence, the second
     captures the kinds seen once, the third only replays). Same seed throughout; latents compared to the first."""
     if dry:
         return {"skipped": "CUDA graphs need a GPU"}
     from utils.benchmark_utils import create_parser, pipeline_call_kwargs, resolved_defaults
-    from utils.chipmunk.graphs import install_step_graphs
+    from utils.step_graphs import install_step_graphs
     from utils.pipeline_utils import load_pipeline, optimize, validate_args
 
     args = validate_args(resolved_defaults(create_parser().parse_args(
@@ -524,7 +524,7 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
                 counters["stats"]["unique_graphs"] - compiled)
 
     runs = {name: generate(name) for name in ("eager 1", "eager 2")}
-    install_step_graphs(pipe)
+    install_step_graphs(pipe.transformer)
     for i in (1, 2, 3):
         runs[f"graphs {i}"] = generate(f"graphs {i}")
     reference, _, stats_eager, _ = runs["eager 1"]
@@ -543,7 +543,7 @@ def part_graphs(out: Path, dry: bool, steps: int) -> dict:
     graphed = [r for r in rows if r["run"].startswith("graphs")]
     beside = [layer for layer in pipe.transformer.chipmunk_layers
               if isinstance(layer, LY.SparseAttention) and layer.mlp_beside is not None]
-    return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.chipmunk_step_graphs.calls),
+    return {"steps": steps, "rows": rows, "calls": dict(pipe.transformer.step_graphs.calls),
             "tolerance": tolerance, "mlps_beside_attention": len(beside),
             "passed": all(r["same_layer_decisions"] and r["rel_err_vs_eager_1"] <= tolerance for r in graphed)}
 

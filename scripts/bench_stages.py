@@ -40,6 +40,7 @@ from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason  # noqa
 from utils.benchmark_utils import (command_line, create_parser, device_kernel_times,  # noqa: E402
                                    environment_record, ms_by_kind, pipeline_call_kwargs, resolved_defaults, time_call)
 from utils.pipeline_utils import load_pipeline, quantize_float8  # noqa: E402
+from utils.step_graphs import install_step_graphs  # noqa: E402
 
 STAGES = ("eager", "compile", "qkv_fusion", "fa3_bf16", "fa3_fp8", "float8_quant", "sigmoid_gelu",
           "persistent_reductions", "inductor_flags", "cudagraphs", "export_aoti")
@@ -201,7 +202,7 @@ def main() -> None:
         if compiled and stage != "export_aoti":
             recompile()
         if stage == "cudagraphs" and opts.device.startswith("cuda"):
-            compile_utils.install_step_graph(transformer)
+            install_step_graphs(transformer)
         try:
             with torch.no_grad():
                 transformer(**step_kwargs)  # compiles (cold) when needed

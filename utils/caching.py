@@ -108,11 +108,21 @@ def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tenso
     return orders
 
 
-def update_stacked_differences(previous: list[torch.Tensor], captured: list[torch.Tensor], distance: torch.Tensor,
-                               max_order: int) -> list[torch.Tensor]:
-    """update_differences for every cached feature of a full step at once: the features are stacked along a new
-    leading slot dimension (one tensor per order instead of one per feature and order)."""
-    return update_differences(previous, torch.stack(captured), distance, max_order)
+def update_orders_(orders: list[torch.Tensor], captured: list[torch.Tensor], distance: torch.Tensor,
+                   count: int) -> None:
+    """update_differences for every cached feature of a full step at once, in place: `orders` are the cache's
+    buffers, one per order, stacked over the slots ([slot, batch, tokens, dim]); slot s gets D0 = captured[s] and
+    D_{i+1} = (D_i - D_i_old) / d for i < count - 1 (count - 1 old orders must exist). Each order of a slot is read
+    once and written once: a difference takes the old D_i before it is overwritten. Persistent buffers written in
+    place are what a CUDA graph of the step needs; compiled, the update is one pass over the cache."""
+    for slot, feature in enumerate(captured):
+        new = feature
+        for i in range(count - 1):
+            old = orders[i][slot]
+            difference = (new - old) / distance
+            old.copy_(new)
+            new = difference
+        orders[count - 1][slot].copy_(new)
 
 
 def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -182,6 +192,12 @@ class HarnessCache:
         for block in self.single_blocks:
             self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
         self.forecast_backend: str | None = None  # set on first use: None = eager
+        # Persistent buffers, allocated on the first full step at a shape and written in place from then on (a CUDA
+        # graph of a step holds their addresses): the finite differences per order, [slot, batch, image tokens, dim];
+        # the forecast's coefficients and the full step's distance, filled before each step.
+        self.orders: list[torch.Tensor] = []
+        self.coefficients: torch.Tensor | None = None
+        self.distance_tensor: torch.Tensor | None = None
         self._gates: tuple[torch.Tensor, torch.Tensor] | None = None  # gate rows of every modulation, stacked
         self._compiled: dict[str, Any] = {}
         self.flops: dict[tuple, int] = {}
@@ -190,7 +206,8 @@ class HarnessCache:
 
     # -- per generation --
     def reset(self) -> None:
-        self.features: list[torch.Tensor] | None = None  # per order: [slot, batch, image tokens, dim]
+        self.num_orders = 0  # how many of self.orders hold this generation's differences
+        self.update_count = 0  # on a full step: how many orders it leaves (1: D0 only)
         self.pending: list[list[torch.Tensor] | None] = [None] * self.num_blocks  # this full step's captures
         self.last_full: int | None = None
         self.full_steps = self.forecast_steps = 0
@@ -215,9 +232,35 @@ class HarnessCache:
         self.distance = step - self.last_full if self.last_full is not None else 1
         if self.mode in SCHEDULED_MODES:
             self.full = is_full_step(step, self.last_full, self.interval, self.first_enhance)
+            self._prepare_scheduled_step(step)
         else:
             self.full = True  # none: always; fbcache: decided after block 0
         self.skip_rest = False
+
+    def _prepare_scheduled_step(self, step: int) -> None:
+        """What this step does to the cache, and its inputs written into the persistent buffers, before the forward
+        runs: so that the forward itself takes no decision a CUDA graph of it could not replay."""
+        device = self.transformer.device
+        if self.coefficients is None or self.coefficients.device != device:
+            self.coefficients = torch.zeros(self.max_order + 1, dtype=torch.float32, device=device)
+            self.distance_tensor = torch.ones((), dtype=torch.float32, device=device)
+        if self.full:
+            max_order = 0 if self.mode == "fora" else self.max_order
+            # Reference quirk kept: differences only once step > fe - 2, so with fe=3 the first one uses d=1.
+            reset = self.num_orders == 0 or max_order == 0 or step <= self.first_enhance - 2
+            self.update_count = 1 if reset else 1 + min(max_order, self.num_orders)
+            self.distance_tensor.fill_(float(self.distance))
+        else:
+            coefficients = forecast_coefficients(self.mode, step - self.last_full, self.num_orders, self.hicache_scale)
+            for k, c in enumerate(coefficients):  # kernels with the value as an argument: no host sync, no race
+                self.coefficients[k].fill_(c)
+
+    def step_kind(self) -> tuple:
+        """What the coming step computes, besides its inputs and the persistent buffers (for CUDA graphs of it):
+        a full step and how many orders it reads and leaves, or a forecast and how many orders it reads."""
+        if self.full:
+            return ("full", self.num_orders, self.update_count)
+        return ("forecast", self.num_orders)
 
     def end_step(self) -> None:
         kind = "full" if self.full else "forecast"
@@ -225,13 +268,16 @@ class HarnessCache:
         if self.full:
             self.full_steps += 1
             self.last_full = self.clock.step
+            if self.mode in SCHEDULED_MODES:
+                self.num_orders = self.update_count
         else:
             self.forecast_steps += 1
         self.cache_memory_bytes = max(self.cache_memory_bytes, self._cache_bytes())
 
     def _cache_bytes(self) -> int:
         storages = {}
-        tensors = list(self.features or []) + (list(self._gates) if self._gates and self.features else [])
+        valid = self.orders[:self.num_orders]
+        tensors = valid + (list(self._gates) if self._gates and valid else [])
         tensors += (self.residual or []) + [t for t in (self.first_residual_ref, self.after_first_block) if t is not None]
         for t in tensors:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -265,14 +311,12 @@ class HarnessCache:
         """After the last block of a full step: new finite differences for every cached feature at once
         (one compiled graph on GPU instead of one small kernel per feature and order)."""
         captured, self.pending = [f for block in self.pending for f in block], [None] * self.num_blocks
-        max_order = 0 if self.mode == "fora" else self.max_order
-        # Reference quirk kept: differences only once step > fe - 2, so with fe=3 the first one uses d=1.
-        if self.features is None or max_order == 0 or self.clock.step <= self.first_enhance - 2:
-            self.features = [torch.stack(captured)]
-            return
-        distance = torch.tensor(float(self.distance), device=captured[0].device)  # a tensor: no recompile per d
-        update = self._maybe_compiled("update", update_stacked_differences)
-        self.features = update(self.features, captured, distance, max_order)
+        shape = (len(captured), *captured[0].shape)
+        if not self.orders or self.orders[0].shape != shape or self.orders[0].dtype != captured[0].dtype:
+            orders = 1 if self.mode == "fora" else self.max_order + 1
+            self.orders = [captured[0].new_empty(shape) for _ in range(orders)]
+        update = self._maybe_compiled("update", update_orders_)
+        update(self.orders, captured, self.distance_tensor, self.update_count)  # the distance: no recompile per d
 
     def _coefficients(self, mode: str, num_orders: int, like: torch.Tensor) -> torch.Tensor:
         x = self.clock.step - self.last_full
@@ -280,9 +324,9 @@ class HarnessCache:
         return torch.tensor(coeffs, dtype=torch.float32).to(like.device, non_blocking=True)
 
     def _forecast(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        coeffs = self._coefficients(self.mode, len(self.features), hidden_states)
         forecast = self._maybe_compiled("forecast", forecast_image_stream)
-        return forecast(hidden_states, temb, coeffs, *self._gate_rows(temb.dtype), self.features)
+        return forecast(hidden_states, temb, self.coefficients, *self._gate_rows(temb.dtype),
+                        self.orders[:self.num_orders])
 
     def _gate_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate rows of every block's modulation linear, in slot order, as one weight and bias (built on first
@@ -333,6 +377,31 @@ class HarnessCache:
             self._compiled[name] = torch.compile(fn, backend=self.forecast_backend, fullgraph=True, dynamic=False,
                                                  options=options)
         return self._compiled[name]
+
+    # -- as a participant of the step's CUDA graphs (utils/step_graphs.py) --
+    def graph_kinds(self) -> "HarnessCache":
+        """This cache as a StepKinds participant: its scheduled modes decide full or forecast from the step index, and
+        begin_step / end_step (the transformer's hooks, which run around a replay too) do all the bookkeeping."""
+        if self.mode not in SCHEDULED_MODES:
+            raise StackError(f"feature caching --cache_mode {self.mode} decides each step from the data (a host sync "
+                             f"after block 0), which a recorded CUDA graph cannot replay: use --compile_mode default, "
+                             f"or a scheduled mode ({', '.join(SCHEDULED_MODES)})")
+        return self
+
+    def kind(self, step: int) -> tuple:
+        return self.step_kind()
+
+    def eager_now(self) -> bool:
+        return self._counting is not None  # FLOPs are counted eagerly: a replay would count none
+
+    def prepare(self, step: int) -> None:
+        pass
+
+    def captured(self) -> None:
+        return None
+
+    def replayed(self, step: int, state: None) -> None:
+        pass
 
     # -- reporting --
     def stats(self) -> dict[str, Any]:

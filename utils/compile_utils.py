@@ -396,17 +396,6 @@ def cudagraph(fn: Callable) -> Callable:
     return wrapped
 
 
-def install_step_graph(transformer: torch.nn.Module) -> str:
-    """Record the (compiled) transformer's whole forward, glue and blocks, as one CUDA graph per input shape and
-    replay it with the inputs copied in. Regional compile leaves ~1,300 kernel launches, 57 compiled-region calls
-    and the eager glue to the host each step: on the H200 host a float8 step with 78 ms of kernels took 111 ms.
-    Inductor's own CUDA graph trees record each block apart and
-    keep the glue on the host. Only for a forward whose every call runs the same kernels: not with feature
-    caching (Chipmunk has its own per-step-kind graphs)."""
-    install_compiled_forward(transformer, cudagraph(tensor_forward(transformer)), what="the step CUDA graph")
-    return "the whole forward as one CUDA graph per input shape"
-
-
 def tensor_forward(transformer: torch.nn.Module) -> Callable:
     """The transformer's forward as it is now (compiled blocks, eager glue) as a callable of its tensors alone, for
     install_compiled_forward. It hands the blocks joint_attention_kwargs={}, as FluxPipeline does (it turns None into

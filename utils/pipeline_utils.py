@@ -113,13 +113,13 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise StackError("--compile_export_mode export_aoti cannot hold Chipmunk's per-step sparse state; use "
                              "--compile_export_mode compile, or --disable_chipmunk")
     if args.compile_export_mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES:
-        if cache_on:
-            raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which would repeat the "
-                             f"kernels of whatever step was recorded instead of feature caching's data-dependent "
-                             f"per-step decisions: use --compile_mode default (or max-autotune-no-cudagraphs)")
-        if chipmunk_on and not cuda:
-            raise StackError(f"--compile_mode {args.compile_mode} with Chipmunk records one CUDA graph per step kind, "
-                             f"which needs a CUDA device: use --compile_mode default on CPU")
+        if cache_on and args.cache_mode in DATA_DEPENDENT_CACHES:
+            raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which cannot hold "
+                             f"--cache_mode {args.cache_mode}'s data-dependent per-step decision: use --compile_mode "
+                             f"default (or max-autotune-no-cudagraphs), or a scheduled cache (fora, taylor, hicache)")
+        if (chipmunk_on or cache_on) and not cuda:
+            raise StackError(f"--compile_mode {args.compile_mode} with Chipmunk or feature caching records one CUDA "
+                             f"graph per step kind, which needs a CUDA device: use --compile_mode default on CPU")
     if args.compile_scope is None:
         # export_aoti: one package per block kind. The whole float8 dev transformer had not finished building after
         # 8 minutes on a 16-core H200 host; the regional packages built in 328 + 97 s and run at the same step time.
@@ -221,18 +221,16 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     if mode == "disabled":
         _report(report, "compile_export", f"skipped (--compile_export_mode disabled{defaulted}): eager")
     elif mode == "compile" and args.compile_mode in compile_utils.CUDAGRAPH_MODES:
-        # Compiled without inductor's CUDA graph trees, then recorded around the whole forward. Graph trees record
-        # each compiled block apart and leave the glue between blocks to the host, which a host slower than the GPU
-        # turns into the step time; and they would replay one recorded step whatever Chipmunk's schedule says, so
-        # Chipmunk records one graph per step kind.
+        # Compiled without inductor's CUDA graph trees, then recorded around the whole forward, one graph per step
+        # kind (utils/step_graphs.py). Graph trees record each compiled block apart and leave the glue between blocks
+        # to the host, which a host slower than the GPU turns into the step time; and they would replay one recorded
+        # step whatever Chipmunk's or feature caching's schedule says.
         inductor_mode = compile_utils.WITHOUT_CUDAGRAPHS[args.compile_mode]
         compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode)
-        if getattr(transformer, "chipmunk_layers", None):
-            from utils.chipmunk.graphs import install_step_graphs
+        if cuda:
+            from utils.step_graphs import install_step_graphs
 
-            graphs = install_step_graphs(pipeline)
-        elif cuda:
-            graphs = compile_utils.install_step_graph(transformer)
+            graphs = install_step_graphs(transformer)
         else:
             graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "

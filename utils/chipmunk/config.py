@@ -159,12 +159,3 @@ def due_since(last_step: int | None, step: int, scheduled) -> bool:
         return True
     return any(scheduled(t) for t in range(last_step + 1, step + 1))
 
-
-def step_kind(step: int, config: ChipmunkConfig) -> tuple[bool, bool, bool, bool]:
-    """(attention dense, attention selects its key set, MLP dense, MLP reselects) at `step` when every step is
-    computed: what each Chipmunk layer decides then (the first step of a generation is dense for both)."""
-    a, m = config.attn, config.mlp
-    attn_dense = step == 0 or attn_dense_step(step, a)
-    mlp_dense = step == 0 or mlp_dense_step(step, m)
-    return (attn_dense, attn_dense and (a.recompute_mask or step == 0), mlp_dense,
-            not mlp_dense and mlp_reselect_step(step, m))

@@ -177,12 +177,20 @@ class SparseAttention(SparseLayer):
         self.config, self.dense = config, dense
         self.mlp_beside: SparseMlp | None = None
 
+    def decide(self, step: int, last: int | None) -> tuple[bool, bool]:
+        """(dense step, selects its key set) at `step`, `last` being the last step it computed (None: the first of
+        a generation, its caches stale)."""
+        dense = due_since(last, step, lambda t: attn_dense_step(t, self.config))
+        has_keys = last is not None and self.flags.get("keys", False)
+        return dense, dense and (self.config.recompute_mask or not has_keys)
+
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cfg, kernels = self.config, self.kernels
         step, last = self.begin(q)
-        if due_since(last, step, lambda t: attn_dense_step(t, cfg)):
+        dense, select_keys = self.decide(step, last)
+        if dense:
             out, lse = self.dense(q, k, v, kernels)
-            if cfg.recompute_mask or not self.flags.get("keys"):
+            if select_keys:
                 count = rounded_count(cfg.top_keys, k.shape[1], cfg.counts_multiple_of)
                 colsums = (kernels.attention_column_sums(q, k, cfg.mbm, lse) if kernels
                            else R.attention_column_sums(q, k, cfg.mbm))
@@ -288,19 +296,20 @@ class SparseMlp(SparseLayer):
         self.side_stream.wait_stream(torch.cuda.current_stream(device))
         return self.side_stream
 
-    def _due(self, last: int | None, step: int) -> tuple[bool, bool]:
-        """(dense step, reselection due) for this layer now."""
+    def decide(self, step: int, last: int | None) -> tuple[bool, bool]:
+        """(dense step, reselects its neurons) at `step`, `last` being the last step it computed (None: the first of
+        a generation, its caches stale)."""
         cfg = self.config
         dense = due_since(last, step, lambda t: mlp_dense_step(t, cfg))
-        return dense, not dense and (not self.flags.get("neurons") or
-                                     due_since(last, step, lambda t: mlp_reselect_step(t, cfg)))
+        has_neurons = last is not None and self.flags.get("neurons", False)
+        return dense, not dense and (not has_neurons or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)))
 
     def _step(self, x: torch.Tensor, step: int, last: int | None, output: torch.Tensor | None = None,
               x_read: torch.cuda.Event | None = None) -> torch.Tensor:
         """This step's MLP (dense, or sparse with a reselection when due) into `output` if given (else a new tensor);
         `x_read` is recorded on the current stream once no kernel reads x any more."""
         cfg, kernels = self.config, self.kernels
-        dense, reselect = self._due(last, step)
+        dense, reselect = self.decide(step, last)
         if dense:
             act, pre_mean = self._dense_fc1(x)
             if x_read is not None:
