@@ -60,6 +60,10 @@ def main(argv=None):
             parser.error(str(e))
     try:
         validate_args(args)
+        if args.check == "graphs":
+            from utils.graphs_check import main as graphs_main
+
+            raise SystemExit(graphs_main(args))
     except StackError as e:
         parser.error(str(e))
     if args.num_runs < 1 or args.warmup_runs < 0:

@@ -91,9 +91,11 @@ def create_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_runs", type=int, default=10)
     bench.add_argument("--warmup_runs", type=int, default=2)
     bench.add_argument("--results_dir", default="results", help="where run_benchmark.py writes its record")
-    bench.add_argument("--check", choices=("interval1",), default=None,
+    bench.add_argument("--check", choices=("interval1", "graphs"), default=None,
                        help="instead of timing: run a correctness check (interval1: dense/Chipmunk x HiCache "
-                            "interval=1 three-way check, see utils/interval1_check.py); exits 1 on failure")
+                            "interval=1 three-way check, utils/interval1_check.py; graphs: the step graphs of "
+                            "--compile_mode reduce-overhead against the same compiled stack run eagerly, "
+                            "utils/graphs_check.py); exits 1 on failure")
     bench.add_argument("--check_tolerance", type=float, default=None,
                        help="interval1: max relative latent error of D (Chipmunk+HiCache) vs C (Chipmunk); default 1e-3")
     return parser

@@ -92,17 +92,13 @@ class StepGraphs:
         return sum(1 for key in self.seen if key not in self.graphs)
 
 
-def install_step_graphs(transformer: torch.nn.Module) -> str:
-    """Route the (compiled) transformer's forward through StepGraphs, with the participants the stack attached:
-    feature caching's schedule and Chipmunk's layers. Regional compile alone leaves ~1,300 kernel launches, 57
-    compiled-region calls and the eager glue to the host each step: on the H200 host a float8 step with 78 ms of
-    kernels took 111 ms. Returns the stack's status line."""
-    if transformer.device.type != "cuda":
-        raise RuntimeError("CUDA graphs of the step need a CUDA device")
+def participants_of(transformer: torch.nn.Module) -> tuple[list[StepKinds], Any, str]:
+    """The step-dependent layers the stack attached, as participants: feature caching's schedule (which refuses its
+    data-dependent modes, with the reason) and Chipmunk's layers; the clock they read the step from; a description."""
     participants, clock, parts = [], None, []
     cache = getattr(transformer, "harness_cache", None)
     if cache is not None:
-        participants.append(cache.graph_kinds())  # refuses the data-dependent modes, with the reason
+        participants.append(cache.graph_kinds())
         clock = cache.clock
         parts.append(f"{cache.mode} step kinds")
     if getattr(transformer, "chipmunk_layers", None):
@@ -112,9 +108,19 @@ def install_step_graphs(transformer: torch.nn.Module) -> str:
         participants.append(kinds)
         clock = clock or kinds.clock
         parts.append(f"Chipmunk step kinds ({len(transformer.chipmunk_layers)} sparse layers)")
+    return participants, clock, " x ".join(parts)
+
+
+def install_step_graphs(transformer: torch.nn.Module) -> str:
+    """Route the (compiled) transformer's forward through StepGraphs, with the participants the stack attached.
+    Regional compile alone leaves ~1,300 kernel launches, 57 compiled-region calls and the eager glue to the host
+    each step: on the H200 host a float8 step with 78 ms of kernels took 111 ms. Returns the stack's status line."""
+    if transformer.device.type != "cuda":
+        raise RuntimeError("CUDA graphs of the step need a CUDA device")
+    participants, clock, described = participants_of(transformer)
     graphs = StepGraphs(compile_utils.tensor_forward(transformer), participants, clock, transformer.device)
     compile_utils.install_compiled_forward(transformer, graphs, what="the step's CUDA graphs")
     transformer.step_graphs = graphs
     if not participants:
         return "the whole forward as one CUDA graph per input shape"
-    return "one CUDA graph of the whole forward per input shape and " + " x ".join(parts)
+    return f"one CUDA graph of the whole forward per input shape and {described}"

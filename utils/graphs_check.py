@@ -1,0 +1,111 @@
+"""The step graphs check (`run_benchmark.py --check graphs --compile_mode reduce-overhead ...`): does replaying the
+recorded steps compute what the same compiled stack computes eagerly?
+
+In one process, on one pipeline compiled once: two generations without the graphs (their difference is the
+run-to-run floor; 0 on a deterministic stack), then three with the step graphs installed (the first runs each step
+kind eagerly once and captures it at its second occurrence, the second captures the kinds seen once per generation,
+the third only replays). Same seed throughout; every generation's latents, its feature-cache step kinds and
+Chipmunk's per-layer decision counts are compared with the first's. Passes when every graphed generation equals
+the first bit for bit and takes the same decisions, and installing the graphs compiled no new graph (a recompile
+retunes kernels, which can round differently).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from utils.compile_utils import CUDAGRAPH_MODES, WITHOUT_CUDAGRAPHS
+from utils.interval1_check import compare
+
+
+def _decisions(pipeline) -> dict[str, Any]:
+    """What the step-dependent layers did in the last generation (cumulative Chipmunk counts, cache step kinds)."""
+    from utils.chipmunk import chipmunk_stats
+
+    cache = getattr(pipeline.transformer, "harness_cache", None)
+    return {"chipmunk": chipmunk_stats(pipeline), "cache_steps": cache.stats()["step_kinds"] if cache else None}
+
+
+def run_graphs_check(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
+    """(one row per generation, the graphs' call counts, passed). `args`: a validated stack with a CUDA-graph
+    --compile_mode."""
+    from torch._dynamo.utils import counters
+
+    from utils.benchmark_utils import pipeline_call_kwargs, set_rand_seeds
+    from utils.pipeline_utils import load_pipeline, optimize
+    from utils.step_graphs import install_step_graphs
+
+    eager_args = copy.copy(args)
+    eager_args.compile_mode = WITHOUT_CUDAGRAPHS[args.compile_mode]  # the same compiled blocks, no graphs
+    set_rand_seeds(args.seed)
+    pipeline = optimize(load_pipeline(eager_args), eager_args)
+
+    def generate() -> tuple[torch.Tensor, float, dict, int]:
+        compiled = counters["stats"]["unique_graphs"]
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        latents = pipeline(**pipeline_call_kwargs(args), generator=torch.manual_seed(args.seed),
+                           output_type="latent").images.float()
+        torch.cuda.synchronize()
+        return latents.cpu(), time.perf_counter() - t0, _decisions(pipeline), counters["stats"]["unique_graphs"] - compiled
+
+    runs = {name: generate() for name in ("eager 1", "eager 2")}
+    status = install_step_graphs(pipeline.transformer)
+    print(f"[graphs] installed: {status}")
+    for i in (1, 2, 3):
+        runs[f"graphs {i}"] = generate()
+    reference, _, first, _ = runs["eager 1"]
+    rows, previous = [], None
+    for name, (latents, seconds, decisions, compiled) in runs.items():
+        chipmunk = decisions["chipmunk"]
+        per_generation = chipmunk if previous is None else {
+            layer: {k: n - previous[layer][k] for k, n in counts.items()} for layer, counts in chipmunk.items()}
+        previous = chipmunk
+        same = per_generation == first["chipmunk"] and decisions["cache_steps"] == first["cache_steps"]
+        rows.append({"run": name, "seconds": seconds, **compare(latents, reference), "same_decisions": same,
+                     "graphs_compiled": compiled})
+    graphed = [r for r in rows if r["run"].startswith("graphs")]
+    passed = all(r["bitwise_equal"] and r["same_decisions"] and r["graphs_compiled"] == 0 for r in graphed)
+    return rows, dict(pipeline.transformer.step_graphs.calls), passed
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| run | s | rel. error vs eager 1 | bitwise | same decisions | graphs compiled |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_error']:.2e} | {'yes' if r['bitwise_equal'] else 'no'} | "
+              f"{'yes' if r['same_decisions'] else 'NO'} | {r['graphs_compiled']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    """CLI entry: prints the table, writes JSON + markdown under --results_dir, returns 1 on failure."""
+    from utils.benchmark_utils import command_line, environment_record, stack_flags
+    from utils.errors import StackError
+
+    if args.compile_export_mode != "compile" or args.compile_mode not in CUDAGRAPH_MODES:
+        raise StackError("--check graphs compares the step graphs with the same compiled stack run eagerly: pass "
+                         "--compile_export_mode compile --compile_mode reduce-overhead")
+    rows, calls, passed = run_graphs_check(args)
+    table = format_table(rows)
+    env = environment_record(args.device)
+    record = {"kind": "graphs_check", "command": command_line(), "environment": env, "ckpt": args.ckpt,
+              "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps},
+              "stack_flags": stack_flags(args), "graph_calls": calls, "rows": rows, "passed": passed}
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"graphs_{args.ckpt}_{args.height}x{args.width}_"
+                                            f"{args.num_inference_steps}steps_{env['timestamp_utc']}")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(f"# Step graphs vs eager: {'PASS' if passed else 'FAIL'}\n\n`{record['command']}`"
+                                    f"\n\ngraph calls: {calls}\n\n{table}\n")
+    print(table)
+    print(f"[graphs] {'PASS' if passed else 'FAIL'} (graph calls {calls}); record {out / name}.json")
+    return 0 if passed else 1
