@@ -77,13 +77,18 @@ class StepGraphs:
             self.calls["eager"] += 1
             return self.forward(**tensors)
         static_in = {k: v.clone() for k, v in tensors.items()}
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            static_out = self.forward(**static_in)
+        graph, static_out = self._record(static_in)
         self.graphs[key] = (graph, static_in, static_out, [p.captured() for p in self.participants])
         graph.replay()  # capturing recorded the kernels without running them
         self.calls["captured"] += 1
         return tuple(t.clone() for t in static_out)
+
+    def _record(self, static_in: dict[str, torch.Tensor]) -> tuple[Any, Any]:
+        """(a CUDA graph of the forward on the static inputs, its static outputs)."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_out = self.forward(**static_in)
+        return graph, static_out
 
     def uncaptured_kinds(self) -> int:
         """Kinds seen once and not yet recorded: their next occurrence is captured, which costs that step a capture.

@@ -1,0 +1,162 @@
+"""The step graphs (utils/step_graphs.py) on CPU: the step kinds feature caching and Chipmunk report, the buffer
+discipline the CUDA graphs rest on, and the wrapper with a stand-in recording whose replay reruns the forward. Capture
+and replay themselves need a GPU: `run_benchmark.py --check graphs` compares graphed and eager latents there."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from utils import compile_utils
+from utils.benchmark_utils import pipeline_call_kwargs
+from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+from utils.step_graphs import StepGraphs, participants_of
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = str(ROOT / "configs/chipmunk-tiny.yml")
+
+
+def _pipe(make_args, *flags, steps=10):
+    args = make_args("--disable_bf16", "--num_inference_steps", str(steps), *flags)
+    validate_args(args)
+    return optimize(load_pipeline(args), args), args
+
+
+def _generate(pipe, args, seed=0):
+    return pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(seed), output_type="latent").images
+
+
+def _kinds_per_step(pipe, args):
+    """Each step's kinds, as the participants report them once the transformer's pre-hooks have run (the cache's
+    begin_step first), and what each step then did (Chipmunk's counts, the cache's orders)."""
+    participants, _, _ = participants_of(pipe.transformer)
+    layers = getattr(pipe.transformer, "chipmunk_layers", [])
+    cache = getattr(pipe.transformer, "harness_cache", None)
+    seen = []
+
+    def before(module, a, kw):
+        seen.append([tuple(p.kind(cache.clock.step if cache else layers[0].clock.step) for p in participants),
+                     [dict(layer.stats) for layer in layers]])
+
+    def after(module, a, kw, out):
+        seen[-1].append([dict(layer.stats) for layer in layers])
+        seen[-1].append(cache.num_orders if cache else None)
+
+    pipe.transformer.register_forward_pre_hook(before, with_kwargs=True)
+    pipe.transformer.register_forward_hook(after, with_kwargs=True)
+    _generate(pipe, args)
+    return [(kind, [{k: a[k] - b[k] for k in a} for a, b in zip(after_, before_)], orders)
+            for kind, before_, after_, orders in seen]
+
+
+def test_cache_step_kinds_name_what_each_step_reads_and_writes(make_args):
+    """HiCache at interval 3, fe 3, order 2 over 10 steps: full 0, 1 (differences only from step 2: the reference's
+    quirk), 2, 5, 8; forecasts read 2 orders until step 5 and 3 after."""
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3")
+    kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
+    assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2), ("forecast", 2),
+                     ("full", 2, 3), ("forecast", 3), ("forecast", 3), ("full", 3, 3), ("forecast", 3)]
+    assert len(set(kinds)) == 7  # seven graphs, however many steps follow
+
+
+@pytest.mark.parametrize("flags", [
+    ("--chipmunk_config", TINY_CONFIG),
+    ("--chipmunk_config", TINY_CONFIG, "--cache_mode", "taylor", "--interval", "3"),
+])
+def test_steps_of_one_kind_take_the_same_decisions(make_args, flags):
+    """A graph is replayed at every step of its kind, so two steps with one kind must do the same: every Chipmunk
+    layer's dense/sparse/reselect counts move alike, and the cache leaves as many orders. With caching, forecast
+    steps call no Chipmunk layer, and a full step's Chipmunk decisions follow the deferred schedule."""
+    pipe, args = _pipe(make_args, *flags, steps=14)
+    by_kind = {}
+    for kind, decisions, orders in _kinds_per_step(pipe, args):
+        by_kind.setdefault(kind, []).append((decisions, orders))
+    assert len(by_kind) >= 4
+    for kind, steps in by_kind.items():
+        assert all(step == steps[0] for step in steps), kind
+        chipmunk_kind = kind[-1]
+        if chipmunk_kind is None:  # a forecast step
+            assert all(d == {"dense": 0, "sparse": 0, "reselect": 0} for d in steps[0][0])
+        else:
+            for (dense, selects), d in zip(chipmunk_kind, steps[0][0]):
+                assert d["dense"] == int(dense) and d["sparse"] == int(not dense), kind
+                assert d["reselect"] == int(selects and not dense), kind
+
+
+def test_cache_buffers_are_written_in_place_across_steps_and_generations(make_args):
+    """A CUDA graph records addresses: the order buffers, the coefficients and the distance stay the same tensors
+    once allocated, over steps and generations (a re-bound buffer would leave the graphs reading memory nothing
+    writes)."""
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", steps=6)
+    cache = pipe.transformer.harness_cache
+    _generate(pipe, args)
+    addresses = [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor)]
+    assert len(cache.orders) == 3
+    _generate(pipe, args, seed=1)
+    assert [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor)] == addresses
+
+
+def _rerunning_record(self, static_in):
+    """A stand-in for a CUDA graph: its replay reruns the forward into the static outputs."""
+    static_out = self.forward(**static_in)
+
+    class Replay:
+        def replay(self_):
+            for out, new in zip(static_out, self.forward(**static_in)):
+                out.copy_(new)
+    return Replay(), static_out
+
+
+def test_dense_step_graph_is_one_kind_and_reproduces_the_image(make_args, monkeypatch):
+    """The dense stack's forward recorded as a whole (no participants): one kind, recorded at its second call;
+    the forward it records takes the transformer's tensors only, and gives the eager image."""
+    pipe, args = _pipe(make_args, steps=3)
+    reference = _generate(pipe, args, seed=3)
+    monkeypatch.setattr(StepGraphs, "_record", _rerunning_record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    participants, clock, _ = participants_of(pipe.transformer)
+    assert participants == [] and clock is None
+    graphs = StepGraphs(compile_utils.tensor_forward(pipe.transformer), participants, clock, pipe.transformer.device)
+    compile_utils.install_compiled_forward(pipe.transformer, graphs, what="test")
+    torch.testing.assert_close(_generate(pipe, args, seed=3), reference, rtol=0, atol=0)
+    assert graphs.calls == {"eager": 1, "captured": 1, "replayed": 1} and len(graphs.graphs) == 1
+    (_, static_in, _, _), = graphs.graphs.values()
+    assert {"hidden_states", "timestep"} <= set(static_in) <= set(compile_utils.TENSOR_KWARGS)
+
+
+def test_a_recorded_forward_reuses_the_compiled_blocks_without_recompiling(make_args, monkeypatch):
+    """The recorded forward calls the compiled blocks as the pipeline does: with joint_attention_kwargs={} (FluxPipeline
+    turns None into {}), whose type the blocks' guards check. Handing them None recompiled every block kind, and on the
+    H200 the recompiled kernels (tuned anew) made Chipmunk's step graphs differ from eager by 4e-3 in some processes.
+    The Chipmunk stack, regionally compiled, on CPU, through the step graphs with a rerunning stand-in for the
+    recording: no new graph, same latents."""
+    from torch._dynamo.utils import counters
+
+    pipe, args = _pipe(make_args, "--chipmunk_config", TINY_CONFIG, "--compile_export_mode", "compile",
+                       "--compile_scope", "regional", steps=4)
+    reference = _generate(pipe, args, seed=5)
+    compiled_before = counters["stats"]["unique_graphs"]
+    monkeypatch.setattr(StepGraphs, "_record", _rerunning_record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    participants, clock, _ = participants_of(pipe.transformer)
+    graphs = StepGraphs(compile_utils.tensor_forward(pipe.transformer), participants, clock, pipe.transformer.device)
+    compile_utils.install_compiled_forward(pipe.transformer, graphs, what="test")
+    recorded = pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(5), output_type="latent").images
+    assert counters["stats"]["unique_graphs"] == compiled_before
+    torch.testing.assert_close(recorded, reference, rtol=0, atol=0)
+    assert graphs.calls["eager"] == 4  # four steps, each the first of its kind in a first generation
+
+
+def test_data_dependent_caches_refuse_cuda_graphs_with_the_reason(make_args):
+    with pytest.raises(StackError, match="cannot hold --cache_mode fbcache's data-dependent per-step decision"):
+        validate_args(make_args("--cache_mode", "fbcache", "--compile_export_mode", "compile",
+                                "--compile_mode", "reduce-overhead"))
+    pipe, _ = _pipe(make_args, "--cache_mode", "fbcache", steps=2)
+    with pytest.raises(StackError, match="decides each step from the data"):
+        pipe.transformer.harness_cache.graph_kinds()
+
+
+def test_step_graphs_need_a_gpu(make_args):
+    with pytest.raises(StackError, match="needs a CUDA device: use --compile_mode default on CPU"):
+        validate_args(make_args("--cache_mode", "hicache", "--compile_export_mode", "compile",
+                                "--compile_mode", "reduce-overhead"))
