@@ -17,7 +17,7 @@ contiguous):
     of W2^T added into the output cache. On Hopper (sm_90+) fc1 and fc2 load their dense operand (X, the deltas)
     through TMA descriptors (sparse_mlp's tma; measured 1.06x at FLUX's 30% neurons on the H200, the same output).
 The loops over gathered rows load their indices one step ahead (see _sparse_fc2_kernel): Triton then
-software-pipelines the gathers, which tests/test_chipmunk_triton_compile.py checks in the sm_90 TTGIR.
+software-pipelines the gathers, which tests/test_chipmunk_kernels_sm90.py checks in the sm_90 TTGIR.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _configs(full: list[dict], interpreted: dict, pre_hook=None, **common) -> li
 
 # The sparse MLP GEMMs' autotune candidates (w: warps, s: stages), shared by the pointer kernels and their TMA
 # candidates so that the two are timed over the same tiles. Configs that spill on sm_90 are not listed
-# (tests/test_chipmunk_triton_compile.py compiles every one at FLUX shapes): see the kernels' comments.
+# (tests/test_chipmunk_kernels_sm90.py compiles every one at FLUX shapes): see the kernels' comments.
 _FC1_TILES = [dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4),
               dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
               dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
@@ -232,7 +232,7 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     # fc1 writes the new activations of the selected neurons compactly, (B, L, NK): a plain contiguous epilogue
     # leaves registers for 128-neuron tiles. The gathered read-modify-write of the activation cache is a separate
     # light kernel (_activation_delta_kernel). Configs that spill on sm_90 are not listed
-    # (tests/test_chipmunk_triton_compile.py compiles every one at FLUX shapes; 128x128 tiles at 4 warps spill).
+    # (tests/test_chipmunk_kernels_sm90.py compiles every one at FLUX shapes; 128x128 tiles at 4 warps spill).
     # The last three (sm_90 registers, shared memory): the 128x256 tile (255, 144 KB), a 128-deep DM step (177,
     # 192 KB), and a 128x128 tile at 128 registers and 96 KB, so two CTAs per SM (one's epilogue under the other's
     # loop).
