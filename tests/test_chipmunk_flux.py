@@ -179,7 +179,9 @@ def test_single_blocks_start_their_mlp_before_the_attention_with_the_same_latent
     monkeypatch.setattr(layers.SparseMlp, "join", join_inline)
     events.clear(), side_asked.clear()
     inline, pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
-    assert [kind for kind, i, t in events if (i, t) == (singles[0], 3)] == ["start", "attention", "join", "call"]
+    for step in range(STEPS):
+        for index in singles:
+            assert [kind for kind, i, t in events if (i, t) == (index, step)] == ["start", "attention", "join", "call"]
     assert not side_asked  # the inline step never runs beside the attention
     assert torch.equal(ahead, inline)
 
