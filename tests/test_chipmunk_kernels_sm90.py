@@ -1,8 +1,8 @@
-"""Chipmunk's Triton kernels compiled ahead of time for the H100 (sm_90) on a CPU-only machine: every autotune
-config, at FLUX.1 shapes, must get through ptxas without spilling, fit in the H100's shared memory, use wgmma, and
-software-pipeline its loop over gathered rows (and the column sums' loop over query tiles).
-The interpreter test in test_chipmunk.py checks what the kernels compute; this checks that they build for the
-GPU (the interpreter never runs the compiler: layouts, wgmma, shared memory, registers)."""
+"""Chipmunk's Triton kernels (utils/chipmunk/kernels.py) compiled ahead of time for the H100 (sm_90) on a CPU-only
+machine: every autotune config, at FLUX.1 shapes, must get through ptxas without spilling, fit in the H100's shared
+memory, use wgmma, and software-pipeline its loop over gathered rows (and the column sums' loop over query tiles).
+The interpreted tests (tests/interpreted/test_kernels.py) check what the kernels compute; this checks that they
+build for the GPU (the interpreter never runs the compiler: layouts, wgmma, shared memory, registers)."""
 
 import os
 import re
@@ -23,19 +23,21 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
-from utils import chipmunk, chipmunk_triton as ct  # noqa: E402
+from utils.chipmunk import kernels as ct  # noqa: E402
+from utils.chipmunk import reference  # noqa: E402
+from utils.chipmunk.config import AttnConfig, MlpConfig, rounded_count  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
 H100_MAX_SHARED = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
 CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 
 # FLUX.1 at 1024x1024: 4096 image + 512 text tokens, 24 heads of 128, MLP 3072 -> 12288; the launch code's rules
-# (utils/chipmunk.py defaults, utils/chipmunk_triton.py tiles) give the counts and tiles.
+# (utils/chipmunk/config.py defaults, utils/chipmunk/kernels.py tiles) give the counts and tiles.
 B, L, HEADS, HEAD_DIM, DM, HIDDEN = 1, 4608, 24, 128, 3072, 12288
-ATTN, MLP = chipmunk.AttnConfig(), chipmunk.MlpConfig()
+ATTN, MLP = AttnConfig(), MlpConfig()
 GROUP, MLP_BLOCK = ATTN.mbm, MLP.bm
-NK_ATTN = chipmunk.rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
-NK_MLP = chipmunk.rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
+NK_ATTN = rounded_count(ATTN.top_keys, L, ATTN.counts_multiple_of)
+NK_MLP = rounded_count(MLP.top_keys + MLP.random_keys, HIDDEN, MLP.counts_multiple_of)
 G, NB = -(-L // GROUP), -(-L // MLP_BLOCK)
 ATTN_BLOCK_M, MLP_BLOCK_M = ct._row_tile(GROUP, 64), ct._row_tile(MLP_BLOCK, 128)
 ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_keys", "top_and_random_neurons",  # no tl.dot: no wgmma
@@ -44,9 +46,8 @@ ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_key
                "top_and_random_neurons_radix"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_attention_dense_step",
             "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
-            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fused_delta",
-            "sparse_fc1_tma_fused_delta"}  # loops over gathered rows
-TMA = {"sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_tma_fused_delta"}  # dense operand through a TMA descriptor: its loads must be TMA copies
+            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma"}  # loops over gathered rows
+TMA = {"sparse_fc1_tma", "sparse_fc2_tma"}  # dense operand through a TMA descriptor: its loads must be TMA copies
 PIPELINED = GATHERED | {"column_sum"}  # column sums: one flat loop over a run of query groups' row tiles
 
 
@@ -58,7 +59,7 @@ def meta(*shape, dtype=torch.bfloat16):
 def kernel_args():
     """name -> (kernel, fixed launch configs or None for the autotuner's list, arguments) as the launch code passes."""
     q, x, delta = meta(B, L, HEADS, HEAD_DIM), meta(B, L, DM), meta(B, L, NK_MLP)
-    act = meta(B, HIDDEN, L).transpose(1, 2)  # neuron-major, as chipmunk.neuron_major stores it
+    act = meta(B, HIDDEN, L).transpose(1, 2)  # neuron-major, as reference.neuron_major stores it
     out, lse = meta(B, L, DM, dtype=torch.float32), meta(B, HEADS, L, dtype=torch.float32)
     s = q.stride()
     qk = dict(Q=q, K=q, sqb=s[0], sql=s[1], sqh=s[2], skb=s[0], skl=s[1], skh=s[2], H=HEADS, D=HEAD_DIM,
@@ -67,18 +68,17 @@ def kernel_args():
                 svh=s[2], sob=s[0], sol=s[1], soh=s[2], L=L, G=G, NK=NK_ATTN, GROUP=GROUP, BLOCK_M=ATTN_BLOCK_M,
                 EVEN_N=NK_ATTN % 128 == 0)
     mlp_index = meta(B, NB, NK_MLP, dtype=torch.int32)
-    seed_mix, golden, mix1, mix2 = chipmunk.HASH_CONSTANTS
+    seed_mix, golden, mix1, mix2 = reference.HASH_CONSTANTS
     top_and_random = dict(X=meta(NB, HIDDEN, dtype=torch.float32), REF=meta(NB, HIDDEN, dtype=torch.float32),
                           OUT=mlp_index, SEED=meta(1, dtype=torch.int64),
-                          offset=chipmunk.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
-                          mix2=mix2, N=HIDDEN, TOP=chipmunk.rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
+                          offset=reference.hash_offset(1_000_007), seed_mix=seed_mix, golden=golden, mix1=mix1,
+                          mix2=mix2, N=HIDDEN, TOP=rounded_count(MLP.top_keys, HIDDEN, 1), TOTAL=NK_MLP,
                           sx=HIDDEN, sr=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, HAS_REF=False, BLOCK=16384,
                           SEARCH="bitwise")
     fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
-               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), ACT=act, DELTA=delta, sxb=x.stride(0), sxl=x.stride(1),
-               snb=delta.stride(0), snl=delta.stride(1), sab=act.stride(0), sal=act.stride(1), sak=act.stride(2),
-               sdb=delta.stride(0), sdl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
-               BLOCK_M=MLP_BLOCK_M, EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0, FUSE_DELTA=False)
+               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1),
+               snb=delta.stride(0), snl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
+               BLOCK_M=MLP_BLOCK_M, EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0)
     fc2 = dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM), sdb=delta.stride(0),
                sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM,
                NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M,
@@ -144,9 +144,6 @@ def kernel_args():
         "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
         "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
         "sparse_fc1_tma": (ct._sparse_fc1_tma_kernel, None, fc1_tma),
-        # fc1's epilogue doing the activation-cache delta itself (sparse_mlp(fused_delta=True)).
-        "sparse_fc1_fused_delta": (ct._sparse_fc1_kernel, None, dict(fc1, FUSE_DELTA=True)),
-        "sparse_fc1_tma_fused_delta": (ct._sparse_fc1_tma_kernel, None, dict(fc1_tma, FUSE_DELTA=True)),
         "sparse_fc2_tma": (ct._sparse_fc2_tma_kernel, None, fc2_tma),
     }
 

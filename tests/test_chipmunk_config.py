@@ -1,0 +1,118 @@
+"""Chipmunk's config (utils/chipmunk/config.py): loading and validation of Chipmunk's YAML keys, the published FLUX
+values, and the schedule they imply (dense steps, MLP reselections, the deferred-dense rule, step_kind)."""
+
+import re
+
+import pytest
+
+from chipmunk_support import FLUX_CONFIG, TINY_CONFIG, write_config
+from utils.chipmunk import config as C
+from utils.errors import StackError
+from utils.pipeline_utils import StackError as PipelineStackError
+from utils.pipeline_utils import validate_args
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sections, message", [
+    ({"mlp": {"top_k": 0.3}}, "unknown key mlp.top_k"),
+    ({"attention": {"top_keys": 0.2}}, "unknown section 'attention'"),
+    ({"attn": {"top_keys": 0.0}}, "attn.top_keys must be a fraction in (0, 1]"),
+    ({"mlp": {"top_keys": 1.5}}, "mlp.top_keys must be a fraction in (0, 1]"),
+    ({"mlp": {"top_keys": "dd"}}, "mlp.top_keys must be a fraction in (0, 1]"),
+])
+def test_bad_config_is_refused_with_the_fix(make_args, tmp_path, sections, message):
+    path = write_config(tmp_path, **sections)
+    with pytest.raises(StackError, match=re.escape(message)):
+        validate_args(make_args("--chipmunk_config", path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"mlp": {"random_keys": 1.0}}, "mlp.random_keys must be in [0, 1), got 1.0"),
+    ({"attn": {"mbm": 0}}, "attn.mbm must be a positive integer, got 0"),
+    ({"mlp": {"full_step_every": 2.5}}, "mlp.full_step_every must be a positive integer, got 2.5"),
+    ({"attn": {"first_n_dense_layers": -1}}, "attn.first_n_dense_layers must be >= 0"),
+    ({"mlp": {"is_fp8": True}}, "mlp.is_fp8 is not implemented here; set it to false"),
+    ({"attn": {"random_keys": 0.1}}, "attn.random_keys is not implemented here"),
+    ({"mlp": {"block_mask_cache": 0}}, "mlp.block_mask_cache and mlp.bm must be positive integers"),
+    ({"patchify": {"chunk_size_1": 6, "chunk_size_2": 4}},
+     "patchify.chunk_size_1 (6) must be a positive multiple of patchify.chunk_size_2 (4)"),
+])
+def test_values_the_code_cannot_run_are_refused_naming_the_key(overrides, message):
+    with pytest.raises(StackError, match=re.escape(message)):
+        C.load_chipmunk_config(TINY_CONFIG, overrides=overrides)
+
+
+def test_image_size_not_tiled_by_patches_is_refused(make_args):
+    with pytest.raises(StackError, match=r"multiples of 128 px; got 1008x1024\. Use e\.g\. --height 896 or 1024"):
+        validate_args(make_args("--chipmunk_config", FLUX_CONFIG, "--height", "1008", "--width", "1024"))
+    with pytest.raises(StackError, match="no such file"):
+        validate_args(make_args("--chipmunk_config", "nope.yml"))
+
+
+def test_stack_error_is_still_the_pipeline_layers_error():
+    assert PipelineStackError is StackError and issubclass(StackError, ValueError)
+
+
+def test_offloading_section_is_ignored_and_missing_keys_take_the_published_values(tmp_path):
+    path = tmp_path / "chipmunk.yml"
+    path.write_text("offloading: {global_disable_offloading: true}\nattn: {top_keys: 0.2}\n")
+    cfg = C.load_chipmunk_config(path)
+    assert cfg.attn.top_keys == 0.2 and cfg.attn.mbm == 192 and cfg.mlp == C.MlpConfig()
+    assert C.load_chipmunk_config() == C.ChipmunkConfig()  # no file: every default
+
+
+def test_published_flux_config_values():
+    cfg = C.load_chipmunk_config(FLUX_CONFIG, height=768, width=1280)
+    assert (cfg.mlp.top_keys, cfg.mlp.random_keys, cfg.mlp.full_step_every, cfg.mlp.block_mask_cache) == (0.3, 0.05, 10, 2)
+    assert (cfg.attn.top_keys, cfg.attn.full_step_every, cfg.attn.mbm, cfg.mlp.bm) == (0.165, 10, 192, 128)
+    assert (cfg.patchify.chunk_size_1, cfg.patchify.chunk_size_2) == (8, 4)
+    assert C.rounded_count(0.165, 512 + 48 * 80, 128) == 768  # keys per query group at 1280x768
+    assert C.rounded_count(0.35, 12288, 256) == 4352  # neurons per token block
+
+
+# --- schedule -------------------------------------------------------------------------------------
+
+def test_deferred_dense_rule():
+    due = C.due_since
+    dense = lambda t: C.attn_dense_step(t, C.AttnConfig(full_step_every=10))  # noqa: E731
+    assert due(None, 5, dense)  # nothing cached yet
+    assert [due(t - 1, t, dense) for t in range(12)] == [t in (0, 1, 10) for t in range(12)]  # every step computed
+    assert due(8, 15, dense) and not due(15, 19, dense) and due(15, 22, dense)  # 10 -> 15, 20 -> 22
+
+
+def test_dense_and_reselect_steps_of_the_published_schedule():
+    attn, mlp = C.AttnConfig(), C.MlpConfig()
+    assert [t for t in range(25) if C.attn_dense_step(t, attn)] == [0, 1, 10, 20]
+    assert [t for t in range(25) if C.mlp_dense_step(t, mlp)] == [0, 10, 20]
+    # the first sparse step after each dense one, then every block_mask_cache (2) sparse steps
+    assert [t for t in range(25) if C.mlp_reselect_step(t, mlp)] == [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23]
+    assert [t for t in range(12) if C.mlp_reselect_step(t, C.MlpConfig(full_step_every=6, block_mask_cache=3))] \
+        == [1, 4, 7, 10]
+    explicit = C.AttnConfig(full_step_schedule=[0, 3, 7])
+    assert [t for t in range(10) if C.attn_dense_step(t, explicit)] == [0, 3, 7]
+
+
+def test_step_kind_of_the_tiny_schedule():
+    """(attention dense, attention selects keys, MLP dense, MLP reselects) per step: full_step_every 4,
+    block_mask_cache 2."""
+    config = C.load_chipmunk_config(TINY_CONFIG)
+    kinds = [C.step_kind(t, config) for t in range(9)]
+    assert kinds == [(True, True, True, False), (True, True, False, True), (False, False, False, False),
+                     (False, False, False, True), (True, True, True, False), (False, False, False, True),
+                     (False, False, False, False), (False, False, False, True), (True, True, True, False)]
+
+
+def test_step_kind_selects_keys_once_per_generation_without_recompute_mask():
+    config = C.ChipmunkConfig()
+    config.attn.recompute_mask = False
+    kinds = [C.step_kind(t, config) for t in range(21)]
+    assert [t for t, k in enumerate(kinds) if k[0]] == [0, 1, 10, 20]
+    assert [t for t, k in enumerate(kinds) if k[1]] == [0]  # a step-0 graph differs from a step-10 one
+
+
+def test_step_kind_makes_a_generations_first_step_dense_whatever_the_schedule():
+    config = C.ChipmunkConfig()
+    config.attn.full_step_schedule = [5]
+    assert C.step_kind(0, config)[:3] == (True, True, True) and not C.step_kind(1, config)[0]
+    assert C.step_kind(5, config)[:2] == (True, True)
