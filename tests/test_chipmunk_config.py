@@ -1,5 +1,5 @@
 """Chipmunk's config (utils/chipmunk/config.py): loading and validation of Chipmunk's YAML keys, the published FLUX
-values, and the schedule they imply (dense steps, MLP reselections, the deferred-dense rule, step_kind)."""
+values, and the schedule they imply (dense steps, MLP reselections, the deferred-dense rule, the per-step decisions)."""
 
 import re
 
@@ -93,11 +93,28 @@ def test_dense_and_reselect_steps_of_the_published_schedule():
     assert [t for t in range(10) if C.attn_dense_step(t, explicit)] == [0, 3, 7]
 
 
+def plain_kinds(config, steps, computed=None):
+    """(attention dense, attention selects keys, MLP dense, MLP reselects) per step, from attention_decision and
+    mlp_decision with the flags a layer keeps, when the steps in `computed` (default: every step) are computed."""
+    kinds, last, has_keys, has_neurons = [], None, False, False
+    for t in range(steps):
+        if computed is not None and t not in computed:
+            kinds.append(None)
+            continue
+        attn_dense, keys = C.attention_decision(t, last, config.attn, has_keys)
+        mlp_dense, reselect = C.mlp_decision(t, last, config.mlp, has_neurons)
+        has_keys = has_keys or keys
+        has_neurons = (has_neurons or reselect) and not mlp_dense
+        kinds.append((attn_dense, keys, mlp_dense, reselect))
+        last = t
+    return kinds
+
+
 def test_step_kind_of_the_tiny_schedule():
     """(attention dense, attention selects keys, MLP dense, MLP reselects) per step: full_step_every 4,
     block_mask_cache 2."""
     config = C.load_chipmunk_config(TINY_CONFIG)
-    kinds = [C.step_kind(t, config) for t in range(9)]
+    kinds = plain_kinds(config, 9)
     assert kinds == [(True, True, True, False), (True, True, False, True), (False, False, False, False),
                      (False, False, False, True), (True, True, True, False), (False, False, False, True),
                      (False, False, False, False), (False, False, False, True), (True, True, True, False)]
@@ -106,7 +123,7 @@ def test_step_kind_of_the_tiny_schedule():
 def test_step_kind_selects_keys_once_per_generation_without_recompute_mask():
     config = C.ChipmunkConfig()
     config.attn.recompute_mask = False
-    kinds = [C.step_kind(t, config) for t in range(21)]
+    kinds = plain_kinds(config, 21)
     assert [t for t, k in enumerate(kinds) if k[0]] == [0, 1, 10, 20]
     assert [t for t, k in enumerate(kinds) if k[1]] == [0]  # a step-0 graph differs from a step-10 one
 
@@ -114,5 +131,15 @@ def test_step_kind_selects_keys_once_per_generation_without_recompute_mask():
 def test_step_kind_makes_a_generations_first_step_dense_whatever_the_schedule():
     config = C.ChipmunkConfig()
     config.attn.full_step_schedule = [5]
-    assert C.step_kind(0, config)[:3] == (True, True, True) and not C.step_kind(1, config)[0]
-    assert C.step_kind(5, config)[:2] == (True, True)
+    kinds = plain_kinds(config, 6)
+    assert kinds[0][:3] == (True, True, True) and not kinds[1][0]
+    assert kinds[5][:2] == (True, True)
+
+
+def test_decisions_under_caching_follow_the_deferred_schedule():
+    """With feature caching only full steps compute: a dense step or reselection scheduled on a forecast step
+    happens at the next full one (tiny schedule; full steps 0, 1, 2, 5, 8 of HiCache at interval 3)."""
+    config = C.load_chipmunk_config(TINY_CONFIG)
+    kinds = plain_kinds(config, 9, computed={0, 1, 2, 5, 8})
+    assert kinds[5] == (True, True, True, False)  # attention and MLP dense at 4 -> 5
+    assert kinds[8] == (True, True, True, False) and kinds[3] is None

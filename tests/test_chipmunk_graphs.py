@@ -1,6 +1,6 @@
-"""Chipmunk's step graphs (utils/chipmunk/graphs.py) on CPU: the invariants the CUDA graphs rest on, checked on the
-tiny pipeline, and the wrapper's bookkeeping with a stand-in for torch.cuda.graph. Capture and replay themselves
-need a GPU: scripts/h100_chipmunk.py --parts graphs compares graphed and eager latents there."""
+"""Chipmunk's step graphs (utils/step_graphs.py with utils/chipmunk/graphs.py) on CPU: the invariants the CUDA graphs
+rest on, checked on the tiny pipeline, and the wrapper's bookkeeping with a stand-in for torch.cuda.graph. Capture
+and replay themselves need a GPU: `run_benchmark.py --check graphs` compares graphed and eager latents there."""
 
 import contextlib
 import types
@@ -12,7 +12,8 @@ from chipmunk_support import TINY_CONFIG, ManualClock
 from utils import compile_utils
 from utils.benchmark_utils import pipeline_call_kwargs
 from utils.chipmunk import chipmunk_stats, graphs, layers
-from utils.chipmunk.config import MlpConfig, load_chipmunk_config, step_kind
+from utils.chipmunk.config import MlpConfig
+from utils.step_graphs import StepGraphs
 from utils.pipeline_utils import load_pipeline, optimize, validate_args
 
 
@@ -38,27 +39,31 @@ def _decisions(layer, before, after):
 
 
 def test_step_kind_names_what_every_layer_decides_at_each_step(make_args):
-    """The graphs are keyed by step_kind: it must equal each layer's own decision at every step of plain runs."""
+    """The graphs are keyed by the layers' decisions (ChipmunkStepKinds.kind, before each step): they must equal
+    what each layer then does, at every step of plain runs."""
     steps = 11  # tiny config: attention dense 0,1,4,8; MLP dense 0,4,8, reselect 1,3,5,7,9
     pipe, args = _chipmunk_pipe(make_args, steps)
     sparse_layers = pipe.transformer.chipmunk_layers
     assert len(sparse_layers) == 10
     seen = []
 
+    kinds = graphs.ChipmunkStepKinds(sparse_layers)
+    named = []
+
     def record(module, args_, kwargs):
         seen.append([dict(layer.stats) for layer in sparse_layers])
+        named.append(kinds.kind(sparse_layers[0].clock.step))
 
     pipe.transformer.register_forward_pre_hook(record, with_kwargs=True)
     _generate(pipe, args)
     seen.append([dict(layer.stats) for layer in sparse_layers])
-    config = pipe.transformer.chipmunk_config
     for step in range(steps):
-        attn_dense, _, mlp_dense, mlp_reselect = step_kind(step, config)
-        for layer, before, after in zip(sparse_layers, seen[step], seen[step + 1]):
-            expected = ("attn", attn_dense) if isinstance(layer, layers.SparseAttention) else \
-                ("mlp", mlp_dense, mlp_reselect)
+        for layer, decision, before, after in zip(sparse_layers, named[step], seen[step], seen[step + 1]):
+            expected = ("attn", decision[0]) if isinstance(layer, layers.SparseAttention) else \
+                ("mlp", decision[0], decision[1])
             assert _decisions(layer, before, after) == expected, (step, layer.name)
-    assert [step_kind(t, config)[2] for t in range(steps)] == [t in (0, 4, 8) for t in range(steps)]
+    mlp_index = next(i for i, layer in enumerate(sparse_layers) if isinstance(layer, layers.SparseMlp))
+    assert [kind[mlp_index][0] for kind in named] == [t in (0, 4, 8) for t in range(steps)]  # MLP dense steps
 
 
 def test_caches_are_written_in_place_across_steps_and_generations(make_args):
@@ -129,8 +134,8 @@ def test_wrapper_runs_each_kind_eagerly_then_captures_then_replays(make_args, fa
         calls.append(transformer.chipmunk_layers[0].clock.step)
         return eager_forward(**tensors, return_dict=False)
 
-    step_graphs = graphs.ChipmunkStepGraphs(forward, transformer.chipmunk_layers, transformer.chipmunk_config,
-                                            transformer.chipmunk_layers[0].clock, torch.device("cpu"))
+    kinds = graphs.ChipmunkStepKinds(transformer.chipmunk_layers)
+    step_graphs = StepGraphs(forward, [kinds], kinds.clock, torch.device("cpu"))
     compile_utils.install_compiled_forward(transformer, step_graphs, what="Chipmunk's step graphs")
     # tiny config, 6 steps: kinds A (dense) at 0,4; B (attention dense, reselect) 1; D (sparse) 2; C (reselect) 3,5
     _generate(pipe, args)
@@ -152,15 +157,16 @@ def test_a_new_input_shape_drops_the_graphs_of_the_old_one(fake_cuda_graphs):
     """The layers reallocate their caches for a new input shape, so the graphs recorded at the old shape hold freed
     memory: they are dropped, and the new shape's kinds start over (eager, then captured)."""
     clock = ManualClock()
-    config = load_chipmunk_config(TINY_CONFIG)
-    layer = types.SimpleNamespace(last_step=None, flags={}, stats={"dense": 0, "sparse": 0, "reselect": 0})
+    tiny_kind = {0: "A", 4: "A", 1: "B", 2: "D", 3: "C", 5: "C"}  # the tiny schedule's kinds, as in the test above
+    participant = types.SimpleNamespace(kind=tiny_kind.get, eager_now=lambda: False, prepare=lambda step: None,
+                                        captured=lambda: None, replayed=lambda step, state: None)
     calls = []
 
     def forward(x):
         calls.append((clock.step, x.shape[1]))
         return (x * 2,)
 
-    step_graphs = graphs.ChipmunkStepGraphs(forward, [layer], config, clock, torch.device("cpu"))
+    step_graphs = StepGraphs(forward, [participant], clock, torch.device("cpu"))
     for length, steps in ((4, range(6)), (8, range(2)), (4, range(1))):
         for step in steps:
             clock.at(step)

@@ -63,7 +63,7 @@ def test_gen_image_writes_png_with_its_settings(tmp_path):
     assert json.loads(meta["stack"])["qkv_fusion"].startswith("skipped")
 
 
-def test_warm_up_runs_until_chipmunk_step_graphs_have_captured_every_kind_seen():
+def test_warm_up_runs_until_the_step_graphs_have_captured_every_kind_seen():
     """A step kind is captured at its second occurrence; one that occurs once per generation (step 1's) is only
     captured in the second generation, so the warm-up goes on until none is left uncaptured (at most 2 more)."""
     from types import SimpleNamespace
@@ -80,10 +80,10 @@ def test_warm_up_runs_until_chipmunk_step_graphs_have_captured_every_kind_seen()
             self.seen |= set(self.new.pop(0)) if self.new else set()
 
     graphs = Graphs([{"A", "B"}])  # Chipmunk's case: kinds first seen in generation 1, captured in generation 2
-    pipeline = SimpleNamespace(transformer=SimpleNamespace(chipmunk_step_graphs=graphs))
+    pipeline = SimpleNamespace(transformer=SimpleNamespace(step_graphs=graphs))
     assert run_benchmark.warm_up(pipeline, graphs.generate, 1) == 2 and graphs.uncaptured_kinds() == 0
     endless = Graphs([{"A"}, {"B"}, {"C"}, {"D"}, {"E"}])  # a schedule that keeps showing new kinds: bounded
-    pipeline.transformer.chipmunk_step_graphs = endless
+    pipeline.transformer.step_graphs = endless
     assert run_benchmark.warm_up(pipeline, endless.generate, 1) == 3
     no_graphs = SimpleNamespace(transformer=SimpleNamespace())
     runs = []

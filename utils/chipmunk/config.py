@@ -159,3 +159,17 @@ def due_since(last_step: int | None, step: int, scheduled) -> bool:
         return True
     return any(scheduled(t) for t in range(last_step + 1, step + 1))
 
+
+def attention_decision(step: int, last: int | None, config: AttnConfig, has_keys: bool) -> tuple[bool, bool]:
+    """(dense step, selects a new key set) for an attention layer at `step`, `last` being the last step it computed
+    (None: the first of a generation) and `has_keys` whether it holds a key set from this generation."""
+    dense = due_since(last, step, lambda t: attn_dense_step(t, config))
+    return dense, dense and (config.recompute_mask or last is None or not has_keys)
+
+
+def mlp_decision(step: int, last: int | None, config: MlpConfig, has_neurons: bool) -> tuple[bool, bool]:
+    """(dense step, reselects its neurons) for an MLP layer at `step`; `has_neurons`: whether it holds a neuron set
+    chosen against its current reference (a dense step makes a new reference)."""
+    dense = due_since(last, step, lambda t: mlp_dense_step(t, config))
+    fresh = last is None or not has_neurons
+    return dense, not dense and (fresh or due_since(last, step, lambda t: mlp_reselect_step(t, config)))

@@ -15,15 +15,13 @@ addresses, so every graph reads and writes the same memory whichever step kind r
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
 import torch.nn.functional as F
 
 from utils.chipmunk import reference as R
-from utils.chipmunk.config import (AttnConfig, MlpConfig, attn_dense_step, due_since, mlp_dense_step,
-                                   mlp_reselect_step, rounded_count)
+from utils.chipmunk.config import AttnConfig, MlpConfig, attention_decision, mlp_decision, rounded_count
 from utils.step_clock import StepClock
 
 try:  # torch >= 2.14
@@ -180,9 +178,7 @@ class SparseAttention(SparseLayer):
     def decide(self, step: int, last: int | None) -> tuple[bool, bool]:
         """(dense step, selects its key set) at `step`, `last` being the last step it computed (None: the first of
         a generation, its caches stale)."""
-        dense = due_since(last, step, lambda t: attn_dense_step(t, self.config))
-        has_keys = last is not None and self.flags.get("keys", False)
-        return dense, dense and (self.config.recompute_mask or not has_keys)
+        return attention_decision(step, last, self.config, self.flags.get("keys", False))
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         cfg, kernels = self.config, self.kernels
@@ -299,10 +295,7 @@ class SparseMlp(SparseLayer):
     def decide(self, step: int, last: int | None) -> tuple[bool, bool]:
         """(dense step, reselects its neurons) at `step`, `last` being the last step it computed (None: the first of
         a generation, its caches stale)."""
-        cfg = self.config
-        dense = due_since(last, step, lambda t: mlp_dense_step(t, cfg))
-        has_neurons = last is not None and self.flags.get("neurons", False)
-        return dense, not dense and (not has_neurons or due_since(last, step, lambda t: mlp_reselect_step(t, cfg)))
+        return mlp_decision(step, last, self.config, self.flags.get("neurons", False))
 
     def _step(self, x: torch.Tensor, step: int, last: int | None, output: torch.Tensor | None = None,
               x_read: torch.cuda.Event | None = None) -> torch.Tensor:
