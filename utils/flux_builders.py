@@ -7,11 +7,16 @@
 
 Both use the offline tokenizers below: real CLIP (byte-level BPE) and T5 (Unigram) tokenizer classes
 whose vocabularies are generated here instead of downloaded. Token ids differ from the real
-checkpoints' but sequence lengths (77 CLIP, 512/256 T5) are the real ones.
+checkpoints' but sequence lengths (77 CLIP, 512/256 T5) are the real ones. Their vocabularies know few
+words, so most prompts take a token per letter and are cut at those lengths: a property of these
+pipelines, stated once when the tiny one is built; the per-prompt truncation warnings of diffusers and
+transformers are left out for them (`quiet_offline_truncation`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import string
 
 import torch
@@ -99,13 +104,56 @@ def offline_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     return T5Tokenizer(vocab=pieces, model_max_length=model_max_length, extra_ids=100)
 
 
+# The warnings that prompt encoding gives, per prompt, when a prompt is longer than the text encoders' lengths:
+# transformers' tokenizer (on diffusers' untruncated length check) and diffusers' Flux pipeline (CLIP and T5).
+TRUNCATION_WARNINGS = {
+    "transformers.tokenization_utils_base": "Token indices sequence length is longer than the specified maximum",
+    "diffusers.pipelines.flux.pipeline_flux": "The following part of your input was truncated because",
+}
+
+
+class _DropTruncationWarnings(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+def quiet_offline_truncation(pipe: FluxPipeline) -> FluxPipeline:
+    """Leave out the per-prompt truncation warnings while this pipeline (offline tokenizers) encodes a prompt;
+    other pipelines, and other messages of those loggers, are untouched."""
+    encode_prompt = pipe.encode_prompt
+
+    @functools.wraps(encode_prompt)
+    def encode_prompt_quietly(*args, **kwargs):
+        filters = [(logging.getLogger(name), _DropTruncationWarnings(prefix))
+                   for name, prefix in TRUNCATION_WARNINGS.items()]
+        for logger, drop in filters:
+            logger.addFilter(drop)
+        try:
+            return encode_prompt(*args, **kwargs)
+        finally:
+            for logger, drop in filters:
+                logger.removeFilter(drop)
+
+    pipe.encode_prompt = encode_prompt_quietly
+    return pipe
+
+
 def _seeded(seed: int, build):
     torch.manual_seed(seed)
     return build()
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
-    """The miniature FLUX pipeline: deterministic seeded random init, no downloads, CPU-fast."""
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, notice: bool = True) -> FluxPipeline:
+    """The miniature FLUX pipeline: deterministic seeded random init, no downloads, CPU-fast. `notice` prints
+    one line saying what its images are."""
+    if notice:
+        print(f"[load] tiny: miniature FLUX with RANDOM WEIGHTS for tests and smoke runs: images are noise by design, "
+              f"and prompts are cut at {CLIP_MAX_LENGTH} CLIP and --max_sequence_length T5 tokens (default "
+              f"{TINY_MAX_SEQUENCE_LENGTH}) of offline tokenizers that read most words letter by letter")
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux-dev"]),
         vae=_seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE)),
@@ -115,7 +163,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> Fl
         tokenizer_2=offline_t5_tokenizer(TINY_MAX_SEQUENCE_LENGTH),
         transformer=_seeded(seed + 4, lambda: FluxTransformer2DModel(**TINY_TRANSFORMER)),
     )
-    return cast_like_from_pretrained(pipe, dtype)
+    return quiet_offline_truncation(cast_like_from_pretrained(pipe, dtype))
 
 
 def build_random_pipeline(variant: str, dtype: torch.dtype = torch.bfloat16, device: str = "cuda",
@@ -144,7 +192,7 @@ def build_random_pipeline(variant: str, dtype: torch.dtype = torch.bfloat16, dev
             )
     finally:
         torch.set_default_dtype(previous_dtype)
-    return cast_like_from_pretrained(pipe, dtype)
+    return quiet_offline_truncation(cast_like_from_pretrained(pipe, dtype))
 
 
 def cast_like_from_pretrained(pipe: FluxPipeline, dtype: torch.dtype) -> FluxPipeline:
