@@ -315,9 +315,9 @@ def summary_markdown(title: str, description: str, baseline: str, records: list[
                      f"metrics compare noise with noise.")
     if metrics_random_init and any(m in MODEL_METRICS for m in metrics):
         names = ", ".join(QUALITY_METRICS[m][1] for m in metrics if m in MODEL_METRICS)
-        notes.append(f"**Random-init metric models** (`metrics_random_init`): {names} come from networks with random "
-                     f"weights; their values test the plumbing and say nothing about image quality (columns and "
-                     f"plots marked {RANDOM_INIT}). PSNR and SSIM are computed from the pixels and are real.")
+        notes.append(f"**Random-init metric models** (`metrics_random_init`): the values of {names} come from "
+                     f"networks with random weights; they test the plumbing and say nothing about image quality "
+                     f"(columns and plots marked {RANDOM_INIT}). PSNR and SSIM are computed from the pixels alone.")
     if noisy:
         spreads = ", ".join(f"{name} {cv:.0%}" for name, cv in noisy)
         notes.append(f"**Noisy timings** ({spreads} latency spread, std / mean): above {NOISY_SPREAD:.0%}, the host "
