@@ -1,7 +1,7 @@
 """Run an ablation sweep from a YAML config: every variant over every (prompt, seed), timed, with
 quality metrics against the baseline variant, and paper tables and plots under the output_dir.
 
-    python run_ablation.py --config configs/ablations/smoke.yaml                 # see it work (CPU, ~1 min)
+    python run_ablation.py --config configs/ablations/smoke.yaml                 # see it work (CPU, ~30 s)
     torchrun --nproc-per-node 8 run_ablation.py --config configs/ablations/hicache_flux_dev.yaml
     python run_ablation.py --config CFG --shard 3/16     # one Slurm array task (SLURM_ARRAY_TASK_ID/16)
     python run_ablation.py --config CFG --merge          # after all shards: merge, metrics, reports
