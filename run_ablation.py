@@ -18,6 +18,7 @@ import time
 START = time.perf_counter()  # the sweep's wall time includes imports
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
@@ -81,6 +82,9 @@ def print_plan(config: sweep.SweepConfig, num_prompts: int) -> None:
         print(f"  {v.name}{mark}: {' '.join(v.argv)}")
         if v.stack_error:
             print(f"    will be recorded as FAILED on this machine: {v.stack_error}")
+
+
+FOLDER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # the folder stopped taking files
 
 
 def fail(message: str) -> NoReturn:
@@ -176,10 +180,10 @@ def run(opts, argv, config: sweep.SweepConfig, prompts, shard, rank, world, loca
     try:
         if not opts.merge:
             generation = sweep.run_generation(config, prompts, shard, device=device, show_progress=rank == 0)
-    except sweep.OutputWriteError as e:
-        print(f"run_ablation.py: error: {e}; what was written is kept: fix the folder (free space, permissions) and "
-              f"rerun the same command to resume", file=sys.stderr)
-        return 1
+    except sweep.ConfigError as e:  # records of other flags for a variant in this output_dir
+        fail(str(e))
+    except OSError as e:  # OutputWriteError, or a folder that broke since the start
+        return stopped_writing(e)
     if world > 1:
         import torch.distributed as dist
 
@@ -192,8 +196,29 @@ def run(opts, argv, config: sweep.SweepConfig, prompts, shard, rank, world, loca
               f"every shard is done: python run_ablation.py --config {opts.config} --merge")
         return 0
 
-    if not opts.merge:  # --merge took it at the start
-        locks.append(sweep.hold_lock(config.output_dir, "merge"))
+    try:
+        if not opts.merge:  # --merge took it at the start
+            locks.append(sweep.hold_lock(config.output_dir, "merge"))
+        return report(opts, config, prompts, generation, world, weights_dir, device)
+    except sweep.ConfigError as e:
+        fail(str(e))
+    except OSError as e:
+        return stopped_writing(e)
+
+
+def stopped_writing(error: OSError) -> int:
+    """The output folder stopped taking files (disk full, read-only): one line, exit status 1. Any other OSError
+    is raised as it is."""
+    if not isinstance(error, sweep.OutputWriteError) and error.errno not in FOLDER_ERRNOS:
+        raise error
+    print(f"run_ablation.py: error: {error}; what was written is kept: fix the folder (free space, permissions) and "
+          f"rerun the same command to resume", file=sys.stderr)
+    return 1
+
+
+def report(opts, config: sweep.SweepConfig, prompts, generation: sweep.GenerationTiming, world: int, weights_dir,
+           device) -> int:
+    """Merge, metrics, the interval=1 check and the reports (rank 0, or --merge)."""
     merged = sweep.merge_records(config, prompts)
     metrics_started = time.perf_counter()
     per_image, per_set = {}, {}

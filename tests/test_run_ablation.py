@@ -389,6 +389,21 @@ def test_a_full_disk_stops_the_sweep_with_no_failed_record_and_the_rerun_resumes
     assert run_ablation.main(["--config", str(config)]) == 0
     assert len(ok_records(out)) == 4 and list(pd.read_csv(out / "summary.csv")["status"]) == ["ok", "ok"]
 
+    import errno
+
+    from utils import reports
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(reports, "write_text_atomic", full)  # the disk fills up while the reports are written
+    capsys.readouterr()
+    assert run_ablation.main(["--config", str(config), "--merge"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # beside the reports' progress bar
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("run_ablation.py: error: ")
+    assert "No space left on device" in errors[0] and "rerun the same command to resume" in errors[0]
+
 
 def test_a_read_only_output_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
     import errno
