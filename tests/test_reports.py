@@ -42,7 +42,8 @@ def test_variant_table_speedups_and_mean_std(tmp_path):
     assert human.loc["fast", "PSNR (dB)"] == "32.00 ± 2.83" and human.loc["base", "PSNR (dB)"] == "—"
     # 2 s and 4 s: a spread of 47% of the mean, so both timings, and the speedup between them, are noisy
     assert fast["latency_cv"] == pytest.approx(pd.Series([1.0, 2.0]).std() / 1.5) and fast["timing_noisy"]
-    assert human.loc["fast", "Speedup"] == "2.00× (noisy)" and human.loc["fast", "Latency (s)"] == "1.500 ± 0.707 (noisy)"
+    assert human.loc["fast", "Speedup"] == "2.00× (noisy)"
+    assert human.loc["fast", "Latency (s)"] == "1.500 ± 0.707 (noisy)"
 
 
 def test_noisy_timings_are_flagged_in_the_table_and_the_summary(tmp_path):
@@ -80,13 +81,14 @@ def test_random_init_metrics_and_random_weight_images_are_labelled_everywhere(tm
                  if r["variant"] == "fast"}
     figures = []
     real_save = reports._save
-    monkeypatch.setattr(reports, "_save", lambda fig, out, stem: figures.append((stem, fig)) or real_save(fig, out, stem))
+    monkeypatch.setattr(reports, "_save",
+                        lambda fig, out, stem: figures.append((stem, fig)) or real_save(fig, out, stem))
     status = {"base": "ok", "fast": "ok"}
     reports.write_report(tmp_path, "unit", "", records, ["base", "fast"], "base", status, ["lpips", "psnr"],
                          per_image, {}, metrics_random_init=True)
     md = (tmp_path / "summary.md").read_text()
-    assert "**Random-init metric models** (`metrics_random_init`): the values of LPIPS come from networks with random " \
-        "weights" in md
+    assert ("**Random-init metric models** (`metrics_random_init`): the values of LPIPS come from networks with "
+            "random weights") in md
     assert "**Random-weight pipeline** (tiny): the images are noise by design" in md
     assert "| LPIPS (random-init) |" in md and "| PSNR (dB) |" in md  # PSNR comes from pixels: no label
     assert "1.8e-05 ± 8.49e-06" in md  # not 0.000

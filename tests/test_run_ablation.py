@@ -323,7 +323,8 @@ for name, argv in json.loads(sys.argv[2]).items():
         except SystemExit as e:
             code = e.code
     results[name] = [code, err.getvalue()]
-results["imported"] = [m for m in ("diffusers", "transformers", "utils.pipeline_utils", "torchmetrics") if m in sys.modules]
+heavy = ("diffusers", "transformers", "utils.pipeline_utils", "torchmetrics")
+results["imported"] = [m for m in heavy if m in sys.modules]
 print(json.dumps(results))
 """
 

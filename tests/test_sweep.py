@@ -289,7 +289,8 @@ def test_a_shard_lock_is_held_against_other_processes_and_released_when_the_hold
 
 def test_stack_report_in_one_line():
     stack = {"qkv_fusion": "applied", "attention": "unavailable (no CUDA device): falling back to SDPA (cuDNN on GPU)",
-             "chipmunk": "skipped (no --chipmunk_config)", "feature_cache": "applied: fora (interval 3, first_enhance 2)",
+             "chipmunk": "skipped (no --chipmunk_config)",
+             "feature_cache": "applied: fora (interval 3, first_enhance 2)",
              "float8_quant": "unavailable (float8 matmuls need an sm_89+ GPU)",
              "inductor_flags": "applied: conv_1x1_as_mm=True; GELU kept (eager: its own kernel is already fast)",
              "compile_export": "skipped (--compile_export_mode disabled (default on CPU)): eager"}

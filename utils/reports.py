@@ -72,8 +72,8 @@ def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: 
     if any(m in MODEL_METRICS for m in metrics):
         table["metric_models"] = RANDOM_INIT if metrics_random_init else "pretrained"
     first = ["variant", "status", "images", "latency_s_mean", "latency_s_std", "latency_cv", "timing_noisy",
-             "speedup", "speedup_noisy", "flops_speedup", "denoise_s_mean", "denoise_s_std", "full_steps", "forecast_steps",
-             "tflops_per_image"]
+             "speedup", "speedup_noisy", "flops_speedup", "denoise_s_mean", "denoise_s_std", "full_steps",
+             "forecast_steps", "tflops_per_image"]
     return table[first + [c for c in table.columns if c not in first]]
 
 

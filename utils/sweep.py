@@ -223,7 +223,8 @@ def flags_to_argv(flags: dict[str, Any], where: str) -> list[str]:
         if action is None:
             close = difflib.get_close_matches(dest, list(actions), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"{where}: unknown flag {key!r}{hint}; flags are those of `python run_benchmark.py --help`")
+            raise ConfigError(f"{where}: unknown flag {key!r}{hint}; flags are those of "
+                              f"`python run_benchmark.py --help`")
         option = action.option_strings[0]
         if isinstance(action, argparse._StoreTrueAction):
             if not isinstance(value, bool):
@@ -291,7 +292,8 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
         name = entry.get("name")
         if not isinstance(name, str) or not VARIANT_NAME.fullmatch(name) or name.lower() in RESERVED_NAMES:
             raise ConfigError(f"{path}: variants[{i}]: a name is a folder of output_dir: 1 to 64 letters, digits and "
-                              f"_=+-, starting with a letter or digit, not {' or '.join(RESERVED_NAMES)} (got {name!r})")
+                              f"_=+-, starting with a letter or digit, not {' or '.join(RESERVED_NAMES)} "
+                              f"(got {name!r})")
         if any(v.name.lower() == name.lower() for v in variants):  # one folder on a case-insensitive filesystem
             raise ConfigError(f"{path}: variant name {name!r} appears twice")
         where = f"{path}: variant {name!r}"
@@ -960,7 +962,8 @@ def _image_stamp(config: SweepConfig, rec: dict[str, Any]) -> list:
             os.stat(config.output_dir / rec["image"]).st_mtime_ns]
 
 
-def metrics_inputs_digest(config: SweepConfig, weights_dir: str | None, recs: list[dict], refs: list[dict] | None) -> str:
+def metrics_inputs_digest(config: SweepConfig, weights_dir: str | None, recs: list[dict],
+                          refs: list[dict] | None) -> str:
     """A digest of everything a variant's metric values depend on: the metrics, their models, batch size, the
     variant's images and the baseline images they are compared with."""
     inputs = {"metrics": config.metrics, "batch_size": config.metrics_batch_size,
