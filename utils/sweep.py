@@ -862,7 +862,12 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                 e.__traceback__ = None  # let go of the frames that hold GPU tensors
                 pipeline = None
                 release(loaded)  # the failure may have left the transformer half-optimized
-                writer.drain()  # the images written before the failure; a folder failure stops the sweep here
+                try:  # the images written before the failure; a folder failure stops the sweep here
+                    writer.drain()
+                except OutputWriteError:
+                    raise
+                except Exception:  # noqa: BLE001 - another failure of this variant, which is failed already
+                    pass
                 writer.append(failure)
                 bar.update(len(variant_todo) - generated)
             finally:
