@@ -312,9 +312,9 @@ def test_write_failures_are_the_folders_and_drain_raises_them(tmp_path, monkeypa
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_open(self, mode, *args, **kwargs)
     monkeypatch.setattr(Path, "open", full_disk)
-    writer.submit(Image.new("RGB", (8, 8)), {"key": "a/p0000_s0", "image": "a/p0000_s0.png"})
     with pytest.raises(sweep.OutputWriteError, match="No space left on device"):
-        writer.drain()
+        writer.submit(Image.new("RGB", (8, 8)), {"key": "a/p0000_s0", "image": "a/p0000_s0.png"})
+        writer.drain()  # unless submit() found it finished already
     writer.drain()  # raised once
     writer.close()
     assert sweep.read_jsonl(sweep.records_path(tmp_path, (0, 1))) == []  # no record without its image
