@@ -5,12 +5,15 @@
 """
 
 import json
+import os
+from pathlib import Path
 
 import torch
+from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from utils.benchmark_utils import create_parser, pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags
-from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+from utils.benchmark_utils import (check_args, create_parser, pipeline_call_kwargs, resolved_defaults, set_rand_seeds,
+                                   stack_flags)
 
 
 def generate(pipeline, args):
@@ -22,15 +25,36 @@ def generate(pipeline, args):
     return pipeline(**kwargs, generator=torch.manual_seed(args.seed)).images[0]
 
 
+def check_output_file(path: str) -> None:
+    """Refuse, before any work, an output file that could not be saved (ValueError)."""
+    output = Path(path)
+    if output.is_dir():
+        raise ValueError(f"--output-file {path}: a folder; give a file name, e.g. {output / 'image.png'}")
+    if not output.parent.is_dir():
+        raise ValueError(f"--output-file {path}: the folder {output.parent} does not exist")
+    if not os.access(output.parent, os.W_OK):
+        raise ValueError(f"--output-file {path}: the folder {output.parent} is not writable")
+    if output.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output-file {path}: unknown image format {output.suffix!r}; use .png")
+
+
 def main(argv=None):
     parser = create_parser()
     args = resolved_defaults(parser.parse_args(argv))
+    try:  # what the flags alone can tell, before diffusers and the stack are imported
+        check_args(args)
+        check_output_file(args.output_file)
+    except ValueError as e:
+        parser.error(str(e))
+    if "kontext" in args.ckpt.lower() and not args.image:
+        parser.error("FLUX.1-Kontext-dev edits an image: pass --image PATH_OR_URL")
+
+    from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+
     try:
         validate_args(args)
     except StackError as e:
         parser.error(str(e))
-    if "kontext" in args.ckpt.lower() and not args.image:
-        parser.error("FLUX.1-Kontext-dev edits an image: pass --image PATH_OR_URL")
     set_rand_seeds(args.seed)
     pipeline = optimize(load_pipeline(args), args)
     image = generate(pipeline, args)

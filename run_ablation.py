@@ -1,15 +1,16 @@
 """Run an ablation sweep from a YAML config: every variant over every (prompt, seed), timed, with
 quality metrics against the baseline variant, and paper tables and plots under the output_dir.
 
-    python run_ablation.py --config configs/ablations/smoke.yaml                 # see it work (CPU, < 60 s)
+    python run_ablation.py --config configs/ablations/smoke.yaml                 # see it work (CPU, ~30 s)
     torchrun --nproc-per-node 8 run_ablation.py --config configs/ablations/hicache_flux_dev.yaml
     python run_ablation.py --config CFG --shard 3/16     # one Slurm array task (SLURM_ARRAY_TASK_ID/16)
     python run_ablation.py --config CFG --merge          # after all shards: merge, metrics, reports
     python run_ablation.py --download-metric-weights DIR # on a machine with internet
 
-Rerunning the same command after a kill resumes: finished images are kept, the rest is generated.
-Under torchrun, or with --shard, every worker must see the same output_dir (a shared filesystem
-across nodes): rank 0, or --merge, reads every shard's records and images from it.
+Rerunning the same command after a kill resumes: finished images and metrics are kept, the rest is
+done. Under torchrun, or with --shard, every worker must see the same output_dir (a shared filesystem
+across nodes): rank 0, or --merge, reads every shard's records and images from it. Shards may run at
+the same time into one output_dir; one shard runs in one process at a time (a lock refuses a second).
 """
 
 import time
@@ -17,29 +18,32 @@ import time
 START = time.perf_counter()  # the sweep's wall time includes imports
 
 import argparse  # noqa: E402
+import errno  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import sys  # noqa: E402
 from datetime import timedelta  # noqa: E402
+from typing import NoReturn  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from utils import reports, sweep  # noqa: E402
-from utils.benchmark_utils import command_line  # noqa: E402
+from utils import sweep  # noqa: E402
+from utils.benchmark_utils import ArgumentParser, command_line, int_at_least  # noqa: E402
 
 
 def create_ablation_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="configs/ablations/NAME.yaml")
     parser.add_argument("--output_dir", default=None, help="instead of the config's output_dir")
     parser.add_argument("--base", action="append", default=[], metavar="FLAG=VALUE",
                         help="override one base flag of the config, e.g. --base num_inference_steps=8 (repeatable)")
     parser.add_argument("--variants", default=None, metavar="A,B,...",
                         help="only these variants of the config (the baseline is always kept)")
-    parser.add_argument("--limit_prompts", type=int, default=None, help="only the first N prompts of the set")
-    parser.add_argument("--seeds_per_prompt", type=int, default=None, help="instead of the config's")
-    parser.add_argument("--warmup_runs", type=int, default=None, help="instead of the config's warmup_runs")
+    parser.add_argument("--limit_prompts", type=int_at_least(1), default=None,
+                        help="only N prompts of the set (a fixed sample, in the set's order)")
+    parser.add_argument("--seeds_per_prompt", type=int_at_least(1), default=None, help="instead of the config's")
+    parser.add_argument("--warmup_runs", type=int_at_least(0), default=None, help="instead of the config's warmup_runs")
     parser.add_argument("--shard", default=None, metavar="I/N", help="generate shard I of N (0-based) and stop; "
                         "run --merge when every shard is done")
     parser.add_argument("--merge", action="store_true", help="no generation: merge the shards' records, compute "
@@ -80,6 +84,15 @@ def print_plan(config: sweep.SweepConfig, num_prompts: int) -> None:
             print(f"    will be recorded as FAILED on this machine: {v.stack_error}")
 
 
+FOLDER_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)  # the folder stopped taking files
+
+
+def fail(message: str) -> NoReturn:
+    """A config or input the sweep cannot run with: one line, exit status 2."""
+    print(f"run_ablation.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = create_ablation_parser()
     opts = parser.parse_args(argv)
@@ -94,17 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--config is required (or --download-metric-weights DIR)")
     if opts.shard and opts.merge:
         parser.error("--shard generates, --merge reports: run them as separate commands")
+    # Everything that the config and the flags alone can tell is checked before diffusers and the stack are
+    # imported (check_on_this_machine, below, imports them).
     try:
         config = sweep.load_config(opts.config, base_overrides=opts.base, output_dir=opts.output_dir,
                                    prompt_limit=opts.limit_prompts, seeds_per_prompt=opts.seeds_per_prompt,
-                                   only_variants=opts.variants.split(",") if opts.variants else None)
+                                   only_variants=opts.variants.split(",") if opts.variants else None,
+                                   check_machine=False)
         config.metrics_random_init = config.metrics_random_init or opts.metrics_random_init
         if opts.warmup_runs is not None:
             config.warmup_runs = opts.warmup_runs
         prompts = sweep.load_sweep_prompts(config)
         shard = sweep.parse_shard(opts.shard) if opts.shard else (0, 1)
     except (sweep.ConfigError, ValueError) as e:
-        parser.error(str(e))
+        fail(str(e))
 
     weights_dir = opts.metrics_weights_dir or config.metrics_weights_dir
     from utils.metric_models import BUILDERS  # the metrics with a model (PSNR and SSIM need none)
@@ -113,23 +129,47 @@ def main(argv: list[str] | None = None) -> int:
     if needs_weights and not (opts.no_metrics or opts.shard or config.metrics_random_init):
         # Fail now, not after hours of generation (utils/metric_models.py checks each file at load time).
         if not weights_dir:
-            parser.error(f"metrics {', '.join(needs_weights)} need weights: pass --metrics_weights_dir DIR (fill it "
-                         f"with `python run_ablation.py --download-metric-weights DIR` on a machine with internet), "
-                         f"or --metrics_random_init for a smoke run, or --no_metrics")
+            fail(f"metrics {', '.join(needs_weights)} need weights: pass --metrics_weights_dir DIR (fill it with "
+                 f"`python run_ablation.py --download-metric-weights DIR` on a machine with internet), or "
+                 f"--metrics_random_init for a smoke run, or --no_metrics")
         if not os.path.isdir(weights_dir):
-            parser.error(f"--metrics_weights_dir {weights_dir}: no such folder (fill it with `python run_ablation.py "
-                         f"--download-metric-weights {weights_dir}` on a machine with internet)")
+            fail(f"--metrics_weights_dir {weights_dir}: no such folder (fill it with `python run_ablation.py "
+                 f"--download-metric-weights {weights_dir}` on a machine with internet)")
 
     rank, world, local_rank = distributed_rank()
     if world > 1:
         if opts.shard:
             parser.error("--shard and torchrun both split the work: use one of them")
         shard = (rank, world)
-    if rank == 0:
-        print_plan(config, len(prompts))
-    if opts.dry_run:
-        return 0
-    config.output_dir.mkdir(parents=True, exist_ok=True)
+    locks = []
+    try:
+        if not opts.dry_run:
+            try:
+                args = sweep.parse_variant_args(config.base_argv, "base")
+                todo = len(sweep.work_list(config, len(prompts), shard)) if not opts.merge else 0
+                warning = sweep.check_output_dir(config.output_dir, todo * sweep.raw_image_bytes(args))
+                if warning:
+                    print(f"[sweep] warning: {warning}", file=sys.stderr)
+                locks.append(sweep.hold_lock(config.output_dir, "merge" if opts.merge else
+                                             f"shard-{shard[0]}-of-{shard[1]}"))
+            except sweep.ConfigError as e:
+                fail(str(e))
+        try:
+            sweep.check_on_this_machine(config)
+        except sweep.ConfigError as e:
+            fail(str(e))
+        if rank == 0:
+            print_plan(config, len(prompts))
+        if opts.dry_run:
+            return 0
+        return run(opts, argv, config, prompts, shard, rank, world, local_rank, weights_dir, locks)
+    finally:
+        for lock in locks:
+            lock.close()
+
+
+def run(opts, argv, config: sweep.SweepConfig, prompts, shard, rank, world, local_rank, weights_dir, locks) -> int:
+    """Generation, then (unless --shard) merge, metrics, the interval=1 check and the reports."""
     if rank == 0 and shard[0] == 0:
         command = command_line(argv, "run_ablation.py")
         resolved = {**config.raw, "output_dir": str(config.output_dir), "command": command}
@@ -137,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
 
     device = f"cuda:{local_rank}" if torch.cuda.is_available() else None
     generation = sweep.GenerationTiming()
-    if not opts.merge:
-        generation = sweep.run_generation(config, prompts, shard, device=device, show_progress=rank == 0)
+    try:
+        if not opts.merge:
+            generation = sweep.run_generation(config, prompts, shard, device=device, show_progress=rank == 0)
+    except sweep.ConfigError as e:  # records of other flags for a variant in this output_dir
+        fail(str(e))
+    except OSError as e:  # OutputWriteError, or a folder that broke since the start
+        return stopped_writing(e)
     if world > 1:
         import torch.distributed as dist
 
@@ -151,16 +196,42 @@ def main(argv: list[str] | None = None) -> int:
               f"every shard is done: python run_ablation.py --config {opts.config} --merge")
         return 0
 
+    try:
+        if not opts.merge:  # --merge took it at the start
+            locks.append(sweep.hold_lock(config.output_dir, "merge"))
+        return report(opts, config, prompts, generation, world, weights_dir, device)
+    except sweep.ConfigError as e:
+        fail(str(e))
+    except OSError as e:
+        return stopped_writing(e)
+
+
+def stopped_writing(error: OSError) -> int:
+    """The output folder stopped taking files (disk full, read-only): one line, exit status 1. Any other OSError
+    is raised as it is."""
+    if not isinstance(error, sweep.OutputWriteError) and error.errno not in FOLDER_ERRNOS:
+        raise error
+    print(f"run_ablation.py: error: {error}; what was written is kept: fix the folder (free space, permissions) and "
+          f"rerun the same command to resume", file=sys.stderr)
+    return 1
+
+
+def report(opts, config: sweep.SweepConfig, prompts, generation: sweep.GenerationTiming, world: int, weights_dir,
+           device) -> int:
+    """Merge, metrics, the interval=1 check and the reports (rank 0, or --merge)."""
     merged = sweep.merge_records(config, prompts)
     metrics_started = time.perf_counter()
     per_image, per_set = {}, {}
     if config.metrics and not opts.no_metrics:
-        per_image, per_set = sweep.compute_sweep_metrics(config, merged, device or "cpu", weights_dir)
+        per_image, per_set = sweep.compute_sweep_metrics(config, merged, device or "cpu", weights_dir,
+                                                         show_progress=True)
     metrics_s = time.perf_counter() - metrics_started
 
     interval1 = None
     if config.interval1_check is not None:
         interval1 = sweep.run_interval1_check(config.interval1_check, config.base_argv)
+
+    from utils import reports
 
     wall_s = time.perf_counter() - START
     latency_sum = generation.sum_latency_s or None
@@ -182,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         config.output_dir, config.name, config.description, merged.records, [v.name for v in config.variants],
         config.baseline, merged.status, config.metrics if not opts.no_metrics else [], per_image, per_set,
         pareto_metrics=None if opts.no_metrics else config.report.get("pareto_metrics"),
-        grid_rows=config.report.get("grid_prompts", 3), timing=timing, interval1=interval1)
+        grid_rows=config.report.get("grid_prompts", 3), timing=timing, interval1=interval1,
+        metrics_random_init=config.metrics_random_init, show_progress=True)
     timing["wall_s_with_report"] = time.perf_counter() - START
     sweep.write_text_atomic(config.output_dir / "timing.json", json.dumps(timing, indent=2))
 

@@ -65,3 +65,34 @@ def test_random_full_size_architectures_match_flux1():
     assert dev.transformer.dtype == torch.bfloat16 and dev.vae_scale_factor == 8
     assert dev.tokenizer_2.model_max_length == 512 and schnell.tokenizer_2.model_max_length == 256
     assert schnell.scheduler.config.shift == 1.0 and not schnell.scheduler.config.use_dynamic_shifting
+
+
+def test_tiny_pipeline_says_what_its_images_are_and_its_truncation_warnings_are_left_out(capsys):
+    import copy
+    import logging
+
+    long_prompt = "a photo of a red cat " * 8  # past 77 CLIP and 32 T5 tokens of the letter-level tokenizers
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handlers = [(logging.getLogger(name), Keep()) for name in ("diffusers.pipelines.flux.pipeline_flux",
+                                                                 "transformers.tokenization_utils_base")]
+    for logger, handler in handlers:
+        logger.addHandler(handler)
+    try:
+        pipe = build_tiny_pipeline(seed=0)
+        assert "[load] tiny: miniature FLUX with RANDOM WEIGHTS" in capsys.readouterr().out
+        _image(pipe, prompt=long_prompt)
+        assert records == []
+        pipe.tokenizer_2 = copy.deepcopy(pipe.tokenizer_2)  # not one of the offline tokenizers: its warnings stay
+        _image(pipe, prompt=long_prompt)
+        assert any("truncated because `max_sequence_length` is set to" in r for r in records), records
+        assert not any("CLIP can only handle" in r for r in records)  # the CLIP tokenizer is still the offline one
+    finally:
+        for logger, handler in handlers:
+            logger.removeHandler(handler)
+    build_tiny_pipeline(seed=0, notice=False)
+    assert capsys.readouterr().out == ""

@@ -6,7 +6,7 @@ import scipy.linalg
 import torch
 from PIL import Image
 
-from utils import metrics
+from utils import metric_models, metrics
 from utils.metric_models import INCEPTION_FILE, MissingMetricWeightsError, hub_checkpoints, write_random_inception_weights
 from utils.metrics import METRIC_NAMES, PSNR_CAP_DB, compute_metrics, fid_from_features, load_metric_models
 
@@ -142,3 +142,37 @@ def test_inception_loads_from_weights_dir_layout(tmp_path):
     state = torch.load(checkpoints / INCEPTION_FILE)
     torch.testing.assert_close(models["fid"].state_dict()["fc.weight"], state["fc.weight"])
     assert not math.isnan(fid_from_features(torch.randn(5, 8), torch.randn(6, 8)))
+
+
+def test_progress_counts_every_batch_and_fid_matches_whole_set_features(random_models):
+    images, refs = torch.rand(5, 3, 32, 32), torch.rand(5, 3, 32, 32)
+    done = []
+    per_image, set_level = compute_metrics(["psnr", "fid"], images, refs, PROMPTS + PROMPTS[:2], random_models,
+                                           batch_size=2, progress=done.append)
+    assert done == [2, 2, 1] and len(per_image) == 5
+    features = [metrics.inception_features(random_models["fid"], x, "cpu", batch_size=2) for x in (images, refs)]
+    assert set_level["fid"] == fid_from_features(*features)  # the same batches, the same value, bit for bit
+
+
+def test_random_init_metric_models_build_without_third_party_notices():
+    import logging
+    import warnings
+
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    root = logging.getLogger()
+    handler = Keep()
+    root.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_metric_models(["lpips", "clip"], weights_dir=None, random_init=True, device="cpu")
+    finally:
+        root.removeHandler(handler)
+    assert not [str(w.message) for w in caught if "torchvision" in w.filename], [str(w.message) for w in caught]
+    assert not any("No pretrained weights loaded" in m for m in messages), messages
+    assert not any(isinstance(f, metric_models._DropMessage) for f in root.filters)  # removed after the build

@@ -198,3 +198,260 @@ def test_metric_weights_download_flag_and_missing_weights_error(tmp_path, monkey
         run_ablation.main(["--config", str(config)])
     assert "--download-metric-weights DIR" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# --- reliability: kills, concurrent shards, full and read-only folders, bad input ---------------------
+
+THIRD_PARTY_NOISE = ("register_constant", "Unable to import `torchao`", "Token indices sequence length",
+                     "part of your input was truncated", "'pretrained' is deprecated", "weight enum",
+                     "No pretrained weights loaded", "[stack]")
+QUALITY = ["status", "images", "psnr_mean", "psnr_std", "lpips_mean", "lpips_std", "full_steps", "forecast_steps"]
+
+
+def sweep_command(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(ROOT / "run_ablation.py"), "--config", str(config), *extra]
+
+
+def kill_when(proc: subprocess.Popen, ready, timeout: float = 240) -> bool:
+    """SIGKILL `proc` as soon as ready() holds; False if it ended first."""
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if ready():
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            return True
+        time.sleep(0.005)
+    proc.wait()
+    return False
+
+
+def test_sweep_survives_sigkill_at_random_moments(tmp_path):
+    """Kills at random moments of generation, metrics and reports, each run resuming the last one's folder,
+    then a final run: the summary's quality columns equal an uninterrupted run's, and no image was generated
+    twice. The uninterrupted run also shows what the console prints."""
+    import random
+
+    config = small_config(tmp_path, prompts=2, metrics=["psnr", "lpips"], metrics_random_init=True,
+                          report={"grid_prompts": 1})
+    env = {**ENV, "PYTHONUNBUFFERED": "1"}
+    reference = tmp_path / "reference"
+    started = time.time()
+    with (tmp_path / "reference.err").open("w") as err:
+        proc = subprocess.Popen(sweep_command(config, "--output_dir", str(reference)), cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=err, text=True)
+        out = []
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("[sweep] shard"):
+                marker = time.time()
+        assert proc.wait() == 0
+    active = time.time() - marker  # generation, metrics and reports: where the kills land
+    console = "".join(out) + (tmp_path / "reference.err").read_text()
+    for noise in THIRD_PARTY_NOISE:
+        assert noise not in console, noise
+    for bar in ("generation: 100%", "metrics: 100%", "reports: 100%"):
+        assert bar in console, bar
+    assert console.count("[load] tiny: miniature FLUX with RANDOM WEIGHTS") == 1
+    assert started < marker
+
+    out_dir = tmp_path / "out"
+    records_file = out_dir / "records/shard-0-of-1.jsonl"
+    moments = [("generation", lambda: records_file.exists() and records_file.read_text().count("\n") >= 1),
+               ("after", random.Random(1234).uniform(0, active)),  # seconds after generation starts
+               ("metrics", lambda: any((out_dir / "metrics").glob("*.json"))),  # one variant's metrics written
+               ("reports", lambda: (out_dir / "summary.csv").exists())]  # the first report file written
+    landed = []
+    for kind, when in moments:
+        proc = subprocess.Popen(sweep_command(config), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.DEVNULL, text=True)
+        if kind == "after":
+            for line in proc.stdout:
+                if line.startswith("[sweep] shard"):
+                    break
+            t0 = time.time()
+            killed = kill_when(proc, lambda: time.time() - t0 >= when)
+        else:
+            killed = kill_when(proc, when)
+        proc.stdout.close()
+        landed.append((kind, killed, len(ok_records(out_dir)) if (out_dir / "records").exists() else 0))
+    assert run_ablation.main(["--config", str(config)]) == 0, landed
+
+    final = pd.read_csv(out_dir / "summary.csv").set_index("variant")
+    expected = pd.read_csv(reference / "summary.csv").set_index("variant")
+    pd.testing.assert_frame_equal(final[QUALITY], expected[QUALITY], check_exact=True, obj=str(landed))
+    keys = [r["key"] for r in ok_records(out_dir)]
+    assert len(keys) == len(set(keys)) == 4, (landed, keys)  # nothing lost, nothing generated twice
+    assert [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()] == \
+        [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_shards_at_once_into_one_folder_and_a_second_run_of_a_shard_is_refused(tmp_path):
+    config = small_config(tmp_path, prompts=2)
+    out = tmp_path / "out"
+    shards = [subprocess.Popen(sweep_command(config, "--shard", f"{i}/2"), cwd=ROOT, env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    lock = out / "records/shard-0-of-2.lock"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (lock.exists() and lock.read_text().startswith("pid")):
+        time.sleep(0.02)
+    second = subprocess.run(sweep_command(config, "--shard", "0/2"), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    results = [(p.wait(timeout=240), p.stderr.read()) for p in shards]
+    assert all(code == 0 for code, _ in results), results
+    assert second.returncode == 2
+    assert second.stderr.strip().splitlines() == [
+        f"run_ablation.py: error: output_dir {out}: shard-0-of-2 is being run by pid {shards[0].pid} on "
+        f"{os.uname().nodename}; wait for it to end, or use another output_dir"]
+    assert run_ablation.main(["--config", str(config), "--merge"]) == 0
+    table = pd.read_csv(out / "summary.csv")
+    assert list(table["status"]) == ["ok", "ok"] and list(table["images"]) == [2, 2]
+    keys = [r["key"] for r in ok_records(out)]
+    assert len(keys) == len(set(keys)) == 4
+
+
+BAD_INPUT_SCRIPT = """
+import contextlib, io, json, sys
+sys.path.insert(0, sys.argv[1])
+import gen_image, run_ablation
+results = {}
+for name, argv in json.loads(sys.argv[2]).items():
+    main = gen_image.main if name.startswith("gen_image") else run_ablation.main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    results[name] = [code, err.getvalue()]
+heavy = ("diffusers", "transformers", "utils.pipeline_utils", "torchmetrics")
+results["imported"] = [m for m in heavy if m in sys.modules]
+print(json.dumps(results))
+"""
+
+
+def test_bad_inputs_are_one_line_each_before_the_heavy_imports(tmp_path):
+    good = small_config(tmp_path)
+    raw = yaml.safe_load(good.read_text())
+    configs = {"prompts_missing": {**raw, "prompts": {"spec": str(tmp_path / "prompts.txt")}},
+               "ckpt_missing": {**raw, "base": {**raw["base"], "ckpt": "/path/that/does/not/exist"}},
+               "steps_zero": {**raw, "base": {**raw["base"], "num_inference_steps": 0}}}
+    cases = {}
+    for name, content in configs.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(content))
+        cases[name] = ["--config", str(tmp_path / f"{name}.yaml")]
+    (tmp_path / "twice.yaml").write_text(good.read_text() + "baseline: taylor\n")
+    cases.update(twice=["--config", str(tmp_path / "twice.yaml")],
+                 config_missing=["--config", str(tmp_path / "nope.yaml")],
+                 warmup_negative=["--config", str(good), "--warmup_runs", "-1"],
+                 gen_image_ckpt=["--ckpt", "/path/that/does/not/exist"],
+                 gen_image_ckpt_file=["--ckpt", str(good)],
+                 gen_image_output=["--ckpt", "tiny", "--output-file", str(tmp_path / "no/such/dir/cat.png")])
+    result = subprocess.run([sys.executable, "-c", BAD_INPUT_SCRIPT, str(ROOT), json.dumps(cases)], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.splitlines()[-1])
+    assert results.pop("imported") == []  # every refusal came before diffusers, transformers and the stack
+    expected = {
+        "prompts_missing": "prompt file not found: " + str(tmp_path / "prompts.txt"),
+        "ckpt_missing": "--ckpt /path/that/does/not/exist: no such folder",
+        "steps_zero": "argument --num_inference_steps: must be an integer >= 1 (got 0)",
+        "twice": "key 'baseline' appears twice",
+        "config_missing": f"--config {tmp_path / 'nope.yaml'}: no such file",
+        "warmup_negative": "argument --warmup_runs: must be an integer >= 0 (got -1)",
+        "gen_image_ckpt": "error: --ckpt /path/that/does/not/exist: no such folder",
+        "gen_image_ckpt_file": "a file, not a pipeline folder",
+        "gen_image_output": f"the folder {tmp_path / 'no/such/dir'} does not exist",
+    }
+    for name, text in expected.items():
+        code, err = results[name]
+        assert code == 2 and len(err.strip().splitlines()) == 1 and text in err, (name, code, err)
+
+
+def test_a_full_disk_stops_the_sweep_with_no_failed_record_and_the_rerun_resumes(tmp_path, monkeypatch, capsys):
+    config = small_config(tmp_path, prompts=2)
+    out = tmp_path / "out"
+    real_save = sweep.RecordWriter._save
+    saved = []
+
+    def fill_up(self, image, record):
+        if len(saved) == 3:  # the fourth image finds the disk full
+            raise sweep.OutputWriteError(f"cannot write {self.output_dir / record['image']}: No space left on device")
+        saved.append(record["key"])
+        real_save(self, image, record)
+
+    monkeypatch.setattr(sweep.RecordWriter, "_save", fill_up)
+    assert run_ablation.main(["--config", str(config)]) == 1
+    err = capsys.readouterr().err
+    assert "No space left on device; what was written is kept" in err and "Traceback" not in err
+    records = sweep.read_all_records(out)
+    assert [r["status"] for r in records] == ["ok"] * 3  # no variant blamed for the folder
+    assert not (out / "summary.csv").exists()
+    monkeypatch.setattr(sweep.RecordWriter, "_save", real_save)
+    assert run_ablation.main(["--config", str(config)]) == 0
+    assert len(ok_records(out)) == 4 and list(pd.read_csv(out / "summary.csv")["status"]) == ["ok", "ok"]
+
+    import errno
+
+    from utils import reports
+
+    def full(path, text):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(reports, "write_text_atomic", full)  # the disk fills up while the reports are written
+    capsys.readouterr()
+    assert run_ablation.main(["--config", str(config), "--merge"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error" in line]  # beside the reports' progress bar
+    assert "Traceback" not in err and len(errors) == 1 and errors[0].startswith("run_ablation.py: error: ")
+    assert "No space left on device" in errors[0] and "rerun the same command to resume" in errors[0]
+
+
+def test_a_read_only_output_dir_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    import errno
+
+    config = small_config(tmp_path)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(sweep.tempfile, "mkstemp", read_only)
+    with pytest.raises(SystemExit) as err:
+        run_ablation.main(["--config", str(config)])
+    assert err.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"run_ablation.py: error: output_dir {tmp_path / 'out'}: cannot write there (Read-only file "
+                     f"system); fix its permissions or free space, or pass --output_dir elsewhere"]
+    assert not (tmp_path / "out/records").exists()
+
+
+def test_a_failed_image_write_is_blamed_on_its_own_variant_even_the_last(tmp_path, monkeypatch):
+    config = small_config(tmp_path, variants=[{"name": "none"}, {"name": "fora", "flags": {"cache_mode": "fora"}},
+                                              {"name": "taylor", "flags": {"cache_mode": "taylor"}}])
+    real_save = sweep.RecordWriter._save
+
+    def bad_last_image(self, image, record):
+        if record["key"] in ("fora/p0001_s0", "taylor/p0001_s0"):
+            raise ValueError(f"cannot encode {record['key']}")
+        real_save(self, image, record)
+
+    monkeypatch.setattr(sweep.RecordWriter, "_save", bad_last_image)
+    assert run_ablation.main(["--config", str(config)]) == 0
+    table = pd.read_csv(tmp_path / "out/summary.csv").set_index("variant")
+    assert table.loc["none", "status"] == "ok"
+    assert table.loc["fora", "status"] == "failed: ValueError: cannot encode fora/p0001_s0"
+    assert table.loc["taylor", "status"] == "failed: ValueError: cannot encode taylor/p0001_s0"
+
+
+def test_a_rerun_with_another_prompt_set_regenerates_the_images_whose_prompt_changed(tmp_path):
+    config = small_config(tmp_path, prompts=2)
+    out = tmp_path / "out"
+    assert run_ablation.main(["--config", str(config), "--no_metrics"]) == 0
+    first = {r["key"]: r for r in ok_records(out)}
+    assert run_ablation.main(["--config", str(config), "--no_metrics", "--limit_prompts", "3"]) == 0
+    prompts = sweep.load_sweep_prompts(sweep.load_config(config, prompt_limit=3, check_machine=False))
+    merged = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(merged) == 6 and all(r["prompt"] == prompts[r["prompt_index"]]["prompt"] for r in merged)
+    kept = [r["key"] for r in merged if r["key"] in first and first[r["key"]]["prompt"] == r["prompt"]]
+    for r in merged:  # kept where the prompt is the same, generated again where it changed
+        assert (r["key"] in kept) == (r["key"] in first and r == first[r["key"]]), r["key"]
+    assert len(kept) < len(first)  # the seeded sample of 3 is not the sample of 2 plus one

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
+import re
 import shlex
 import statistics
 import subprocess
@@ -28,22 +30,26 @@ CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit")
 
 
 def create_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = ArgumentParser(formatter_class=HelpFormatter)
     io = parser.add_argument_group("model and sampling")
     io.add_argument("--ckpt", default="black-forest-labs/FLUX.1-schnell",
                     help="Hugging Face id or local dir (FLUX.1-dev/-schnell/-Kontext-dev), 'tiny' (embedded "
                          "miniature, random init, CPU-fast), or 'random:flux-dev' / 'random:flux-schnell' "
                          "(full-size architecture with random weights, for timing)")
-    io.add_argument("--prompt", default="A cat playing with a ball of yarn")
+    io.add_argument("--prompt", default="A cat playing with a ball of yarn", help="the text prompt")
     io.add_argument("--image", default=None, help="input image for FLUX.1-Kontext-dev")
     io.add_argument("--height", type=int, default=None, help="default 1024 (64 for tiny)")
     io.add_argument("--width", type=int, default=None, help="default 1024 (64 for tiny)")
-    io.add_argument("--num_inference_steps", type=int, default=None, help="default 28 (dev/kontext), 4 (schnell/tiny)")
+    io.add_argument("--num_inference_steps", type=int_at_least(1), default=None,
+                    help="default 28 (dev/kontext), 4 (schnell/tiny)")
     io.add_argument("--guidance_scale", type=float, default=None, help="default 3.5 (dev/tiny), 0.0 (schnell), 2.5 (kontext)")
-    io.add_argument("--max_sequence_length", type=int, default=None, help="T5 tokens; default 512 (256 schnell, 32 tiny)")
-    io.add_argument("--seed", type=int, default=42)
+    io.add_argument("--max_sequence_length", type=int_at_least(1, most=512), default=None,
+                    help="T5 tokens, at most 512; default 512 (256 schnell, 32 tiny)")
+    io.add_argument("--seed", type=int, default=42, help="seed of the initial noise (torch.manual_seed)")
     io.add_argument("--device", default=None, help="default cuda when available, else cpu")
-    io.add_argument("--output-file", dest="output_file", default="output.png")
+    io.add_argument("--output-file", dest="output_file", default="output.png",
+                    help="where gen_image.py saves the image (.png keeps the settings as text chunks); its folder "
+                         "must exist")
     io.add_argument("--trace-file", dest="trace_file", default=None, help="write a Chrome trace (.json or .json.gz)")
 
     stack = parser.add_argument_group("optimization stack (every layer is on by default, as in flux-fast)")
@@ -67,7 +73,9 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--quant_granularity", choices=("tensor", "row"), default="row",
                        help="float8 scaling granularity; per-row measured faster on H100 (FLUX MLP 0.70 ms "
                             "vs 0.84 per-tensor, 1.01 bf16; docs/RESULTS.md)")
-    stack.add_argument("--disable_inductor_tuning_flags", action="store_true")
+    stack.add_argument("--disable_inductor_tuning_flags", action="store_true",
+                       help="keep inductor's default config: no flux-fast tuning flags, MLP GELU left as it is (both "
+                            "only matter to compiled code)")
     stack.add_argument("--compile_export_mode", choices=("compile", "export_aoti", "disabled"), default=None,
                        help="torch.compile, torch.export + AOTInductor + CUDA graphs, or eager; default "
                             "export_aoti on CUDA (compile with feature caching), disabled on CPU")
@@ -79,8 +87,9 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--compile_mode", default="default",
                        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
                        help="torch.compile mode. 'reduce-overhead' and 'max-autotune' replay CUDA graphs (no per-kernel "
-                            "launch cost; not with Chipmunk or feature caching). 'max-autotune' variants autotune every "
-                            "GEMM shape: measured ~85-105 s per float8 shape on an H200, many "
+                            "launch cost; with Chipmunk or a scheduled feature cache (fora, taylor, hicache) one graph "
+                            "per step kind; CUDA only; not with fbcache or cache_dit). 'max-autotune' variants "
+                            "autotune every GEMM shape: measured ~85-105 s per float8 shape on an H200, many "
                             "minutes cold for FLUX")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
                        help="where export_aoti keeps its compiled packages")
@@ -88,8 +97,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help="export_aoti: require a matching cached package (error instead of compiling)")
 
     bench = parser.add_argument_group("benchmark")
-    bench.add_argument("--num_runs", type=int, default=10)
-    bench.add_argument("--warmup_runs", type=int, default=2)
+    bench.add_argument("--num_runs", type=int_at_least(1), default=10, help="timed generations (run_benchmark.py)")
+    bench.add_argument("--warmup_runs", type=int_at_least(0), default=2,
+                       help="untimed generations before timing (compilation, caches)")
     bench.add_argument("--results_dir", default="results", help="where run_benchmark.py writes its record")
     bench.add_argument("--check", choices=("interval1", "graphs"), default=None,
                        help="instead of timing: run a correctness check (interval1: dense/Chipmunk x HiCache "
@@ -99,6 +109,140 @@ def create_parser() -> argparse.ArgumentParser:
     bench.add_argument("--check_tolerance", type=float, default=None,
                        help="interval1: max relative latent error of D (Chipmunk+HiCache) vs C (Chipmunk); default 1e-3")
     return parser
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default, unless the help text gives it already, the default is None (resolved later, see
+    resolved_defaults) or the flag is a switch (off unless given)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.nargs == 0 or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """An error is one line: `PROG: error: MESSAGE` (the usage of every flag is what --help is for)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer >= least (and <= most)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < least or (most is not None and value > most):
+            bound = f">= {least}" if most is None else f"from {least} to {most}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound} (got {value})")
+        return value
+    return parse
+
+
+# --- checks of the flags alone, made before the heavy imports ----------------------------------------
+
+RANDOM_CKPTS = ("random:flux-dev", "random:flux-schnell")
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or ORG/NAME
+
+
+def check_ckpt(value: str) -> None:
+    """Refuse a --ckpt that cannot load anywhere, saying why (ValueError). Accepted: 'tiny', RANDOM_CKPTS, a
+    diffusers pipeline folder (with model_index.json), or a Hugging Face id (looked up when the pipeline loads).
+    A value that starts with /, ./, ../ or ~, or has more than one /, is a path and must exist; ORG/NAME is a
+    folder when one of that name exists here, a Hugging Face id otherwise."""
+    if value == "tiny" or value in RANDOM_CKPTS:
+        return
+    if value.startswith("random:"):
+        raise ValueError(f"--ckpt {value}: unknown random architecture; use {' or '.join(RANDOM_CKPTS)}")
+    path = Path(value).expanduser()
+    path_like = (value.startswith(("/", "./", "../", "~")) or value in (".", "..") or value.count("/") > 1
+                 or (os.sep != "/" and os.sep in value))
+    if path_like or path.is_dir():
+        if not path.exists():
+            raise ValueError(f"--ckpt {value}: no such folder (a local checkpoint is the folder `hf download` or "
+                             f"save_pretrained() writes)")
+        if not path.is_dir():
+            raise ValueError(f"--ckpt {value}: a file, not a pipeline folder (the folder that holds model_index.json)")
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"--ckpt {value}: not a diffusers pipeline folder (no model_index.json in it)")
+        return
+    if not HUB_ID.fullmatch(value):
+        raise ValueError(f"--ckpt {value!r}: not 'tiny', {' or '.join(RANDOM_CKPTS)}, a local folder or a Hugging "
+                         f"Face id (ORG/NAME, e.g. black-forest-labs/FLUX.1-dev)")
+
+
+def hub_download_hint(ckpt: str) -> str:
+    """What to do when a Hugging Face checkpoint is not available here (the CLI of huggingface-hub is `hf`)."""
+    name = ckpt.rstrip("/").split("/")[-1]
+    return (f"The weights of {ckpt!r} are not in the local Hugging Face cache, and there is no folder of that name "
+            f"here. On a machine with internet, run\n"
+            f"    hf download {ckpt} --local-dir /path/to/{name}\n"
+            f"(FLUX.1-dev and Kontext are gated: run `hf auth login` first and accept the licence on the model's "
+            f"page), copy the folder to this machine and pass --ckpt /path/to/{name}; or point HF_HOME at a filled "
+            f"Hugging Face cache.")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The refusals that depend on the flags alone (ValueError naming the flag), before diffusers and the stack
+    are imported, so that a mistake is reported at once. validate_args() in utils/pipeline_utils.py makes these
+    and the ones that depend on the machine."""
+    check_ckpt(args.ckpt)
+    if min(args.height, args.width) < 16 or args.height % 16 or args.width % 16:
+        raise ValueError(f"--height/--width must be positive multiples of 16 for FLUX (got {args.height}x{args.width})")
+    for flag in ("chipmunk_config", "cache_dit_config"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise ValueError(f"--{flag} {path}: no such file")
+    if args.cache_mode != "none" and not args.disable_cache:
+        for flag, least in (("interval", 1), ("max_order", 0), ("first_enhance", 0)):
+            if getattr(args, flag) < least:
+                raise ValueError(f"--{flag} must be >= {least} (got {getattr(args, flag)})")
+
+
+def transformer_flops(pipeline, args: argparse.Namespace) -> int:
+    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from utils import compile_utils
+
+    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        pipeline.transformer(**example, return_dict=False)
+    return counter.get_total_flops()
+
+
+class _DropNotice(logging.Filter):
+    """Drops a logger's records whose format string matches `pattern` and, with `first_arg_module`, whose first
+    argument comes from that package."""
+
+    def __init__(self, pattern: str, first_arg_module: str | None = None):
+        super().__init__()
+        self.pattern, self.first_arg_module = re.compile(pattern), first_arg_module
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.pattern.search(str(record.msg)):
+            return True
+        if self.first_arg_module is None:
+            return False
+        first = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not getattr(first, "__module__", "").startswith(self.first_arg_module)
+
+
+# Notices that third-party imports print on every command, about nothing the harness uses. Installed when this
+# module is imported: before diffusers and torchao are, for the commands that import this module first.
+IMPORT_NOTICES = (
+    # torchao registers its Enum classes as pytree constants, which torch now deprecates for Enum subclasses.
+    ("torch.utils._pytree", r"is an Enum subclass and is now natively supported", "torchao"),
+    # diffusers' torchao quantizer lists torchao tensor classes (NF4Tensor, ...) that this torchao no longer
+    # exports; they only matter to loading a checkpoint serialized with torchao, and the stack quantizes in process.
+    ("diffusers.quantizers.torchao.torchao_quantizer", r"^Unable to import `torchao` Tensor objects", None),
+)
+for _logger, _pattern, _module in IMPORT_NOTICES:
+    logging.getLogger(_logger).addFilter(_DropNotice(_pattern, _module))
 
 
 def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:

@@ -7,12 +7,18 @@
 
 Both use the offline tokenizers below: real CLIP (byte-level BPE) and T5 (Unigram) tokenizer classes
 whose vocabularies are generated here instead of downloaded. Token ids differ from the real
-checkpoints' but sequence lengths (77 CLIP, 512/256 T5) are the real ones.
+checkpoints' but sequence lengths (77 CLIP, 512/256 T5) are the real ones. Their vocabularies know few
+words, so most prompts take a token per letter and are cut at those lengths: a property of these
+pipelines, stated once when the tiny one is built; the per-prompt truncation warnings of diffusers and
+transformers are left out for them (DropOfflineTruncationWarnings).
 """
 
 from __future__ import annotations
 
+import logging
 import string
+import sys
+import weakref
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
@@ -84,8 +90,10 @@ def offline_clip_tokenizer() -> CLIPTokenizer:
     for ch in _bytes_to_unicode():
         vocab.setdefault(ch, len(vocab))
         vocab.setdefault(ch + "</w>", len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH,
-                         bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=CLIP_MAX_LENGTH,
+                              bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    OFFLINE_TOKENIZERS.add(tokenizer)
+    return tokenizer
 
 
 def offline_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
@@ -96,7 +104,49 @@ def offline_t5_tokenizer(model_max_length: int = 512) -> T5Tokenizer:
     pieces += [("▁" + w, -5.0) for w in words]
     pieces += [("▁" + c, -8.0) for c in string.ascii_lowercase + string.digits]
     pieces += [(c, -10.0) for c in string.ascii_letters + string.digits + string.punctuation]
-    return T5Tokenizer(vocab=pieces, model_max_length=model_max_length, extra_ids=100)
+    tokenizer = T5Tokenizer(vocab=pieces, model_max_length=model_max_length, extra_ids=100)
+    OFFLINE_TOKENIZERS.add(tokenizer)
+    return tokenizer
+
+
+# The warnings that prompt encoding gives, per prompt, when a prompt is longer than the text encoders' lengths:
+# transformers' tokenizer (on diffusers' untruncated length check) and diffusers' Flux pipeline (CLIP and T5).
+TRUNCATION_WARNINGS = {
+    "transformers.tokenization_utils_base": "Token indices sequence length is longer than the specified maximum",
+    "diffusers.pipelines.flux.pipeline_flux": "The following part of your input was truncated because",
+}
+OFFLINE_TOKENIZERS: weakref.WeakSet = weakref.WeakSet()  # made by offline_clip_tokenizer / offline_t5_tokenizer
+
+
+PROMPT_ENCODERS = {"_get_clip_prompt_embeds": "tokenizer", "_get_t5_prompt_embeds": "tokenizer_2"}  # FluxPipeline's
+
+
+class DropOfflineTruncationWarnings(logging.Filter):
+    """Drops a truncation warning when the tokenizer that gives it, or the one whose output the pipeline checks,
+    is one of the offline tokenizers here (found as the `self` of the nearest tokenizer or prompt-encoding frame
+    among the callers); other tokenizers keep theirs."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(tuple(TRUNCATION_WARNINGS.values())):
+            return True
+        frame = sys._getframe(1)
+        for _ in range(12):  # logging's own frames, then the tokenizer's or the pipeline's method
+            if frame is None:
+                break
+            owner = frame.f_locals.get("self")
+            attribute = PROMPT_ENCODERS.get(frame.f_code.co_name)
+            tokenizer = getattr(owner, attribute, None) if attribute else owner
+            if attribute or hasattr(tokenizer, "model_max_length"):
+                try:
+                    return tokenizer not in OFFLINE_TOKENIZERS
+                except TypeError:  # not weak-referenceable: not ours
+                    return True
+            frame = frame.f_back
+        return True
+
+
+for _name in TRUNCATION_WARNINGS:
+    logging.getLogger(_name).addFilter(DropOfflineTruncationWarnings())
 
 
 def _seeded(seed: int, build):
@@ -104,8 +154,13 @@ def _seeded(seed: int, build):
     return build()
 
 
-def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
-    """The miniature FLUX pipeline: deterministic seeded random init, no downloads, CPU-fast."""
+def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, notice: bool = True) -> FluxPipeline:
+    """The miniature FLUX pipeline: deterministic seeded random init, no downloads, CPU-fast. `notice` prints
+    one line saying what its images are."""
+    if notice:
+        print(f"[load] tiny: miniature FLUX with RANDOM WEIGHTS for tests and smoke runs: images are noise by design, "
+              f"and prompts are cut at {CLIP_MAX_LENGTH} CLIP and --max_sequence_length T5 tokens (default "
+              f"{TINY_MAX_SEQUENCE_LENGTH}) of offline tokenizers that read most words letter by letter")
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIGS["flux-dev"]),
         vae=_seeded(seed + 1, lambda: AutoencoderKL(**TINY_VAE)),

@@ -18,8 +18,10 @@ ImageReward a 2-block ViT and 1-layer BERT, so that the smoke run stays fast on 
 from __future__ import annotations
 
 import contextlib
+import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from unittest import mock
 
@@ -101,15 +103,27 @@ def build_fid_model(weights_dir: Path | None, random_init: bool, device: str) ->
 # ---- LPIPS: the lpips package (AlexNet + its shipped linear heads) -------------------------------------------
 
 
+@contextlib.contextmanager
+def lpips_torchvision_calls():
+    """lpips 0.1.4 builds AlexNet with torchvision's `pretrained=` argument, for which torchvision warns on every
+    build that it is deprecated; the two warnings are left out here, and torchvision's others kept."""
+    with warnings.catch_warnings():
+        for message in (r"The parameter 'pretrained' is deprecated", r"Arguments other than a weight enum or `None`"):
+            warnings.filterwarnings("ignore", message=message, category=UserWarning, module=r"torchvision\.")
+        yield
+
+
 def build_lpips_model(weights_dir: Path | None, random_init: bool, device: str) -> torch.nn.Module:
     import lpips
 
     if random_init:
-        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+        with lpips_torchvision_calls():
+            model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
     else:
         checkpoints = hub_checkpoints(weights_dir)
         _require(checkpoints / ALEXNET_FILE, "lpips", weights_dir)
-        with torch_hub_dir(checkpoints.parent):  # torchvision finds the AlexNet file in its hub cache, no download
+        # torchvision finds the AlexNet file in its hub cache, no download
+        with torch_hub_dir(checkpoints.parent), lpips_torchvision_calls():
             model = lpips.LPIPS(net="alex", pnet_rand=False, verbose=False)
     return model.to(device).eval()
 
@@ -120,6 +134,15 @@ def build_lpips_model(weights_dir: Path | None, random_init: bool, device: str) 
 def clip_weights_path(weights_dir: Path) -> Path | None:
     matches = sorted((Path(weights_dir) / "open_clip").glob(f"{CLIP_ARCH}-{CLIP_TAG}.*"))
     return matches[0] if matches else None
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def build_clip_model(weights_dir: Path | None, random_init: bool, device: str) -> dict:
@@ -133,9 +156,14 @@ def build_clip_model(weights_dir: Path | None, random_init: bool, device: str) -
         arch = CLIP_ARCH
         # OpenAI's checkpoints were trained with QuickGELU; the tag would set it, a file path does not.
         quick_gelu = open_clip.get_pretrained_cfg(CLIP_ARCH, CLIP_TAG).get("quick_gelu", False)
-    model = open_clip.create_model(
-        arch, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device, require_pretrained=not random_init
-    )
+    with contextlib.ExitStack() as stack:
+        if random_init:  # asked for: open_clip's notice that no weights were loaded says what the caller chose
+            root, drop = logging.getLogger(), _DropMessage(f"No pretrained weights loaded for model '{arch}'")
+            root.addFilter(drop)
+            stack.callback(root.removeFilter, drop)
+        model = open_clip.create_model(
+            arch, pretrained=pretrained, force_quick_gelu=quick_gelu, device=device, require_pretrained=not random_init
+        )
     return {"model": model.eval(), "tokenizer": open_clip.get_tokenizer(arch), "preprocess": model.visual.preprocess_cfg}
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchvision.transforms.functional import pil_to_tensor
 
 from utils.metric_models import BUILDERS, MissingMetricWeightsError, download_metric_weights  # noqa: F401
 
+# torchmetrics is imported where PSNR and SSIM are computed: importing this module stays cheap for a config check.
 METRIC_NAMES = ("psnr", "ssim", "lpips", "fid", "clip", "image_reward")
 REFERENCE_METRICS = ("psnr", "ssim", "lpips")  # per image, vs the baseline image of the same prompt and seed
 PROMPT_METRICS = ("clip", "image_reward")  # per image, vs its prompt
@@ -62,6 +62,11 @@ def load_metric_models(
 
 
 # ---- image handling --------------------------------------------------------------------------------------
+
+
+def pil_to_tensor(image: Image.Image) -> torch.Tensor:
+    """H x W x C PIL image -> C x H x W uint8 tensor (as torchvision's pil_to_tensor)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
 def to_image_tensor(images) -> torch.Tensor:
@@ -127,11 +132,15 @@ def batches(count: int, batch_size: int):
 
 
 def psnr_per_image(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
     values = peak_signal_noise_ratio(images, refs, data_range=1.0, reduction="none", dim=(1, 2, 3))
     return values.clamp(max=PSNR_CAP_DB)
 
 
 def ssim_per_image(images: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     return structural_similarity_index_measure(images, refs, data_range=1.0, reduction="none")
 
 
@@ -221,11 +230,13 @@ def reference_folder_features(model, folder: Path, device: str, batch_size: int)
 # ---- the API the runner calls ------------------------------------------------------------------------------
 
 
-def compute_metrics(names, images, refs, prompts, models, batch_size: int = 16) -> tuple[list[dict], dict]:
+def compute_metrics(names, images, refs, prompts, models, batch_size: int = 16,
+                    progress: Callable[[int], object] | None = None) -> tuple[list[dict], dict]:
     """Per-image metric dicts (one per image, in order) and set-level values (fid, fid_reference, <name>_mean/_std).
 
     images/refs: lists of PIL images, or N x 3 x H x W tensors (uint8, or float in [0, 1]); refs[i] is the baseline image of the
     same prompt and seed as images[i], or refs is None for the baseline itself. prompts: one per image.
+    progress(n) is called after each batch of n images (every metric of it done).
     """
     names = check_metric_names(names)
     device = models["device"]
@@ -238,6 +249,7 @@ def compute_metrics(names, images, refs, prompts, models, batch_size: int = 16) 
 
     per_image_names = [n for n in names if n in PROMPT_METRICS or (n in REFERENCE_METRICS and refs is not None)]
     columns: dict[str, list[torch.Tensor]] = {name: [] for name in per_image_names}
+    features: dict[str, list[torch.Tensor]] = {"images": [], "refs": []}  # Inception features, for FID
     for part in batches(len(images), batch_size):
         batch = to_float_batch(images[part], device)
         ref_batch = to_float_batch(refs[part], device) if refs is not None else None
@@ -254,6 +266,13 @@ def compute_metrics(names, images, refs, prompts, models, batch_size: int = 16) 
             else:
                 values = image_reward_per_image(models["image_reward"], batch, prompt_batch)
             columns[name].append(values.float().cpu())
+        if "fid" in names:
+            with torch.no_grad():
+                features["images"].append(models["fid"](to_uint8(images[part].to(device)))[0].cpu())
+                if refs is not None:
+                    features["refs"].append(models["fid"](to_uint8(refs[part].to(device)))[0].cpu())
+        if progress is not None:
+            progress(part.stop - part.start)
 
     values = {name: torch.cat(parts).tolist() for name, parts in columns.items()}
     per_image = [{name: values[name][i] for name in per_image_names} for i in range(len(images))]
@@ -264,13 +283,13 @@ def compute_metrics(names, images, refs, prompts, models, batch_size: int = 16) 
         set_level[f"{name}_std"] = float(column.std(ddof=1)) if len(column) > 1 else 0.0
 
     if "fid" in names:
-        features = inception_features(models["fid"], images, device, batch_size)
+        image_features = torch.cat(features["images"]).double()
         if refs is not None:
-            set_level["fid"] = fid_from_features(features, inception_features(models["fid"], refs, device, batch_size))
+            set_level["fid"] = fid_from_features(image_features, torch.cat(features["refs"]).double())
         if models.get("fid_reference_dir") is not None:
             if "fid_reference_features" not in models:  # real images: extract once per run, reuse for every variant
                 models["fid_reference_features"] = reference_folder_features(
                     models["fid"], models["fid_reference_dir"], device, batch_size
                 )
-            set_level["fid_reference"] = fid_from_features(features, models["fid_reference_features"])
+            set_level["fid_reference"] = fid_from_features(image_features, models["fid_reference_features"])
     return per_image, set_level

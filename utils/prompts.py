@@ -117,11 +117,25 @@ def subsample(prompts: list[dict], limit: int | None, seed: int = 0) -> list[dic
 
 
 def load_prompts(spec: str, limit: int | None = None, seed: int = 0) -> list[dict]:
-    """Load a prompt set; each item is {"prompt", "category", "source"} (COCO adds "image_id")."""
+    """Load a prompt set; each item is {"prompt", "category", "source"} (COCO adds "image_id").
+
+    A file that is missing, a folder, unreadable or not UTF-8 raises an OSError or ValueError whose message
+    names it and says which."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool)):
+        raise ValueError(f"prompt limit must be an integer >= 1, got {limit!r}")
     format_name, path = parse_spec(spec)
+    if path.is_dir():
+        raise IsADirectoryError(f"prompt file {path} is a folder (from spec {spec!r})")
     if not path.is_file():
         raise FileNotFoundError(f"prompt file not found: {path} (from spec {spec!r})")
-    prompts = [item for item in LOADERS[format_name](path) if item["prompt"]]
+    try:
+        prompts = [item for item in LOADERS[format_name](path) if item["prompt"]]
+    except PermissionError:
+        raise PermissionError(f"prompt file {path} is not readable (permission denied)") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not prompts:
         raise ValueError(f"{path}: no prompts found")
     return subsample(prompts, limit, seed)
