@@ -6,25 +6,14 @@ peak memory, an optional Chrome trace, and a JSON record plus a markdown row und
 """
 
 import re
-import statistics
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from utils import compile_utils
 from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser, environment_record,
                                    pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags, summarize,
-                                   time_call, write_record)
+                                   time_call, transformer_flops, write_record)
 from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
-
-
-def transformer_flops(pipeline, args) -> int:
-    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied)."""
-    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        pipeline.transformer(**example, return_dict=False)
-    return counter.get_total_flops()
 
 
 def run_once(pipeline, args):

@@ -688,7 +688,7 @@ def markdown(record: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['run']} | {r['seconds']:.2f} | {r['rel_err_vs_eager_1']:.2e} | {r['bitwise_equal']} | "
                   f"{r['same_layer_decisions']} | {r.get('graphs_compiled', '')} |" for r in g["rows"]]
-        lines += ["", f"graph calls: {g['calls']}; {g['mlps_beside_attention']} single-block MLPs run their whole "
+        lines += ["", f"graph calls: {g['calls']}; {g.get('mlps_beside_attention', g.get('mlps_selecting_beside_attention'))} single-block MLPs run their whole "
                   f"step beside the attention, started before its projections, on a side stream once their kernels are "
                   f"tuned; tolerance {g['tolerance']:.1e}: {'PASS' if g['passed'] else 'FAIL'}", ""]
         departed = [r for r in g["rows"] if r.get("first_cache_departures")]

@@ -76,7 +76,7 @@ def test_every_flag_has_help_and_no_default_that_says_nothing():
         assert action.help, action.dest
     assert "the text prompt (default: A cat playing with a ball of yarn)" in " ".join(text.split())
     assert "default 28 (dev/kontext), 4 (schnell/tiny)" in " ".join(text.split())
-    assert "with Chipmunk one graph per step kind, CUDA only; not with feature caching" in " ".join(text.split())
+    assert "with Chipmunk or a scheduled feature cache (fora, taylor, hicache) one graph per step kind; CUDA only" in " ".join(text.split())
 
 
 def test_gen_image_refuses_an_output_file_it_could_not_save(tmp_path, capsys):

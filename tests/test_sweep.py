@@ -292,13 +292,13 @@ def test_stack_report_in_one_line():
              "chipmunk": "skipped (no --chipmunk_config)",
              "feature_cache": "applied: fora (interval 3, first_enhance 2)",
              "float8_quant": "unavailable (float8 matmuls need an sm_89+ GPU)",
-             "inductor_flags": "applied: conv_1x1_as_mm=True; GELU kept (eager: its own kernel is already fast)",
+             "inductor_flags": "skipped (eager run: the flags and the GELU form only change compiled code)",
              "compile_export": "skipped (--compile_export_mode disabled (default on CPU)): eager"}
     assert sweep.stack_line(stack) == (
-        "applied qkv_fusion, feature_cache fora (interval 3, first_enhance 2), inductor_flags (no effect on an eager "
-        "run); unavailable attention (no CUDA device), float8_quant (float8 matmuls need an sm_89+ GPU); skipped "
-        "chipmunk, compile_export")
-    compiled = {**stack, "compile_export": "applied: torch.compile (regional, mode=default)"}
+        "applied qkv_fusion, feature_cache fora (interval 3, first_enhance 2); unavailable attention (no CUDA "
+        "device), float8_quant (float8 matmuls need an sm_89+ GPU); skipped chipmunk, inductor_flags, compile_export")
+    compiled = {**stack, "compile_export": "applied: torch.compile (regional, mode=default)",
+                "inductor_flags": "applied: conv_1x1_as_mm=True; tanh-GELU as x*sigmoid(2u) in 8 MLPs"}
     assert "inductor_flags, " in sweep.stack_line(compiled)
     assert "compile_export torch.compile (regional, mode=default)" in sweep.stack_line(compiled)
 

@@ -100,7 +100,8 @@ def create_parser() -> argparse.ArgumentParser:
     bench.add_argument("--num_runs", type=int_at_least(1), default=10, help="timed generations (run_benchmark.py)")
     bench.add_argument("--warmup_runs", type=int_at_least(0), default=2,
                        help="untimed generations before timing (compilation, caches)")
-    bench.add_argument("--results_dir", default="results", help="where run_benchmark.py writes its record")
+    bench.add_argument("--results_dir", default="runs",
+                       help="where run_benchmark.py writes its record and appends its row to benchmarks.md")
     bench.add_argument("--check", choices=("interval1", "graphs"), default=None,
                        help="instead of timing: run a correctness check (interval1: dense/Chipmunk x HiCache "
                             "interval=1 three-way check, utils/interval1_check.py; graphs: the step graphs of "

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
 
-from utils import compile_utils
-from utils.benchmark_utils import stack_flags
+from utils.benchmark_utils import check_ckpt, hub_download_hint, stack_flags  # before diffusers: filters its notices
 from utils.errors import StackError
+from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
+from utils import compile_utils
 
 DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
 
@@ -28,6 +28,10 @@ DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
 def load_pipeline(args: argparse.Namespace) -> DiffusionPipeline:
     """`--ckpt`: a Hugging Face id or local dir, 'tiny', or 'random:flux-dev' / 'random:flux-schnell'."""
     dtype = torch.float32 if args.disable_bf16 else torch.bfloat16
+    try:
+        check_ckpt(args.ckpt)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if args.ckpt == "tiny":
         from utils.flux_builders import build_tiny_pipeline
 
@@ -49,18 +53,14 @@ def _from_pretrained(ckpt: str, dtype: torch.dtype, device: str) -> DiffusionPip
     # On CPU, memory-mapped safetensors leave weights at unaligned addresses (seen: 40 mod 64), and the
     # CPU GEMM kernels then round differently (~5e-7 in fp32): read them into fresh, aligned memory.
     # On a GPU the weights are copied to device memory anyway.
-    kwargs = dict(torch_dtype=dtype, disable_mmap=not device.startswith("cuda"))
+    kwargs = dict(dtype=dtype, disable_mmap=not device.startswith("cuda"))
     if Path(ckpt).is_dir():
         return cls.from_pretrained(ckpt, **kwargs)
     try:  # never touch the network when the weights are already in the local HF cache
         return cls.from_pretrained(ckpt, local_files_only=True, **kwargs)
     except Exception as local_error:
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-        hint = (f"The weights of {ckpt!r} are not available offline. On a machine with internet, run\n"
-                f"    huggingface-cli download {ckpt} --local-dir /path/to/{ckpt.split('/')[-1]}\n"
-                f"(FLUX.1-dev and Kontext need `huggingface-cli login` and the licence accepted), copy the folder "
-                f"to this node and pass --ckpt /path/to/{ckpt.split('/')[-1]}; or point HF_HOME at a pre-filled "
-                f"Hugging Face cache.")
+        hint = hub_download_hint(ckpt)
         if offline:
             raise SystemExit(f"error: {hint}\n(local lookup said: {type(local_error).__name__})") from None
     try:
@@ -206,13 +206,12 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     # 6. Inductor tuning: flux-fast's flags, and the MLPs' tanh-GELU in a form inductor compiles to cheap code.
     if args.disable_inductor_tuning_flags:
         _report(report, "inductor_flags", "skipped (--disable_inductor_tuning_flags)")
+    elif args.compile_export_mode == "disabled":
+        _report(report, "inductor_flags", "skipped (eager run: the flags and the GELU form only change compiled code)")
     else:
         flags = compile_utils.set_inductor_tuning_flags()
         status = "applied: " + ", ".join(f"{k}={v}" for k, v in flags.items())
-        if args.compile_export_mode == "disabled":
-            status += "; GELU kept (eager: its own kernel is already fast)"
-        else:
-            status += f"; tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
+        status += f"; tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
         _report(report, "inductor_flags", status)
 
     # 7. Compilation.

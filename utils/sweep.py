@@ -744,13 +744,10 @@ class GenerationTiming:
 def stack_line(stack: dict[str, str]) -> str:
     """optimize()'s layer report (one `[stack]` line per layer) in one line: what was applied (and how), what is
     unavailable here (and why), what was skipped. The full report is in every record."""
-    eager = stack.get("compile_export", "").startswith("skipped")
     applied, unavailable, skipped = [], [], []
     for layer, status in stack.items():
         if status.startswith("applied"):
-            detail = status.partition(": ")[2]
-            if layer == "inductor_flags":  # the flags and the GELU form only change what inductor compiles
-                detail = "(no effect on an eager run)" if eager else ""
+            detail = "" if layer == "inductor_flags" else status.partition(": ")[2]  # the flags' list is long
             applied.append(f"{layer} {detail}" if detail else layer)
         elif status.startswith("unavailable"):
             reason = re.match(r"unavailable \(([^)]*)\)", status)
