@@ -67,9 +67,9 @@ def test_valid_config_resolves_each_variant_command_line(tmp_path):
      "--chipmunk_config configs/missing.yml: no such file"),
     ({"base": {"ckpt": "./no/such/folder"}}, "--ckpt ./no/such/folder: no such folder"),
     ({"base": {"ckpt": "random:flux-pro"}}, "unknown random architecture"),
-    ({"variants": [{"name": "none"}, {"name": "ro", "flags": {"cache_mode": "taylor", "compile_export_mode": "compile",
+    ({"variants": [{"name": "none"}, {"name": "ro", "flags": {"cache_mode": "fbcache", "compile_export_mode": "compile",
                                                              "compile_mode": "reduce-overhead"}}]},
-     "variant 'ro': --compile_mode reduce-overhead replays recorded CUDA graphs"),
+     "variant 'ro': --compile_mode reduce-overhead replays recorded CUDA graphs, which cannot hold --cache_mode fbcache"),
     # types and ranges
     ({"variants": [{"name": "none", "flags": ["cache_mode", "taylor"]}]}, "variant 'none': flags must be a mapping"),
     ({"base": ["ckpt", "tiny"]}, "base must be a mapping"),
