@@ -195,6 +195,8 @@ def validate_parallel_args(args: argparse.Namespace) -> None:
     cuda = args.device.startswith("cuda")
     if cuda and args.device == "cuda":
         args.device = f"cuda:{local_rank}"  # each rank on its own GPU
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(args.device))  # from here on, nothing of this rank lands on another GPU
     if args.chipmunk_config is not None and not args.disable_chipmunk:
         raise StackError(f"{flag} cannot hold Chipmunk: its per-layer sparse caches and its token reorder index the "
                          f"whole image sequence, and each rank holds 1/{world} of it. Pass --disable_chipmunk (or "
@@ -313,8 +315,9 @@ def _check_fa3_lse(device: torch.device) -> None:
 @torch.library.custom_op("flux_harness::fa3_attention_lse", mutates_args=(), device_types=None)
 def fa3_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Non-causal attention on (batch, seq, heads, head_dim) tensors and the log-sum-exp of each query's scaled
-    scores ((batch, seq, heads), float32, natural log): what ring attention merges chunks by. FA3 on a Hopper GPU;
-    elsewhere PyTorch's CPU flash-attention kernel (the FA3 op's SDPA fallback, with its log-sum-exp)."""
+    scores ((batch, seq, heads), float32, natural log): what ring attention merges chunks by. FA3 on a Hopper GPU; on
+    CPU, PyTorch's CPU flash-attention kernel (the kernel of the FA3 op's SDPA fallback there, with its
+    log-sum-exp)."""
     if attention.FA3_AVAILABLE and q.is_cuda:
         out, lse = attention.fa3_attention_with_lse(q, k, v)
         if lse is None:
@@ -324,10 +327,7 @@ def fa3_attention_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tupl
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[:2]
         return out.transpose(1, 2).contiguous(), lse.float().transpose(1, 2).contiguous()
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * q.shape[-1] ** -0.5
-    lse = scores.logsumexp(-1)
-    out = torch.einsum("bhqk,bkhd->bqhd", (scores - lse[..., None]).exp(), v.float())
-    return out.to(q.dtype).contiguous(), lse.transpose(1, 2).contiguous()
+    raise RuntimeError(f"no attention kernel with a log-sum-exp for {q.device} tensors without FA3")
 
 
 @fa3_attention_lse.register_fake
