@@ -57,19 +57,20 @@ memory and host RSS, every rank's median latency, and the latency figures from r
 docs/RESULTS.md row, each with its 1-GPU figure in the same command (50 steps, 1024^2, medians of 5; FLUX.1-dev
 architecture with random weights, or `--ckpt black-forest-labs/FLUX.1-dev` where the weights are present):
 
-    COMMON="--ckpt random:flux-dev --num_inference_steps 50 --height 1024 --width 1024 --num_runs 5 --warmup_runs 2 --results_dir results/cp"
-    HICACHE="--cache_mode hicache --interval 7"
-    # dense stack (FA3 bf16, float8, compile); ulysses, then ring, over 2 GPUs
-    python run_benchmark.py $COMMON --compile_export_mode compile && \
-      torchrun --nproc-per-node 2 run_benchmark.py $COMMON --context_parallel ulysses && \
-      torchrun --nproc-per-node 2 run_benchmark.py $COMMON --context_parallel ring
-    # HiCache N=7
-    python run_benchmark.py $COMMON $HICACHE && \
-      torchrun --nproc-per-node 2 run_benchmark.py $COMMON $HICACHE --context_parallel ulysses
+    COMMON="--ckpt random:flux-dev --num_inference_steps 50 --height 1024 --width 1024 --num_runs 5 --warmup_runs 2"
+    HICACHE="--cache_mode hicache --interval 7"   # HiCache N=7 (first_enhance 3, max_order 2: the defaults)
+    # dense stack (FA3 bf16, float8, compile): 1 GPU (compile, as the parallel runs; then export_aoti, the
+    # 1-GPU default), then ulysses and ring over 2 GPUs
+    python run_benchmark.py $COMMON --results_dir results/cp --compile_export_mode compile && \
+      python run_benchmark.py $COMMON --results_dir results/cp && \
+      torchrun --nproc-per-node 2 run_benchmark.py $COMMON --results_dir results/cp --context_parallel ulysses && \
+      torchrun --nproc-per-node 2 run_benchmark.py $COMMON --results_dir results/cp --context_parallel ring
+    # HiCache N=7: 1 GPU, then ulysses over 2 GPUs
+    python run_benchmark.py $COMMON $HICACHE --results_dir results/cp && \
+      torchrun --nproc-per-node 2 run_benchmark.py $COMMON $HICACHE --results_dir results/cp --context_parallel ulysses
     # 4 GPUs: the same with --nproc-per-node 4 (24 heads, 4096 image and 512 text tokens divide by 4)
 
-(The 1-GPU dense run passes `--compile_export_mode compile` so that it compiles as the parallel runs do; without
-it the 1-GPU default is export_aoti.)
+Each record's `stack` says which attention kernel ran under the split, and `ranks` the per-rank memory.
 """
 
 from __future__ import annotations
@@ -185,9 +186,9 @@ def validate_parallel_args(args: argparse.Namespace) -> None:
     flag = f"--context_parallel {mode}"
     launch = launch_env()
     if launch is None:
-        raise StackError(f"{flag} splits one image over the processes of a torchrun launch: run "
-                         f"`torchrun --nproc-per-node N run_benchmark.py ... {flag}` with N >= 2 (one GPU each), "
-                         f"or drop --context_parallel")
+        raise StackError(f"{flag} splits one image over the processes of a torchrun launch: run the command as "
+                         f"`torchrun --nproc-per-node N SCRIPT.py ... {flag}` with N >= 2 (one GPU each), or drop "
+                         f"--context_parallel")
     _, world, local_rank = launch
     if world < 2:
         raise StackError(f"{flag}: torchrun started 1 process; pass --nproc-per-node 2 or more (the degree is the "
