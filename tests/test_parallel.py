@@ -260,6 +260,21 @@ def test_refusals_that_need_a_gpu_flag(monkeypatch):
     assert ring.compile_export_mode == "compile"
 
 
+def test_a_process_group_made_by_the_caller_is_refused():
+    """A torchrun sweep makes the group and shares images out over its ranks: splitting one image would hang."""
+    import torch.distributed as dist
+
+    from utils import parallel
+    from utils.errors import StackError
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        with pytest.raises(StackError, match="every rank of the launch on the same image"):
+            parallel.init_process_group("cpu")
+    finally:
+        dist.destroy_process_group()
+
+
 def test_fa3_lse_op_matches_attention_and_logsumexp():
     """The kernel ring attention merges by: CPU output and log-sum-exp against float64 math."""
     from utils.parallel import fa3_attention_lse

@@ -138,15 +138,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+_GROUP_CREATED_HERE = False
+
+
 def init_process_group(device: str) -> None:
-    """The default process group from torchrun's environment: nccl for CUDA, gloo for CPU. Kept if one exists."""
+    """The default process group from torchrun's environment: nccl for CUDA, gloo for CPU. Kept if this module made
+    it already (several pipelines in one launch); one made by another caller is refused: its ranks may be running
+    different work (a sweep's shards), and context parallelism needs every rank on the same image."""
+    global _GROUP_CREATED_HERE
     if is_parallel():
+        if not _GROUP_CREATED_HERE:
+            raise StackError("--context_parallel needs every rank of the launch on the same image, but the process "
+                             "group was created by the caller (a torchrun sweep shares its variants' images out over "
+                             "its ranks): run the variant with run_benchmark.py or gen_image.py under torchrun")
         return
     if device.startswith("cuda"):
         torch.cuda.set_device(torch.device(device))
         dist.init_process_group(backend="nccl", device_id=torch.device(device), timeout=timedelta(minutes=30))
     else:
         dist.init_process_group(backend="gloo", timeout=timedelta(minutes=30))
+    _GROUP_CREATED_HERE = True
 
 
 def peak_host_rss_gb() -> float:
