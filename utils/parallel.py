@@ -169,7 +169,8 @@ def peak_host_rss_gb() -> float:
 
 def model_geometry(args: argparse.Namespace) -> tuple[int, int, int]:
     """(attention heads, image tokens, text tokens) of the transformer `args` will run: the tiny pipeline's, or
-    FLUX.1's (24 heads, a 16x16-pixel patch per image token; Kontext doubles the image tokens with its input)."""
+    FLUX.1's (24 heads, a 16x16-pixel patch per image token). Kontext's input-image tokens, added to the image
+    tokens, are known only once its image is read; diffusers' split checks that they divide by the degree then."""
     if args.ckpt == "tiny":
         from utils.flux_builders import TINY_TRANSFORMER, TINY_VAE
 
