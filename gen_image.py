@@ -2,6 +2,7 @@
 
     python gen_image.py --ckpt tiny --prompt "a red cat" --output-file cat.png
     python gen_image.py --ckpt black-forest-labs/FLUX.1-dev --prompt "An astronaut next to a giant lemon"
+    torchrun --nproc-per-node 2 gen_image.py --ckpt black-forest-labs/FLUX.1-dev --context_parallel ulysses
 """
 
 import json
@@ -49,6 +50,7 @@ def main(argv=None):
     if "kontext" in args.ckpt.lower() and not args.image:
         parser.error("FLUX.1-Kontext-dev edits an image: pass --image PATH_OR_URL")
 
+    from utils import parallel
     from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
 
     try:
@@ -57,7 +59,10 @@ def main(argv=None):
         parser.error(str(e))
     set_rand_seeds(args.seed)
     pipeline = optimize(load_pipeline(args), args)
-    image = generate(pipeline, args)
+    image = generate(pipeline, args)  # under torchrun on every rank; rank 0 saves it
+    if not parallel.is_main():
+        parallel.shutdown()
+        return image
     meta = PngInfo()
     for key in ("prompt", "seed", "num_inference_steps", "height", "width", "guidance_scale", "ckpt"):
         meta.add_text(key, str(getattr(args, key)))
@@ -65,6 +70,7 @@ def main(argv=None):
     meta.add_text("stack", json.dumps(pipeline.harness_stack))
     image.save(args.output_file, pnginfo=meta)
     print(f"Image saved to {args.output_file}")
+    parallel.shutdown()
     return image
 
 

@@ -3,13 +3,19 @@ peak memory, an optional Chrome trace, and a JSON record plus a markdown row und
 
     python run_benchmark.py --ckpt tiny --num_runs 3
     python run_benchmark.py --ckpt random:flux-dev --num_inference_steps 28 --trace-file trace.json.gz
+    torchrun --nproc-per-node 2 run_benchmark.py --ckpt random:flux-dev --context_parallel ulysses
+
+Under torchrun (--context_parallel) every rank runs every generation (the attention's collectives need them all);
+rank 0 alone writes the record: world size, every rank's peak memory and median latency, and rank 0's latencies.
 """
 
 import re
+import statistics
 
 import torch
 from tqdm import tqdm
 
+from utils import parallel
 from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser, environment_record,
                                    pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags, summarize,
                                    time_call, transformer_flops, write_record)
@@ -25,7 +31,7 @@ def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
     to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
     this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs).
     Returns the number of warm-up generations run."""
-    for _ in tqdm(range(runs), desc="warm-up"):
+    for _ in tqdm(range(runs), desc="warm-up", disable=not parallel.is_main()):
         run()
     graphs = getattr(pipeline.transformer, "step_graphs", None)
     done = runs
@@ -69,7 +75,8 @@ def main(argv=None):
             torch.cuda.reset_peak_memory_stats()
         latencies, stages = [], {}
         STAGE_TIMER.enabled = True
-        for _ in tqdm(range(args.num_runs), desc="timed runs"):
+        for _ in tqdm(range(args.num_runs), desc="timed runs", disable=not parallel.is_main()):
+            parallel.barrier()  # ranks start each generation together: rank 0's latency is the image's
             seconds, image = time_call(lambda: run_once(pipeline, args), args.device)
             latencies.append(seconds)
             for label, values in STAGE_TIMER.collect().items():
@@ -81,8 +88,9 @@ def main(argv=None):
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
             with profile(activities=activities, record_shapes=True) as prof:
                 run_once(pipeline, args)
-            prof.export_chrome_trace(args.trace_file)
-            print(f"Chrome trace written to {args.trace_file}")
+            if parallel.is_main():
+                prof.export_chrome_trace(args.trace_file)
+                print(f"Chrome trace written to {args.trace_file}")
 
     per_step = [s for run in stages.get("denoising_step", []) for s in run]
     breakdown = {label: summarize(v) for label, v in stages.items() if label != "denoising_step"}
@@ -106,10 +114,17 @@ def main(argv=None):
         "transformer_flops_per_forward": flops,
         "peak_memory_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
     }
+    record.update(parallel_fields(args, record["peak_memory_gb"], latencies))
+    if not parallel.is_main():
+        parallel.shutdown()
+        return None
     name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"bench_{args.ckpt}_{args.height}x{args.width}_{args.num_inference_steps}steps"
                                                    f"_{record['environment']['timestamp_utc']}")
+    gpu = record["environment"]["gpu"] or "cpu"
+    if record["world_size"] > 1:
+        gpu = f"{record['world_size']}x {gpu} ({args.context_parallel})"
     row = {"ckpt": args.ckpt + (" (random weights)" if record["random_weights"] else ""),
-           "gpu": record["environment"]["gpu"] or "cpu", "size": f"{args.height}x{args.width}",
+           "gpu": gpu, "size": f"{args.height}x{args.width}",
            "steps": args.num_inference_steps, "compile": args.compile_export_mode,
            "median s": f"{record['latency_s']['median']:.3f}",
            "step ms": f"{1e3 * breakdown['denoising_step']['median']:.1f}",
@@ -118,7 +133,18 @@ def main(argv=None):
     print(f"median {record['latency_s']['median']:.3f} s (min {record['latency_s']['min']:.3f}, "
           f"max {record['latency_s']['max']:.3f}) over {args.num_runs} runs; transformer step "
           f"{1e3 * breakdown['denoising_step']['median']:.1f} ms; record {path}")
+    parallel.shutdown()
     return record
+
+
+def parallel_fields(args, peak_memory_gb, latencies) -> dict:
+    """The record's launch fields; under torchrun every rank's peak memory and median latency (gathered: every
+    rank calls this), the record's own latencies being rank 0's."""
+    ranks = parallel.gather({"rank": parallel.rank(), "peak_memory_gb": peak_memory_gb,
+                             "peak_host_rss_gb": parallel.peak_host_rss_gb(),
+                             "latency_median_s": statistics.median(latencies)})
+    return {"world_size": parallel.world_size(), "context_parallel": args.context_parallel,
+            "latency_from_rank": 0, "ranks": ranks}
 
 
 if __name__ == "__main__":

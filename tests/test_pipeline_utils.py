@@ -35,7 +35,7 @@ def test_defaults_on_cpu_apply_fusion_and_report_cuda_layers_unavailable(make_ar
     assert stack["float8_quant"].startswith("unavailable")
     assert stack["compile_export"].startswith("skipped") and args.compile_export_mode == "disabled"
     printed = capsys.readouterr().out
-    assert sum(line.startswith("[stack]") for line in printed.splitlines()) == 7  # one line per layer
+    assert sum(line.startswith("[stack]") for line in printed.splitlines()) == 8  # one line per layer
 
 
 def _attention_modules(pipe):

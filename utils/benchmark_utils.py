@@ -91,6 +91,11 @@ def create_parser() -> argparse.ArgumentParser:
                             "per step kind; CUDA only; not with fbcache or cache_dit). 'max-autotune' variants "
                             "autotune every GEMM shape: measured ~85-105 s per float8 shape on an H200, many "
                             "minutes cold for FLUX")
+    stack.add_argument("--context_parallel", choices=("none", "ulysses", "ring"), default="none",
+                       help="split one image's tokens over the processes of a torchrun launch (degree = world size) "
+                            "through diffusers' context parallelism: ulysses (all-to-all to a head split; heads must "
+                            "divide by the degree) or ring (key/value chunks merged by log-sum-exp); "
+                            "see utils/parallel.py")
     stack.add_argument("--cache-dir", dest="cache_dir", default=os.path.expanduser("~/.cache/flux-harness"),
                        help="where export_aoti keeps its compiled packages")
     stack.add_argument("--use-cached-model", dest="use_cached_model", action="store_true",

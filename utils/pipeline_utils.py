@@ -2,7 +2,8 @@
 
 `optimize()` reads top to bottom in the order the layers apply:
   1. QKV fusion  2. attention (FA3 bf16/fp8)  3. Chipmunk sparsity  4. feature caching
-  5. float8 quantization (torchao)  6. inductor flags  7. torch.compile | export + AOTInductor + CUDA graphs
+  5. float8 quantization (torchao)  6. inductor flags  7. context parallelism (diffusers; utils/parallel.py)
+  8. torch.compile | export + AOTInductor + CUDA graphs
 Each layer prints one line: applied, skipped (by flag) or unavailable (and why).
 """
 
@@ -94,6 +95,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.fa3_fp8 and not cuda:
         raise StackError("--fa3_fp8 needs a Hopper GPU (FA3 float8 kernels); drop it on CPU")
 
+    if getattr(args, "context_parallel", "none") != "none":  # before the compile defaults: it sets its own
+        from utils.parallel import validate_parallel_args
+
+        validate_parallel_args(args)
     if args.compile_export_mode is None:
         if not cuda:
             args.compile_export_mode = "disabled"
@@ -214,7 +219,15 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         status += f"; tanh-GELU as x*sigmoid(2u) in {compile_utils.use_sigmoid_gelu(transformer)} MLPs"
         _report(report, "inductor_flags", status)
 
-    # 7. Compilation.
+    # 7. Context parallelism: the tokens split over the ranks of a torchrun launch (diffusers' enable_parallelism).
+    if getattr(args, "context_parallel", "none") == "none":
+        _report(report, "context_parallel", "skipped (--context_parallel none)")
+    else:
+        from utils.parallel import apply_context_parallel
+
+        _report(report, "context_parallel", apply_context_parallel(pipeline, args))
+
+    # 8. Compilation.
     mode = args.compile_export_mode
     defaulted = " (default on CPU)" if getattr(args, "compile_export_mode_defaulted", False) and not cuda else ""
     if mode == "disabled":
