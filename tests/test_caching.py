@@ -285,6 +285,22 @@ def test_regionally_compiled_blocks_match_eager(make_args):
     assert cache.stats()["step_kinds"] == "FFFccF"
 
 
+def test_a_cache_on_blocks_this_process_compiled_without_it_still_captures(make_args):
+    """Dynamo does not guard compiled blocks on their submodules' forward hooks: blocks of one class compiled without
+    the cache's capture hooks (another pipeline in the same process) were reused for a cached pipeline, which then
+    captured nothing (KeyError at the first full step). Attaching the cache starts from no compiled code."""
+    torch._dynamo.reset()
+    plain, _ = generate(make_args, steps=2)
+    plain.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    generate(make_args, steps=2, pipe=plain)
+    args = validate_args(make_args("--disable_bf16", "--num_inference_steps", "6", "--cache_mode", "taylor",
+                                   "--interval", "3"))
+    pipe = optimize(load_pipeline(args), args)
+    pipe.transformer.compile_repeated_blocks(fullgraph=True, backend="eager")
+    _, images = generate(make_args, "--cache_mode", "taylor", "--interval", "3", pipe=pipe)
+    assert torch.isfinite(images).all() and pipe.transformer.harness_cache.stats()["step_kinds"] == "FFFccF"
+
+
 def test_cache_dit_runs_through_its_public_api(make_args, tmp_path):
     pytest.importorskip("cache_dit", reason="cache-dit is in requirements.txt; without it --cache_mode cache_dit is refused (tested above)")
     config = tmp_path / "skip_all.yaml"  # cache-dit's own format; a huge threshold to see cached steps here

@@ -514,6 +514,9 @@ def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
     if cache is None:
         if type(transformer).__name__ != "FluxTransformer2DModel":
             raise StackError(f"feature caching supports FluxTransformer2DModel, not {type(transformer).__name__}")
+        # Dynamo does not guard compiled blocks on their submodules' forward hooks: code this process compiled for the
+        # same block class without the capture hooks would be reused and capture nothing. Start from no compiled code.
+        torch._dynamo.reset()
         cache = HarnessCache(transformer, pipeline.scheduler, mode, **params)
         transformer.harness_cache = cache
         offset = 0
