@@ -506,3 +506,20 @@ def write_record(record: dict[str, Any], results_dir: str | Path, name: str, tab
     with table.open("a") as f:
         f.write("| " + " | ".join(str(v) for v in table_row.values()) + " |\n")
     return path
+
+
+def write_check_record(kind: str, args: argparse.Namespace, fields: dict[str, Any], title: str,
+                       body: str) -> Path:
+    """A correctness check's record (`run_benchmark.py --check ...`): `<results_dir>/<kind>_<ckpt>_<size>_<steps>
+    steps_<time>.json` with the command, environment and shapes beside `fields`, and a markdown page `title` +
+    `body`. Returns the JSON path."""
+    env = environment_record(args.device)
+    record = {"kind": f"{kind}_check", "command": command_line(), "environment": env, "ckpt": args.ckpt,
+              "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps}, **fields}
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{kind}_{args.ckpt}_{args.height}x{args.width}_"
+                                            f"{args.num_inference_steps}steps_{env['timestamp_utc']}")
+    out = Path(args.results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
+    (out / f"{name}.md").write_text(f"# {title}\n\n`{record['command']}`\n\n{body}\n")
+    return out / f"{name}.json"

@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -87,7 +84,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def main(args: argparse.Namespace) -> int:
     """CLI entry: prints the table, writes JSON + markdown under --results_dir, returns 1 on failure."""
-    from utils.benchmark_utils import command_line, environment_record, stack_flags
+    from utils.benchmark_utils import stack_flags, write_check_record
     from utils.errors import StackError
 
     if args.compile_export_mode != "compile" or args.compile_mode not in CUDAGRAPH_MODES:
@@ -95,17 +92,10 @@ def main(args: argparse.Namespace) -> int:
                          "--compile_export_mode compile --compile_mode reduce-overhead")
     rows, calls, passed = run_graphs_check(args)
     table = format_table(rows)
-    env = environment_record(args.device)
-    record = {"kind": "graphs_check", "command": command_line(), "environment": env, "ckpt": args.ckpt,
-              "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps},
-              "stack_flags": stack_flags(args), "graph_calls": calls, "rows": rows, "passed": passed}
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"graphs_{args.ckpt}_{args.height}x{args.width}_"
-                                            f"{args.num_inference_steps}steps_{env['timestamp_utc']}")
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / f"{name}.md").write_text(f"# Step graphs vs eager: {'PASS' if passed else 'FAIL'}\n\n`{record['command']}`"
-                                    f"\n\ngraph calls: {calls}\n\n{table}\n")
+    path = write_check_record("graphs", args, {"stack_flags": stack_flags(args), "graph_calls": calls, "rows": rows,
+                                               "passed": passed},
+                              f"Step graphs vs eager: {'PASS' if passed else 'FAIL'}",
+                              f"graph calls: {calls}\n\n{table}")
     print(table)
-    print(f"[graphs] {'PASS' if passed else 'FAIL'} (graph calls {calls}); record {out / name}.json")
+    print(f"[graphs] {'PASS' if passed else 'FAIL'} (graph calls {calls}); record {path}")
     return 0 if passed else 1

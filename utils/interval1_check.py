@@ -22,10 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import math
-import re
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -128,26 +125,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def main(args: argparse.Namespace) -> int:
     """CLI entry (`run_benchmark.py --check interval1`): prints the table, writes JSON + markdown under
     --results_dir, returns the exit status (1 on failure)."""
-    from utils.benchmark_utils import command_line, environment_record
+    from utils.benchmark_utils import write_check_record
 
     tolerance = getattr(args, "check_tolerance", None) or DEFAULT_TOLERANCE
     rows, passed = run_interval1_check(args, tolerance)
     table = format_table(rows)
-    env = environment_record(args.device)
-    record = {"kind": "interval1_check", "command": command_line(), "environment": env, "ckpt": args.ckpt,
-              "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps},
-              "chipmunk_config": args.chipmunk_config or default_chipmunk_config(args.ckpt),
+    fields = {"chipmunk_config": args.chipmunk_config or default_chipmunk_config(args.ckpt),
               "hicache": {"max_order": args.max_order, "first_enhance": args.first_enhance,
                           "hicache_scale": args.hicache_scale, "interval": 1},
               "compile_export_mode": variant_args(args, False, False).compile_export_mode,
               "tolerance": tolerance, "rows": rows, "passed": passed}
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"interval1_{args.ckpt}_{args.height}x{args.width}_"
-                                            f"{args.num_inference_steps}steps_{env['timestamp_utc']}")
-    out = Path(args.results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str))
-    (out / f"{name}.md").write_text(f"# interval=1 three-way check: {'PASS' if passed else 'FAIL'}\n\n"
-                                    f"`{record['command']}`\n\n{table}\n")
+    path = write_check_record("interval1", args, fields, f"interval=1 three-way check: {'PASS' if passed else 'FAIL'}",
+                              table)
     print(table)
-    print(f"[interval1] {'PASS' if passed else 'FAIL'}; record {out / name}.json")
+    print(f"[interval1] {'PASS' if passed else 'FAIL'}; record {path}")
     return 0 if passed else 1
