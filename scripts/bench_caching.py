@@ -6,8 +6,8 @@ mode/interval switched per variant (`attach_cache`), so the blocks compile once 
 same compiled pipeline with the cache in mode none: the capture hooks stay in the compiled blocks (their outputs
 are matmul outputs that are materialized anyway), so the baseline carries the same blocks.
 
-Per variant: one warm-up generation, then --runs timed ones (CUDA events around the denoising loop, from the
-first transformer call to the end of the last), medians; full/forecast step counts, FLOPs speedup (FlopCounterMode,
+Per variant: one warm-up generation, then --runs timed ones (the denoising loop's transformer calls, timed as
+run_benchmark.py times them: utils.benchmark_utils' stage timer), medians; full/forecast step counts, FLOPs speedup (FlopCounterMode,
 see utils/caching.py), measured speedup over none, peak memory, and the median time of a forecast step vs a full
 step. Writes <out>/caching.json (after every variant, so a cut-off run keeps what it measured), caching.md and,
 unless --no_profile, the top CUDA kernels of one profiled generation of --profile (hicache N=7).
@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from utils.benchmark_utils import (command_line, create_parser, environment_record, pipeline_call_kwargs,  # noqa: E402
+from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser,  # noqa: E402
+                                   environment_record, pipeline_call_kwargs,
                                    resolved_defaults, stack_flags)
 from utils.caching import attach_cache, describe  # noqa: E402
 from utils.pipeline_utils import load_pipeline, optimize, validate_args  # noqa: E402
@@ -42,42 +43,15 @@ def log(msg: str) -> None:
     print(f"[bench_caching {time.perf_counter() - START:6.1f}s] {msg}", flush=True)
 
 
-class StepTimer:
-    """Times every transformer call (CUDA events on GPU, wall clock on CPU); kind from the cache's decision."""
-
-    def __init__(self, transformer, cuda: bool):
-        self.cuda, self.calls = cuda, []
-        self.cache = transformer.harness_cache
-        transformer.register_forward_pre_hook(self._start)
-        transformer.register_forward_hook(self._end)
-
-    def _stamp(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def _start(self, module, args):
-        self.calls.append([self._stamp(), None, None])
-
-    def _end(self, module, args, output):
-        self.calls[-1][1] = self._stamp()
-        self.calls[-1][2] = "full" if self.cache.full else "forecast"
-
-    def collect(self) -> tuple[float, dict[str, list[float]]]:
-        """(seconds from the first call's start to the last call's end, per-kind call seconds); clears."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            span = lambda a, b: a.elapsed_time(b) / 1e3  # noqa: E731
-        else:
-            span = lambda a, b: b - a  # noqa: E731
-        total = span(self.calls[0][0], self.calls[-1][1])
-        per_kind: dict[str, list[float]] = {}
-        for start, end, kind in self.calls:
-            per_kind.setdefault(kind, []).append(span(start, end))
-        self.calls = []
-        return total, per_kind
+def step_times(cache) -> tuple[float, dict[str, list[float]]]:
+    """(the denoising loop's seconds: its transformer calls summed, as run_benchmark.py's denoising_total; per-kind
+    call seconds) of the generation just run, from the product's stage timer and the cache's step kinds."""
+    steps = STAGE_TIMER.collect().get("denoising_step", [])
+    kinds = cache.stats()["step_kinds"]  # F full, c forecast
+    per_kind: dict[str, list[float]] = {}
+    for seconds, kind in zip(steps, kinds):
+        per_kind.setdefault("full" if kind == "F" else "forecast", []).append(seconds)
+    return sum(steps), per_kind
 
 
 def main() -> None:
@@ -115,11 +89,14 @@ def main() -> None:
 
     log(f"loading {args.ckpt} ({args.height}x{args.width}, {args.num_inference_steps} steps)")
     pipe = optimize(load_pipeline(args), args)
-    timer = StepTimer(pipe.transformer, cuda)
     call = dict(pipeline_call_kwargs(args), output_type="latent")
 
     def generate():
         pipe(**call, generator=torch.Generator(device="cpu").manual_seed(args.seed))
+
+    annotated = annotate_pipeline(pipe)  # the stage labels run_benchmark.py times with
+    annotated.__enter__()
+    STAGE_TIMER.enabled = True
 
     record = dict(script="scripts/bench_caching.py", command=command_line(), environment=environment_record(args.device),
                   stack=dict(getattr(pipe, "harness_stack", {})), stack_flags=stack_flags(args),
@@ -136,14 +113,14 @@ def main() -> None:
         label = describe(cache) + (" (repeat, noise check)" if index and mode == "none" else "")
         t0 = time.perf_counter()
         generate()  # warm-up: compiles (first variant: the blocks; first of a mode: the cheap paths), counts FLOPs
-        timer.collect()
+        STAGE_TIMER.collect()
         log(f"{label}: warm-up {time.perf_counter() - t0:.1f}s")
         totals, kinds, peaks = [], {}, []
         for _ in range(mine.runs):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             generate()
-            total, per_kind = timer.collect()
+            total, per_kind = step_times(cache)
             totals.append(total)
             for k, v in per_kind.items():
                 kinds.setdefault(k, []).extend(v)
@@ -169,17 +146,19 @@ def main() -> None:
         mode, interval = mine.profile.split(":")
         cache = attach_cache(pipe, mode, interval=int(interval))
         generate()  # the cheap paths of this mode are compiled already; one untimed run all the same
-        timer.collect()
+        STAGE_TIMER.collect()
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
         with torch.profiler.profile(activities=activities) as prof:
             generate()
-        timer.collect()
+        STAGE_TIMER.collect()
         sort = "cuda_time_total" if cuda else "cpu_time_total"
         record["profile_variant"] = describe(cache)
         (out / "caching_profile.txt").write_text(f"{record['profile_variant']}, one generation\n" +
                                                  prof.key_averages().table(sort_by=sort, row_limit=30))
         log("profile written")
 
+    STAGE_TIMER.enabled = False
+    annotated.__exit__(None, None, None)
     pool_none_baseline(record)
     (out / "caching.json").write_text(json.dumps(record, indent=2, default=str))
     (out / "caching.md").write_text(markdown(record))

@@ -301,6 +301,20 @@ def test_a_cache_on_blocks_this_process_compiled_without_it_still_captures(make_
     assert torch.isfinite(images).all() and pipe.transformer.harness_cache.stats()["step_kinds"] == "FFFccF"
 
 
+def test_switching_to_a_mode_with_more_orders_gives_that_modes_image(make_args):
+    """The order buffers persist across generations: switching a pipeline from fora (one order) to taylor (three)
+    grows them, and the image is the one a fresh taylor pipeline gives."""
+    from utils.caching import attach_cache
+
+    flags = ("--cache_mode", "taylor", "--interval", "3")
+    _, fresh = generate(make_args, *flags)
+    pipe, _ = generate(make_args, "--cache_mode", "fora", "--interval", "3")
+    attach_cache(pipe, "taylor", interval=3)
+    _, switched = generate(make_args, *flags, pipe=pipe)
+    assert len(pipe.transformer.harness_cache.orders) == 3
+    torch.testing.assert_close(switched, fresh, rtol=0, atol=0)
+
+
 def test_cache_dit_runs_through_its_public_api(make_args, tmp_path):
     pytest.importorskip("cache_dit", reason="cache-dit is in requirements.txt; without it --cache_mode cache_dit is refused (tested above)")
     config = tmp_path / "skip_all.yaml"  # cache-dit's own format; a huge threshold to see cached steps here

@@ -299,3 +299,19 @@ def test_cache_digests_find_the_first_cache_a_run_departs_at(monkeypatch):
     record["graphs"]["rows"][-1]["first_cache_departures"] = found
     text = bench_chipmunk.markdown(record)
     assert "| graphs 3 | 1 | MLP layer 1/act_cache |" in text
+
+
+def test_caching_benchmark_dry_run_times_each_mode_with_the_products_stage_timer(tmp_path):
+    """bench_caching.py on the tiny pipeline: one compiled-once pipeline, the mode switched per variant, each step
+    timed by run_benchmark.py's stage timer and sorted by the cache's own step kinds."""
+    subprocess.run([sys.executable, "scripts/bench_caching.py", "--out", str(tmp_path), "--ckpt", "tiny", "--steps", "5",
+                    "--modes", "fora", "taylor", "--intervals", "2", "--runs", "1", "--no_profile", "--first_enhance",
+                    "2"], cwd=ROOT, check=True, capture_output=True, text=True)
+    record = json.loads((tmp_path / "caching.json").read_text())
+    rows = {row["variant"].split(" (")[0] + (" repeat" if "repeat" in row["variant"] else ""): row
+            for row in record["variants"]}
+    assert set(rows) == {"none", "fora", "taylor", "none repeat"}
+    for name in ("fora", "taylor"):
+        assert rows[name]["step_kinds"] == "FFcFc" and rows[name]["forecast_step_ms_median"] > 0
+        assert rows[name]["denoise_s_median"] > 0 and rows[name]["full_step_ms_median"] > 0
+    assert rows["none"]["step_kinds"] == "FFFFF" and rows["none"]["forecast_step_ms_median"] is None

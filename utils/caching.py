@@ -241,7 +241,8 @@ class HarnessCache:
         """What this step does to the cache, and its inputs written into the persistent buffers, before the forward
         runs: so that the forward itself takes no decision a CUDA graph of it could not replay."""
         device = self.transformer.device
-        if self.coefficients is None or self.coefficients.device != device:
+        if (self.coefficients is None or self.coefficients.device != device
+                or self.coefficients.numel() < self.max_order + 1):
             self.coefficients = torch.zeros(self.max_order + 1, dtype=torch.float32, device=device)
             self.distance_tensor = torch.ones((), dtype=torch.float32, device=device)
         if self.full:
@@ -312,9 +313,9 @@ class HarnessCache:
         (one compiled graph on GPU instead of one small kernel per feature and order)."""
         captured, self.pending = [f for block in self.pending for f in block], [None] * self.num_blocks
         shape = (len(captured), *captured[0].shape)
-        if not self.orders or self.orders[0].shape != shape or self.orders[0].dtype != captured[0].dtype:
-            orders = 1 if self.mode == "fora" else self.max_order + 1
-            self.orders = [captured[0].new_empty(shape) for _ in range(orders)]
+        needed = 1 if self.mode == "fora" else self.max_order + 1
+        if len(self.orders) < needed or self.orders[0].shape != shape or self.orders[0].dtype != captured[0].dtype:
+            self.orders = [captured[0].new_empty(shape) for _ in range(needed)]  # a new shape, or more orders
         update = self._maybe_compiled("update", update_orders_)
         update(self.orders, captured, self.distance_tensor, self.update_count)  # the distance: no recompile per d
 
