@@ -15,11 +15,10 @@ import statistics
 import torch
 from tqdm import tqdm
 
-from utils import parallel
-from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser, environment_record,
-                                   pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags, summarize,
-                                   time_call, transformer_flops, write_record)
-from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, check_args, command_line, create_parser,
+                                   environment_record, pipeline_call_kwargs, resolved_defaults, set_rand_seeds,
+                                   stack_flags, summarize, time_call, transformer_flops, write_record)
+from utils.errors import StackError
 
 
 def run_once(pipeline, args):
@@ -31,6 +30,8 @@ def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
     to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
     this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs).
     Returns the number of warm-up generations run."""
+    from utils import parallel
+
     for _ in tqdm(range(runs), desc="warm-up", disable=not parallel.is_main()):
         run()
     graphs = getattr(pipeline.transformer, "step_graphs", None)
@@ -46,6 +47,13 @@ def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
 def main(argv=None):
     parser = create_parser()
     args = resolved_defaults(parser.parse_args(argv))
+    try:
+        check_args(args)  # the flags alone, before the stack's imports
+    except ValueError as e:
+        parser.error(str(e))
+    from utils import parallel
+    from utils.pipeline_utils import load_pipeline, optimize, validate_args
+
     if args.check == "interval1":
         from utils.interval1_check import main as interval1_main
 
@@ -140,6 +148,8 @@ def main(argv=None):
 def parallel_fields(args, peak_memory_gb, latencies) -> dict:
     """The record's launch fields; under torchrun every rank's peak memory and median latency (gathered: every
     rank calls this), the record's own latencies being rank 0's."""
+    from utils import parallel
+
     ranks = parallel.gather({"rank": parallel.rank(), "peak_memory_gb": peak_memory_gb,
                              "peak_host_rss_gb": parallel.peak_host_rss_gb(),
                              "latency_median_s": statistics.median(latencies)})
