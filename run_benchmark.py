@@ -3,6 +3,8 @@ peak memory, an optional Chrome trace, and a JSON record plus a markdown row und
 
     python run_benchmark.py --ckpt tiny --num_runs 3
     python run_benchmark.py --ckpt random:flux-dev --num_inference_steps 28 --trace-file trace.json.gz
+    python run_benchmark.py --ckpt random:flux-kontext --image tests/fixtures/kontext_input.png
+    python run_benchmark.py --ckpt random:qwen-image --cache_mode hicache --interval 7
     torchrun --nproc-per-node 2 run_benchmark.py --ckpt random:flux-dev --context_parallel ulysses
 
 Under torchrun (--context_parallel) every rank runs every generation (the attention's collectives need them all);
@@ -16,9 +18,9 @@ import torch
 from tqdm import tqdm
 
 from utils import parallel
-from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, command_line, create_parser, environment_record,
-                                   pipeline_call_kwargs, resolved_defaults, set_rand_seeds, stack_flags, summarize,
-                                   time_call, transformer_flops, write_record)
+from utils.benchmark_utils import (STAGE_TIMER, annotate_pipeline, check_args, command_line, create_parser,
+                                   environment_record, pipeline_call_kwargs, resolved_defaults, set_rand_seeds,
+                                   stack_flags, summarize, time_call, transformer_flops, write_record)
 from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
 
 
@@ -46,6 +48,10 @@ def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
 def main(argv=None):
     parser = create_parser()
     args = resolved_defaults(parser.parse_args(argv))
+    try:
+        check_args(args)
+    except ValueError as e:
+        parser.error(str(e))
     if args.check == "interval1":
         from utils.interval1_check import main as interval1_main
 
@@ -105,6 +111,7 @@ def main(argv=None):
         "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps,
                    "max_sequence_length": args.max_sequence_length, "batch": 1,
                    "guidance_scale": args.guidance_scale},
+        "input_image": args.image,
         "stack_flags": stack_flags(args),
         "stack": pipeline.harness_stack,
         "warmup_runs": warmup_runs,

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.errors import StackError
+from utils.peer_caches import StepProbe
 from utils.step_clock import StepClock
 
 SCHEDULED_MODES = ("fora", "taylor", "hicache")  # fixed interval schedule, per-block features
@@ -51,6 +52,10 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         raise StackError(f"--hicache_scale must be > 0 (published: 0.6); got {args.hicache_scale}")
     if not args.fbcache_threshold >= 0:
         raise StackError(f"--fbcache_threshold must be >= 0 (0 = never skip; FLUX: 0.08); got {args.fbcache_threshold}")
+    from utils.peer_caches import is_peer_mode
+
+    if is_peer_mode(args.cache_mode):
+        return  # utils/peer_caches.py checks its own (validate_peer_cache_args)
     if args.cache_mode == "cache_dit":
         if not args.cache_dit_config:
             raise StackError("--cache_mode cache_dit needs --cache_dit_config PATH (see configs/cache_dit.yaml)")
@@ -490,6 +495,10 @@ def apply_caching(pipeline, args: argparse.Namespace) -> str:
     """Attach the caching layer selected by --cache_mode; returns the stack's status line."""
     if args.cache_mode == "cache_dit":
         return apply_cache_dit(pipeline, args.cache_dit_config)
+    from utils.peer_caches import apply_peer_cache, is_peer_mode
+
+    if is_peer_mode(args.cache_mode):
+        return apply_peer_cache(pipeline, args)
     cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,
                          first_enhance=args.first_enhance, hicache_scale=args.hicache_scale,
                          fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor)
@@ -541,26 +550,48 @@ def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
 # --- cache-dit -------------------------------------------------------------------------------------
 
 def apply_cache_dit(pipeline, config_path: str) -> str:
-    """cache-dit's DBCache (+ its TaylorSeer calibrator) through its public API, configured by a YAML file."""
+    """cache-dit's DBCache (+ its TaylorSeer, FoCa or DMD calibrator) through its public API, configured by a YAML
+    file (configs/cache_dit*.yaml)."""
     import cache_dit
 
     configs = cache_dit.load_configs(config_path)
     cache_dit.enable_cache(pipeline, **{k: v for k, v in configs.items() if v is not None})
     pipeline.transformer.harness_cache = CacheDitStats(pipeline, configs)
-    return f"applied: cache-dit {cache_dit.__version__} from {config_path}"
+    calibrator = configs.get("calibrator_config")
+    described = configs["cache_config"].strify() + (f", {calibrator.strify()}" if calibrator is not None else "")
+    return f"applied: cache-dit {cache_dit.__version__} from {config_path} ({described})"
 
 
-class CacheDitStats:
-    """stats() for cache-dit runs, from cache-dit's own summary."""
+class CacheDitStats(StepProbe):
+    """stats() for cache-dit runs: the cached steps from cache-dit's own summary, read as each generation ends. FLOPs
+    are None, with the reason in the record (`flops_note`)."""
+
+    data_dependent = True
+    # FlopCounterMode's module tracker walks the module tree, and cache-dit's cached-block wrappers refer back to the
+    # transformer: the walk recurses until Python's limit (RecursionError in torch.utils.module_tracker).
+    flops_unavailable = ("not counted: FlopCounterMode's module tracker recurses without end through cache-dit's "
+                         "cached-block wrappers, which refer back to the transformer")
 
     def __init__(self, pipeline, configs: dict[str, Any]):
-        self.pipeline, self.configs, self.mode = pipeline, configs, "cache_dit"
+        self.configs = configs
+        super().__init__(pipeline, "cache_dit")
+
+    def full_kind(self) -> str:
+        return "full"
+
+    def counted_kind(self) -> None:
+        return None  # cache-dit's summary says which steps were cached once the generation ends
+
+    def library_kind(self) -> None:
+        return None
 
     def stats(self) -> dict[str, Any]:
         import cache_dit
 
-        cached = list(cache_dit.summary(self.pipeline, logging=False)[-1].cached_steps or [])
-        total = len(self.pipeline.scheduler.timesteps)
-        return dict(mode="cache_dit", full_steps=total - len(cached), forecast_steps=len(cached),
-                    flops_full_step=None, flops_forecast_step=None, flops_speedup=None, cache_memory_bytes=None,
-                    cache_dit_config={k: str(v) for k, v in self.configs.items() if v is not None})
+        # cache-dit books a generation's cached steps when its pipeline call returns
+        cached = set(cache_dit.summary(self.pipeline, logging=False)[-1].cached_steps or [])
+        self.kinds = ["cached" if step in cached else "full" for step in range(len(self.kinds))]
+        return super().stats()
+
+    def extra_stats(self) -> dict[str, Any]:
+        return dict(cache_dit_config={k: str(v) for k, v in self.configs.items() if v is not None})
