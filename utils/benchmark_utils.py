@@ -271,12 +271,19 @@ def check_args(args: argparse.Namespace, sweep_images: bool = False) -> None:
 
 
 def transformer_flops(pipeline, args: argparse.Namespace) -> int:
-    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied)."""
+    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied). Qwen-Image's
+    text sequence is as long as the prompt (FLUX pads to --max_sequence_length): counted at --prompt's length."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from utils import compile_utils
 
-    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
+    text_tokens = args.max_sequence_length
+    if type(pipeline.transformer).__name__ == "QwenImageTransformer2DModel":
+        with torch.no_grad():
+            embeds, _ = pipeline.encode_prompt(args.prompt, device=pipeline.transformer.device,
+                                               max_sequence_length=args.max_sequence_length)
+        text_tokens = embeds.shape[1]
+    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, text_tokens)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         pipeline.transformer(**example, return_dict=False)
     return counter.get_total_flops()

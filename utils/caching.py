@@ -1,4 +1,9 @@
-"""Feature caching for diffusers' FluxTransformer2DModel: FORA reuse, TaylorSeer, HiCache, FBCache(+Taylor), cache-dit.
+"""Feature caching for diffusers' FluxTransformer2DModel and QwenImageTransformer2DModel: FORA reuse, TaylorSeer,
+HiCache, FBCache(+Taylor), cache-dit.
+
+Qwen-Image's blocks are all double-stream, with FLUX's double block's structure as far as the cache is concerned:
+two gated image-stream sub-modules (`attn`, first output, and `img_mlp`), gates from a SiLU + Linear modulation of
+`temb`; so the same slots, forecasts and one-sum forecast step apply (2 slots per block, 120 on Qwen-Image).
 
 Formulas and schedules: docs/ALGORITHMS.md. How it attaches, without forking the model:
 
@@ -184,16 +189,26 @@ class HarnessCache:
         self.clock = StepClock(scheduler)
         self.mode, self.interval, self.max_order, self.first_enhance = mode, interval, max_order, first_enhance
         self.hicache_scale, self.fbcache_threshold, self.fbcache_taylor = hicache_scale, fbcache_threshold, fbcache_taylor
+        self.qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
         self.double_blocks = list(transformer.transformer_blocks)
-        self.single_blocks = list(transformer.single_transformer_blocks)
+        self.single_blocks = [] if self.qwen else list(transformer.single_transformer_blocks)
         self.num_blocks = len(self.double_blocks) + len(self.single_blocks)
-        self.norms = [b.norm1 for b in self.double_blocks] + [b.norm for b in self.single_blocks]
+        if self.qwen:
+            # Qwen-Image's double-stream block: img_mod = SiLU + Linear(dim, 6 dim) whose chunks are shift, scale,
+            # gate (attention), shift, scale, gate (MLP), each gate multiplying the image stream's attention output
+            # (`attn`'s first output) and MLP output (`img_mlp`) before the residual add, as in FLUX's double block.
+            self.mlps = [b.img_mlp for b in self.double_blocks]
+            self.modulations = [b.img_mod[1] for b in self.double_blocks]
+        else:
+            self.mlps = [b.ff for b in self.double_blocks]
+            self.norms = [b.norm1 for b in self.double_blocks] + [b.norm for b in self.single_blocks]
+            self.modulations = [n.linear for n in self.norms]
         # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
         # AdaLayerNormZeroSingle: shift, scale, gate.
         self.gate_slots = [(6, (2, 5))] * len(self.double_blocks) + [(3, (2,))] * len(self.single_blocks)
         self.hooks = []
-        for block in self.double_blocks:
-            self.hooks += [block.attn.register_forward_hook(_keep_output), block.ff.register_forward_hook(_keep_output)]
+        for block, mlp in zip(self.double_blocks, self.mlps):
+            self.hooks += [block.attn.register_forward_hook(_keep_output), mlp.register_forward_hook(_keep_output)]
         for block in self.single_blocks:
             self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
         self.forecast_backend: str | None = None  # set on first use: None = eager
@@ -309,7 +324,7 @@ class HarnessCache:
 
     def _captured(self, index: int, block: nn.Module, text_len: int) -> list[torch.Tensor]:
         if index < len(self.double_blocks):
-            return [_take(block.attn)[0], _take(block.ff)]
+            return [_take(block.attn)[0], _take(self.mlps[index])]
         return [_take(block.proj_out)[:, text_len:]]  # the image rows of concat(txt, img)
 
     def _update_all_features(self) -> None:
@@ -339,8 +354,8 @@ class HarnessCache:
         way). Costs num_slots * dim^2 elements (FLUX.1-dev: 1.4 GB bf16, counted in the cache memory)."""
         if self._gates is None or self._gates[0].dtype != dtype:
             weights, biases = [], []
-            for norm, (num_chunks, gate_ids) in zip(self.norms, self.gate_slots):
-                weight, bias = norm.linear.weight.detach(), norm.linear.bias.detach()
+            for linear, (num_chunks, gate_ids) in zip(self.modulations, self.gate_slots):
+                weight, bias = linear.weight.detach(), linear.bias.detach()
                 weight = weight.dequantize() if type(weight) is not torch.Tensor else weight  # torchao subclass
                 rows = weight.shape[0] // num_chunks
                 weights += [weight[g * rows:(g + 1) * rows] for g in gate_ids]
@@ -433,9 +448,11 @@ class _BlockProxy:
     def __init__(self, cache: HarnessCache, index: int, block: nn.Module):
         self.cache, self.index, self.block = cache, index, block
 
-    def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+    def __call__(self, hidden_states, encoder_hidden_states, temb=None, image_rotary_emb=None,
+                 joint_attention_kwargs=None, **extra):
+        # FLUX's blocks take these; Qwen-Image's also encoder_hidden_states_mask and modulate_index (`extra`)
         kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
-                      image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs)
+                      image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs, **extra)
         return self.cache.run_block(self.index, self.block, kwargs)
 
     def __getattr__(self, name):
@@ -521,15 +538,21 @@ def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
     transformer = pipeline.transformer
     cache = getattr(transformer, "harness_cache", None)
     if cache is None:
-        if type(transformer).__name__ != "FluxTransformer2DModel":
-            raise StackError(f"feature caching supports FluxTransformer2DModel, not {type(transformer).__name__}")
+        name = type(transformer).__name__
+        if name not in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):
+            raise StackError(f"feature caching supports FluxTransformer2DModel and QwenImageTransformer2DModel, not "
+                             f"{name}")
+        if getattr(transformer.config, "zero_cond_t", False):
+            raise StackError("feature caching: this Qwen-Image transformer (zero_cond_t) picks each token's gate from "
+                             "two modulations, which the forecast's one gate per block and slot cannot express; use "
+                             "--disable_cache or a diffusers cache (--cache_mode diffusers_*)")
         # Dynamo does not guard compiled blocks on their submodules' forward hooks: code this process compiled for the
         # same block class without the capture hooks would be reused and capture nothing. Start from no compiled code.
         torch._dynamo.reset()
         cache = HarnessCache(transformer, pipeline.scheduler, mode, **params)
         transformer.harness_cache = cache
         offset = 0
-        for name in ("transformer_blocks", "single_transformer_blocks"):
+        for name in ("transformer_blocks",) if cache.qwen else ("transformer_blocks", "single_transformer_blocks"):
             blocks = _CachedBlockList(list(getattr(transformer, name)))
             blocks.harness_cache, blocks.harness_offset = cache, offset
             offset += len(blocks)
