@@ -3,7 +3,7 @@ peak memory, an optional Chrome trace, and a JSON record plus a markdown row und
 
     python run_benchmark.py --ckpt tiny --num_runs 3
     python run_benchmark.py --ckpt random:flux-dev --num_inference_steps 28 --trace-file trace.json.gz
-    python run_benchmark.py --ckpt random:flux-kontext --image tests/fixtures/kontext_input.png
+    python run_benchmark.py --ckpt random:flux-kontext --image tests/fixtures/edits/gradient.png
     python run_benchmark.py --ckpt random:qwen-image --cache_mode hicache --interval 7
     torchrun --nproc-per-node 2 run_benchmark.py --ckpt random:flux-dev --context_parallel ulysses
 

@@ -323,7 +323,8 @@ def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on the checkpoint (steps, guidance, size, text length)."""
     ckpt = args.ckpt.lower()
     family = model_family(args.ckpt)
-    tiny, schnell, kontext, qwen = is_tiny(args.ckpt), "schnell" in ckpt, family == "flux-kontext", family == "qwen-image"
+    tiny, schnell = is_tiny(args.ckpt), "schnell" in ckpt
+    kontext, qwen = family == "flux-kontext", family == "qwen-image"
     if args.height is None:
         args.height = 64 if tiny else 1024
     if args.width is None:

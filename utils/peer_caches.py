@@ -7,10 +7,10 @@ The hooks diffusers 0.42.1 has, and the mode that selects each (configs/peer_cac
 
 | --cache_mode | diffusers config | hooks | decides from |
 |---|---|---|---|
-| diffusers_fbc | FirstBlockCacheConfig | every block; the first decides | block 0's residual change (data) |
+| diffusers_fbc | FirstBlockCacheConfig | every block; the first decides | block 0's residual change |
 | diffusers_taylorseer | TaylorSeerCacheConfig | every block's attention | the step count |
-| diffusers_taylorseer_lite | TaylorSeerCacheConfig(use_lite_mode=True) | blocks (zeros) + `proj_out` (forecast) | the step count |
-| diffusers_magcache | MagCacheConfig (FLUX_MAG_RATIOS on FLUX) | every block; the first decides | accumulated magnitude ratios (data) |
+| diffusers_taylorseer_lite | TaylorSeerCacheConfig(use_lite_mode=True) | blocks, `proj_out` | the step count |
+| diffusers_magcache | MagCacheConfig (FLUX_MAG_RATIOS on FLUX) | every block; the first decides | magnitude ratios |
 | diffusers_fastercache | FasterCacheConfig | every attention | iteration count, timestep range |
 | diffusers_pab | PyramidAttentionBroadcastConfig | every attention | iteration count, timestep range |
 
@@ -56,7 +56,7 @@ import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.benchmark_utils import PEER_CACHE_MODES, model_family
-from utils.errors import StackError
+from utils.errors import LibraryLimitation, StackError
 from utils.step_clock import StepClock
 
 
@@ -94,6 +94,10 @@ DATA_DEPENDENT_PEERS = tuple(mode for mode, spec in PEER_SPECS.items() if spec.l
 CACHE_HOOK_NAMES = ("fbc_leader_block_hook", "fbc_block_hook", "taylorseer_cache", "mag_cache_leader_block_hook",
                     "mag_cache_block_hook", "faster_cache_block", "pyramid_attention_broadcast")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Hooks whose state lives in a diffusers StateManager keyed by the pipeline's `transformer.cache_context(name)`: they
+# need a pipeline that calls its transformer inside one (MagCache sets a context itself; PAB and FasterCache keep
+# their state on the hook).
+NEEDS_CACHE_CONTEXT = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_taylorseer_lite")
 # Keys of the YAML that are the harness's, not a config field.
 HARNESS_KEYS = {"cache_mode": "the --cache_mode this file is for (checked)",
                 "attention_weight": "FasterCache: the constant weight of its attention extrapolation (diffusers' "
@@ -185,7 +189,8 @@ def peer_config_values(args: argparse.Namespace) -> dict[str, Any]:
         if key not in fields and key not in HARNESS_KEYS:
             allowed = list(fields) + list(HARNESS_KEYS)
             close = difflib.get_close_matches(str(key), allowed, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (fields of {spec.config_class}: {', '.join(fields)})"
+            hint = (f" (did you mean {close[0]!r}?)" if close else
+                    f" (fields of {spec.config_class}: {', '.join(fields)})")
             raise StackError(f"{where}: unknown key {key!r} for --cache_mode {mode}{hint}")
     if raw.get("cache_mode", mode) != mode:
         raise StackError(f"{where} is for --cache_mode {raw['cache_mode']}, not {mode}: pass --cache_mode "
@@ -245,46 +250,62 @@ def peer_config_values(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def validate_peer_cache_args(args: argparse.Namespace, cuda: bool) -> None:
-    """Refuse what a diffusers cache cannot run with, before any work (called by validate_args)."""
+    """Refuse what a diffusers cache cannot run with, before any work (called by validate_args). The refusals are
+    LibraryLimitations: a sweep lists such a variant as failed with the reason; bad values in the YAML or flags are
+    StackErrors (a config mistake)."""
     from utils.compile_utils import CUDAGRAPH_MODES
 
     mode = args.cache_mode
     flag = f"--cache_mode {mode}"
+    refuse = LibraryLimitation
     if args.chipmunk_config is not None and not args.disable_chipmunk:
-        raise StackError(f"{flag} cannot run with Chipmunk: Chipmunk's sparse layers keep per-step caches whose "
-                         f"refresh is booked by the harness's own cache, and a block that diffusers' hook skips "
-                         f"would leave them stale. Pass --disable_chipmunk, or use --cache_mode fora/taylor/hicache")
+        raise refuse(f"{flag} cannot run with Chipmunk: Chipmunk's sparse layers keep per-step caches whose refresh "
+                     f"is booked by the harness's own cache, and a block that diffusers' hook skips would leave them "
+                     f"stale. Pass --disable_chipmunk, or use --cache_mode fora/taylor/hicache")
     if args.compile_export_mode == "export_aoti":
-        raise StackError(f"--compile_export_mode export_aoti cannot hold {flag}: the exported graph is one fixed full "
-                         f"forward and diffusers' hooks decide each step in Python. Use --compile_export_mode compile "
-                         f"(regional, with graph breaks at the hooks) or disabled")
+        raise refuse(f"--compile_export_mode export_aoti cannot hold {flag}: the exported graph is one fixed full "
+                     f"forward and diffusers' hooks decide each step in Python. Use --compile_export_mode compile "
+                     f"(regional, with graph breaks at the hooks) or disabled")
     if args.compile_export_mode == "compile" and args.compile_mode in CUDAGRAPH_MODES:
-        raise StackError(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which run no Python, and "
-                         f"diffusers' hooks ({flag}) decide each step in Python: use --compile_mode default (or "
-                         f"max-autotune-no-cudagraphs)")
+        raise refuse(f"--compile_mode {args.compile_mode} replays recorded CUDA graphs, which run no Python, and "
+                     f"diffusers' hooks ({flag}) decide each step in Python: use --compile_mode default (or "
+                     f"max-autotune-no-cudagraphs)")
     if mode == "diffusers_magcache" and args.compile_export_mode == "compile":
-        raise StackError(f"{flag} cannot be compiled: diffusers' MagCache hooks run each block's whole forward under "
-                         f"torch.compiler.disable, so torch.compile would compile nothing of the blocks. Use "
-                         f"--compile_export_mode disabled")
-    if args.compile_export_mode == "compile" and args.compile_scope == "full":
-        raise StackError(f"{flag} needs --compile_scope regional: diffusers' hooks break the graph where they decide, "
-                         f"and a whole-transformer compile would put every break in one frame")
+        raise refuse(f"{flag} cannot be compiled: diffusers' MagCache hooks run each block's whole forward under "
+                     f"torch.compiler.disable, so torch.compile would compile nothing of the blocks. Use "
+                     f"--compile_export_mode disabled")
     if getattr(args, "context_parallel", "none") != "none":
-        raise StackError(f"--context_parallel cannot hold {flag}: " + (
-            "its skip decision is computed from each rank's share of the tokens, and ranks that disagree would run "
-            "different collectives and hang" if mode in DATA_DEPENDENT_PEERS else
-            "the harness has no multi-process check of diffusers' cache hooks") +
-            ". Use a scheduled harness cache (--cache_mode fora, taylor or hicache), or drop --context_parallel")
-    try:
-        import diffusers.hooks  # noqa: F401
-    except ImportError as e:  # pragma: no cover - diffusers is the harness's base
-        raise StackError(f"{flag} needs diffusers' hooks [{e}]") from None
+        why = ("its skip decision is computed from each rank's share of the tokens, and ranks that disagree would "
+               "run different collectives and hang" if mode in DATA_DEPENDENT_PEERS else
+               "the harness has no multi-process check of diffusers' cache hooks")
+        raise refuse(f"--context_parallel cannot hold {flag}: {why}. Use a scheduled harness cache (--cache_mode "
+                     f"fora, taylor or hicache), or drop --context_parallel")
+    if mode in NEEDS_CACHE_CONTEXT and model_family(args.ckpt) == "flux-kontext":
+        raise refuse(no_cache_context(mode, "FluxKontextPipeline"))
     values = peer_config_values(args)
-    if mode == "diffusers_magcache" and "mag_ratios" not in values and not values.get("calibrate"):
-        if model_family(args.ckpt) == "qwen-image":
-            raise StackError(f"{flag} needs magnitude ratios calibrated for the model: diffusers ships FLUX's "
-                             f"(FLUX_MAG_RATIOS) only. For Qwen-Image give mag_ratios in --peer_cache_config (a run "
-                             f"with `calibrate: true` in that file prints them)")
+    if mode == "diffusers_magcache" and "mag_ratios" not in values and not values.get("calibrate") and \
+            model_family(args.ckpt) == "qwen-image":
+        raise refuse(f"{flag} needs magnitude ratios calibrated for the model: diffusers ships FLUX's "
+                     f"(FLUX_MAG_RATIOS) only. For Qwen-Image give mag_ratios in --peer_cache_config (a run with "
+                     f"`calibrate: true` in that file prints them)")
+
+
+def no_cache_context(mode: str, pipeline_class: str) -> str:
+    import diffusers
+
+    return (f"--cache_mode {mode} cannot run with {pipeline_class}: diffusers' {PEER_SPECS[mode].config_class} keeps "
+            f"its state per `transformer.cache_context(...)`, and diffusers {diffusers.__version__}'s "
+            f"{pipeline_class} calls its transformer outside any. Use diffusers_magcache, diffusers_pab, "
+            f"diffusers_fastercache, cache-dit or a harness cache (fora, taylor, hicache, fbcache)")
+
+
+def calls_transformer_in_cache_context(pipeline) -> bool:
+    import inspect
+
+    try:
+        return "cache_context(" in inspect.getsource(type(pipeline).__call__)
+    except (OSError, TypeError):  # no source to read: let diffusers say it
+        return True
 
 
 def build_peer_config(pipeline, args: argparse.Namespace):
@@ -330,6 +351,8 @@ def apply_peer_cache(pipeline, args: argparse.Namespace) -> str:
     if not hasattr(transformer, "enable_cache"):
         raise StackError(f"--cache_mode {args.cache_mode}: {type(transformer).__name__} has no diffusers cache support "
                          f"(CacheMixin.enable_cache)")
+    if args.cache_mode in NEEDS_CACHE_CONTEXT and not calls_transformer_in_cache_context(pipeline):
+        raise LibraryLimitation(no_cache_context(args.cache_mode, type(pipeline).__name__))
     config = build_peer_config(pipeline, args)
     transformer.enable_cache(config)
     probe = PeerCacheProbe(pipeline, args.cache_mode, config)
