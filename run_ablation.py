@@ -40,6 +40,10 @@ def create_ablation_parser() -> argparse.ArgumentParser:
                         help="override one base flag of the config, e.g. --base num_inference_steps=8 (repeatable)")
     parser.add_argument("--variants", default=None, metavar="A,B,...",
                         help="only these variants of the config (the baseline is always kept)")
+    parser.add_argument("--prompts", default=None, metavar="SPEC",
+                        help="instead of the config's prompt set: default, a file (DrawBench .csv, PartiPrompts .tsv, "
+                             "COCO captions .json, text .txt) or FORMAT:PATH (formats: drawbench, parti, coco, text, "
+                             "edits)")
     parser.add_argument("--limit_prompts", type=int_at_least(1), default=None,
                         help="only N prompts of the set (a fixed sample, in the set's order)")
     parser.add_argument("--seeds_per_prompt", type=int_at_least(1), default=None, help="instead of the config's")
@@ -125,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             config.clip_model = opts.clip_model
         if opts.warmup_runs is not None:
             config.warmup_runs = opts.warmup_runs
+        if opts.prompts is not None:
+            config.prompt_spec = opts.prompts
+            config.raw["prompts"] = {"spec": opts.prompts, "limit": config.prompt_limit}
         prompts = sweep.load_sweep_prompts(config)
         shard = sweep.parse_shard(opts.shard) if opts.shard else (0, 1)
     except (sweep.ConfigError, ValueError) as e:
