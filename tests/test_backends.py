@@ -191,10 +191,10 @@ def test_kontext_editing_sweep_per_prompt_images_and_one_shared_image(tmp_path):
     assert all("--image" in r["reproduce"] for r in records)
     table = pd.read_csv(tmp_path / "edits/summary.csv").set_index("variant")
     assert (table["status"] == "ok").all() and table.loc["hicache", "forecast_steps"] == 2
-    shared = {**raw, "output_dir": str(tmp_path / "shared"), "prompts": {"spec": "default", "limit": 2},
-              "input_image": str(EDITS / "square.png")}
-    config.write_text(yaml.safe_dump(shared))
-    assert run_ablation.main(["--config", str(config), "--no_metrics"]) == 0
+    shared = {**raw, "output_dir": str(tmp_path / "shared"), "input_image": str(EDITS / "square.png")}
+    config.write_text(yaml.safe_dump(shared))  # --prompts replaces the edits file: the shared image for each prompt
+    assert run_ablation.main(["--config", str(config), "--no_metrics", "--prompts", "default",
+                              "--limit_prompts", "2"]) == 0
     records = [json.loads(line) for line in (tmp_path / "shared/records.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["input_image"] for r in records} == {str(EDITS / "square.png")}
     missing = {**raw, "prompts": {"spec": "default", "limit": 1}}

@@ -351,7 +351,10 @@ STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)}
+    """The flags that shape the stack. --peer_cache_config only when given: these flags key export_aoti's cached
+    packages, which a flag that is None whenever export applies must not rebuild."""
+    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)
+            and not (k == "peer_cache_config" and getattr(args, k) is None)}
 
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
