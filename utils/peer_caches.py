@@ -249,7 +249,7 @@ def peer_config_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def validate_peer_cache_args(args: argparse.Namespace, cuda: bool) -> None:
+def validate_peer_cache_args(args: argparse.Namespace) -> None:
     """Refuse what a diffusers cache cannot run with, before any work (called by validate_args). The refusals are
     LibraryLimitations: a sweep lists such a variant as failed with the reason; bad values in the YAML or flags are
     StackErrors (a config mistake)."""

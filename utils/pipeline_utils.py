@@ -120,7 +120,7 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if peer_cache:  # diffusers' cache hooks: their own refusals, with their reasons (utils/peer_caches.py)
         from utils.peer_caches import validate_peer_cache_args
 
-        validate_peer_cache_args(args, cuda)
+        validate_peer_cache_args(args)
     if args.compile_export_mode == "export_aoti":
         if not cuda:
             raise StackError("--compile_export_mode export_aoti needs CUDA (its CUDA graphs); on CPU use "
