@@ -40,6 +40,10 @@ def create_ablation_parser() -> argparse.ArgumentParser:
                         help="override one base flag of the config, e.g. --base num_inference_steps=8 (repeatable)")
     parser.add_argument("--variants", default=None, metavar="A,B,...",
                         help="only these variants of the config (the baseline is always kept)")
+    parser.add_argument("--prompts", default=None, metavar="SPEC",
+                        help="instead of the config's prompt set: default, a file (DrawBench .csv, PartiPrompts .tsv, "
+                             "COCO captions .json, text .txt) or FORMAT:PATH (formats: drawbench, parti, coco, text, "
+                             "edits)")
     parser.add_argument("--limit_prompts", type=int_at_least(1), default=None,
                         help="only N prompts of the set (a fixed sample, in the set's order)")
     parser.add_argument("--seeds_per_prompt", type=int_at_least(1), default=None, help="instead of the config's")
@@ -52,6 +56,9 @@ def create_ablation_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metrics_weights_dir", default=None, help="instead of the config's metrics_weights_dir")
     parser.add_argument("--metrics_random_init", action="store_true",
                         help="random-init metric models (no weights needed; values are meaningless)")
+    parser.add_argument("--clip_model", choices=("ViT-L-14", "ViT-g-14"), default=None,
+                        help="the CLIP score's model, instead of the config's clip_model (default ViT-L-14); with "
+                             "--download-metric-weights, also fetch it")
     parser.add_argument("--download-metric-weights", dest="download_metric_weights", metavar="DIR", default=None,
                         help="fetch every metric model's weights into DIR and exit (needs internet)")
     parser.add_argument("--dry_run", action="store_true", help="validate the config, print the work list and exit")
@@ -99,7 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     if opts.download_metric_weights:
         from utils.metrics import download_metric_weights
 
-        download_metric_weights(opts.download_metric_weights)
+        if opts.clip_model in (None, "ViT-L-14"):
+            download_metric_weights(opts.download_metric_weights)
+        else:
+            download_metric_weights(opts.download_metric_weights, clip_models=("ViT-L-14", opts.clip_model))
         print(f"metric weights are in {opts.download_metric_weights}; pass --metrics_weights_dir "
               f"{opts.download_metric_weights} (or set metrics_weights_dir in the config)")
         return 0
@@ -115,8 +125,13 @@ def main(argv: list[str] | None = None) -> int:
                                    only_variants=opts.variants.split(",") if opts.variants else None,
                                    check_machine=False)
         config.metrics_random_init = config.metrics_random_init or opts.metrics_random_init
+        if opts.clip_model is not None:
+            config.clip_model = opts.clip_model
         if opts.warmup_runs is not None:
             config.warmup_runs = opts.warmup_runs
+        if opts.prompts is not None:
+            config.prompt_spec = opts.prompts
+            config.raw["prompts"] = {"spec": opts.prompts, "limit": config.prompt_limit}
         prompts = sweep.load_sweep_prompts(config)
         shard = sweep.parse_shard(opts.shard) if opts.shard else (0, 1)
     except (sweep.ConfigError, ValueError) as e:
@@ -254,7 +269,7 @@ def report(opts, config: sweep.SweepConfig, prompts, generation: sweep.Generatio
         config.baseline, merged.status, config.metrics if not opts.no_metrics else [], per_image, per_set,
         pareto_metrics=None if opts.no_metrics else config.report.get("pareto_metrics"),
         grid_rows=config.report.get("grid_prompts", 3), timing=timing, interval1=interval1,
-        metrics_random_init=config.metrics_random_init, show_progress=True)
+        metrics_random_init=config.metrics_random_init, show_progress=True, clip_model=config.clip_model)
     timing["wall_s_with_report"] = time.perf_counter() - START
     sweep.write_text_atomic(config.output_dir / "timing.json", json.dumps(timing, indent=2))
 

@@ -176,3 +176,38 @@ def test_random_init_metric_models_build_without_third_party_notices():
     assert not [str(w.message) for w in caught if "torchvision" in w.filename], [str(w.message) for w in caught]
     assert not any("No pretrained weights loaded" in m for m in messages), messages
     assert not any(isinstance(f, metric_models._DropMessage) for f in root.filters)  # removed after the build
+
+
+def test_clip_model_is_selectable_and_named_where_its_weights_are_missing(tmp_path):
+    """The CLIP score's model: ViT-L-14 (OpenAI) by default, ViT-g-14 (LAION-2B) selectable; each looks for its own
+    file, and an unknown name is refused."""
+    import pytest
+
+    for arch, file in (("ViT-L-14", "ViT-L-14-openai"), ("ViT-g-14", "ViT-g-14-laion2b_s34b_b88k")):
+        with pytest.raises(metric_models.MissingMetricWeightsError, match=file):
+            load_metric_models(["clip"], weights_dir=str(tmp_path), random_init=False, device="cpu", clip_model=arch)
+    with pytest.raises(ValueError, match="clip_model must be one of ViT-L-14, ViT-g-14"):
+        metric_models.build_clip_model(tmp_path, False, "cpu", clip_model="ViT-B-32")
+
+
+def test_sweep_config_names_its_clip_model_in_the_table(tmp_path):
+    import pandas as pd
+    import pytest
+    import yaml
+
+    import run_ablation
+    from utils import sweep
+
+    raw = {"output_dir": str(tmp_path / "out"), "baseline": "none", "variants": [{"name": "none"}],
+           "base": {"ckpt": "tiny", "disable_bf16": True, "num_inference_steps": 2},
+           "prompts": {"spec": "default", "limit": 1}, "warmup_runs": 0, "metrics": ["clip"],
+           "metrics_random_init": True, "clip_model": "ViT-g-14"}
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert run_ablation.main(["--config", str(config)]) == 0
+    table = pd.read_csv(tmp_path / "out/summary.csv")
+    assert list(table["clip_model"]) == ["ViT-g-14"]
+    assert "CLIP score ViT-g-14 (random-init)" in (tmp_path / "out/summary.md").read_text()
+    config.write_text(yaml.safe_dump({**raw, "clip_model": "ViT-H-14"}))
+    with pytest.raises(sweep.ConfigError, match="clip_model must be one of ViT-L-14, ViT-g-14"):
+        sweep.load_config(config, check_machine=False)

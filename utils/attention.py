@@ -1,6 +1,6 @@
 """FlashAttention-3 for FLUX as a `torch.library.custom_op`, so that torch.compile and torch.export
 trace it as one opaque node (its `register_fake` gives the output's shape), plus the attention
-processor that routes FLUX's joint attention through it.
+processors that route FLUX's and Qwen-Image's joint attention through it.
 
 FA3 is imported from upstream (`flash_attn_interface`) or from the forward-only `fa3-fwd` wheel
 (`fa3_fwd_interface`). flux-fast imported it unconditionally, so a standard install without FA3
@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 from diffusers.models.transformers.transformer_flux import FluxAttention, _get_qkv_projections
+from diffusers.models.transformers.transformer_qwenimage import QwenDoubleStreamAttnProcessor2_0, apply_rotary_emb_qwen
 from diffusers.models.embeddings import apply_rotary_emb
 
 FP8 = torch.float8_e4m3fn
@@ -164,3 +165,52 @@ class FA3FluxAttnProcessor(FluxKernelAttnProcessor):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                block_input: torch.Tensor | None = None) -> torch.Tensor:
         return fa3_fp8_attention(q, k, v) if self.fp8 else fa3_attention(q, k, v)
+
+
+class FA3QwenAttnProcessor(QwenDoubleStreamAttnProcessor2_0):
+    """Qwen-Image's joint attention (diffusers' QwenDoubleStreamAttnProcessor2_0: separate q/k/v projections per
+    stream, QK RMSNorm, Qwen's complex RoPE, [text, image] order) with the kernel replaced by the FA3 op (bf16, or
+    fp8 q/k/v). The projections, norms and RoPE are diffusers' own modules and function. A text mask (a batch of
+    prompts of different lengths) needs a masked kernel, which the FA3 op is not: such calls go to diffusers'
+    processor unchanged."""
+
+    def __init__(self, fp8: bool = False):
+        super().__init__()
+        self.fp8 = fp8
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
+                 attention_mask=None, image_rotary_emb=None):
+        if encoder_hidden_states_mask is not None or attention_mask is not None or encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, encoder_hidden_states_mask,
+                                    attention_mask, image_rotary_emb)
+        head_dim = attn.inner_dim // attn.heads
+        split = lambda x: x.unflatten(-1, (-1, head_dim))  # noqa: E731
+        img_q, img_k, img_v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(
+            attn.to_v(hidden_states))
+        txt_q, txt_k, txt_v = (split(attn.add_q_proj(encoder_hidden_states)),
+                               split(attn.add_k_proj(encoder_hidden_states)),
+                               split(attn.add_v_proj(encoder_hidden_states)))
+        if attn.norm_q is not None:
+            img_q = attn.norm_q(img_q)
+        if attn.norm_k is not None:
+            img_k = attn.norm_k(img_k)
+        if attn.norm_added_q is not None:
+            txt_q = attn.norm_added_q(txt_q)
+        if attn.norm_added_k is not None:
+            txt_k = attn.norm_added_k(txt_k)
+        if image_rotary_emb is not None:
+            img_freqs, txt_freqs = image_rotary_emb
+            img_q = apply_rotary_emb_qwen(img_q, img_freqs, use_real=False)
+            img_k = apply_rotary_emb_qwen(img_k, img_freqs, use_real=False)
+            txt_q = apply_rotary_emb_qwen(txt_q, txt_freqs, use_real=False)
+            txt_k = apply_rotary_emb_qwen(txt_k, txt_freqs, use_real=False)
+        query, key, value = (torch.cat([txt_q, img_q], dim=1), torch.cat([txt_k, img_k], dim=1),
+                             torch.cat([txt_v, img_v], dim=1))
+        out = (fa3_fp8_attention(query, key, value) if self.fp8 else fa3_attention(query, key, value))
+        out = out.flatten(2, 3).to(query.dtype)
+        seq_txt = encoder_hidden_states.shape[1]
+        txt_out, img_out = out[:, :seq_txt], out[:, seq_txt:]
+        img_out = attn.to_out[0](img_out.contiguous())
+        if len(attn.to_out) > 1:
+            img_out = attn.to_out[1](img_out)
+        return img_out, attn.to_add_out(txt_out.contiguous())

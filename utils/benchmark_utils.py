@@ -26,23 +26,31 @@ from typing import Any, Callable
 
 import torch
 
-CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit")
+# Feature-cache choices: the harness's own (utils/caching.py), cache-dit's DBCache (a YAML file), and the caches of
+# diffusers' hooks applied through diffusers itself (utils/peer_caches.py).
+PEER_CACHE_MODES = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_taylorseer_lite", "diffusers_magcache",
+                    "diffusers_fastercache", "diffusers_pab")
+CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit", *PEER_CACHE_MODES)
 
 
 def create_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(formatter_class=HelpFormatter)
     io = parser.add_argument_group("model and sampling")
     io.add_argument("--ckpt", default="black-forest-labs/FLUX.1-schnell",
-                    help="Hugging Face id or local dir (FLUX.1-dev/-schnell/-Kontext-dev), 'tiny' (embedded "
-                         "miniature, random init, CPU-fast), or 'random:flux-dev' / 'random:flux-schnell' "
-                         "(full-size architecture with random weights, for timing)")
+                    help="Hugging Face id or local dir (FLUX.1-dev/-schnell/-Kontext-dev, Qwen-Image), 'tiny' "
+                         "(embedded miniature FLUX, random init, CPU-fast; 'tiny:flux-kontext' and 'tiny:qwen-image' "
+                         "the same for Kontext and Qwen-Image), or 'random:flux-dev' / 'random:flux-schnell' / "
+                         "'random:flux-kontext' / 'random:qwen-image' (full-size architecture with random weights, "
+                         "for timing)")
     io.add_argument("--prompt", default="A cat playing with a ball of yarn", help="the text prompt")
-    io.add_argument("--image", default=None, help="input image for FLUX.1-Kontext-dev")
+    io.add_argument("--image", default=None, help="input image (a file or an http(s) URL) for FLUX.1-Kontext-dev")
     io.add_argument("--height", type=int, default=None, help="default 1024 (64 for tiny)")
     io.add_argument("--width", type=int, default=None, help="default 1024 (64 for tiny)")
     io.add_argument("--num_inference_steps", type=int_at_least(1), default=None,
-                    help="default 28 (dev/kontext), 4 (schnell/tiny)")
-    io.add_argument("--guidance_scale", type=float, default=None, help="default 3.5 (dev/tiny), 0.0 (schnell), 2.5 (kontext)")
+                    help="default 28 (dev/kontext), 4 (schnell/tiny), 50 (qwen-image)")
+    io.add_argument("--guidance_scale", type=float, default=None,
+                    help="default 3.5 (dev/tiny), 0.0 (schnell), 2.5 (kontext); Qwen-Image takes none (it is not "
+                         "guidance-distilled, and the harness runs it without true CFG)")
     io.add_argument("--max_sequence_length", type=int_at_least(1, most=512), default=None,
                     help="T5 tokens, at most 512; default 512 (256 schnell, 32 tiny)")
     io.add_argument("--seed", type=int, default=42, help="seed of the initial noise (torch.manual_seed)")
@@ -60,7 +68,10 @@ def create_parser() -> argparse.ArgumentParser:
                        help="FA3 on float8 e4m3 q/k/v (relative error 5.3e-2 vs 2.3e-3 in bf16, measured; see README)")
     stack.add_argument("--disable_chipmunk", action="store_true", help="no Chipmunk sparsity even with --chipmunk_config")
     stack.add_argument("--chipmunk_config", default=None, help="Chipmunk YAML (see configs/chipmunk-flux.yml)")
-    stack.add_argument("--cache_mode", choices=CACHE_MODES, default="none", help="feature caching method")
+    stack.add_argument("--cache_mode", choices=CACHE_MODES, default="none",
+                       help="feature caching method: the harness's own (fora, taylor, hicache, fbcache), cache-dit "
+                            "(--cache_dit_config), or a diffusers hook applied by diffusers (diffusers_*: "
+                            "utils/peer_caches.py; parameters from --peer_cache_config and the flags below)")
     stack.add_argument("--disable_cache", action="store_true", help="no feature caching, whatever --cache_mode says")
     stack.add_argument("--interval", type=int, default=5, help="full step every N steps (fora/taylor/hicache)")
     stack.add_argument("--max_order", type=int, default=2, help="finite-difference order (taylor/hicache)")
@@ -69,6 +80,10 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--fbcache_threshold", type=float, default=0.08, help="FBCache relative residual threshold")
     stack.add_argument("--fbcache_taylor", action="store_true", help="forecast FBCache's residual with Taylor")
     stack.add_argument("--cache_dit_config", default=None, help="cache-dit YAML (implies --cache_mode cache_dit)")
+    stack.add_argument("--peer_cache_config", default=None,
+                       help="YAML of the diffusers cache config's fields for a diffusers_* --cache_mode (see "
+                            "configs/peer_caches/); --interval, --max_order, --first_enhance and --fbcache_threshold "
+                            "fill the fields they name where the YAML does not")
     stack.add_argument("--disable_quant", action="store_true", help="no torchao float8 quantization")
     stack.add_argument("--quant_granularity", choices=("tensor", "row"), default="row",
                        help="float8 scaling granularity; per-row measured faster on H100 (FLUX MLP 0.70 ms "
@@ -151,19 +166,22 @@ def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:
 
 # --- checks of the flags alone, made before the heavy imports ----------------------------------------
 
-RANDOM_CKPTS = ("random:flux-dev", "random:flux-schnell")
+TINY_CKPTS = ("tiny", "tiny:flux-kontext", "tiny:qwen-image")
+RANDOM_CKPTS = ("random:flux-dev", "random:flux-schnell", "random:flux-kontext", "random:qwen-image")
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # NAME or ORG/NAME
 
 
 def check_ckpt(value: str) -> None:
-    """Refuse a --ckpt that cannot load anywhere, saying why (ValueError). Accepted: 'tiny', RANDOM_CKPTS, a
+    """Refuse a --ckpt that cannot load anywhere, saying why (ValueError). Accepted: TINY_CKPTS, RANDOM_CKPTS, a
     diffusers pipeline folder (with model_index.json), or a Hugging Face id (looked up when the pipeline loads).
     A value that starts with /, ./, ../ or ~, or has more than one /, is a path and must exist; ORG/NAME is a
     folder when one of that name exists here, a Hugging Face id otherwise."""
-    if value == "tiny" or value in RANDOM_CKPTS:
+    if value in TINY_CKPTS or value in RANDOM_CKPTS:
         return
     if value.startswith("random:"):
-        raise ValueError(f"--ckpt {value}: unknown random architecture; use {' or '.join(RANDOM_CKPTS)}")
+        raise ValueError(f"--ckpt {value}: unknown random architecture; use one of {', '.join(RANDOM_CKPTS)}")
+    if value.startswith("tiny:"):
+        raise ValueError(f"--ckpt {value}: unknown tiny pipeline; use one of {', '.join(TINY_CKPTS)}")
     path = Path(value).expanduser()
     path_like = (value.startswith(("/", "./", "../", "~")) or value in (".", "..") or value.count("/") > 1
                  or (os.sep != "/" and os.sep in value))
@@ -177,7 +195,7 @@ def check_ckpt(value: str) -> None:
             raise ValueError(f"--ckpt {value}: not a diffusers pipeline folder (no model_index.json in it)")
         return
     if not HUB_ID.fullmatch(value):
-        raise ValueError(f"--ckpt {value!r}: not 'tiny', {' or '.join(RANDOM_CKPTS)}, a local folder or a Hugging "
+        raise ValueError(f"--ckpt {value!r}: not 'tiny', {', '.join(RANDOM_CKPTS)}, a local folder or a Hugging "
                          f"Face id (ORG/NAME, e.g. black-forest-labs/FLUX.1-dev)")
 
 
@@ -192,17 +210,60 @@ def hub_download_hint(ckpt: str) -> str:
             f"Hugging Face cache.")
 
 
-def check_args(args: argparse.Namespace) -> None:
+def model_family(ckpt: str) -> str:
+    """'flux', 'flux-kontext' or 'qwen-image': the pipeline a --ckpt value loads. A local pipeline folder says so in
+    its model_index.json; a Hugging Face id or the embedded pipelines by their name."""
+    index = Path(ckpt).expanduser() / "model_index.json"
+    if index.is_file():
+        try:
+            name = str(json.loads(index.read_text()).get("_class_name", ""))
+        except (OSError, ValueError):
+            name = ""
+        if name:
+            return "qwen-image" if name.startswith("QwenImage") else ("flux-kontext" if "Kontext" in name else "flux")
+    lowered = ckpt.lower()
+    if "qwen" in lowered:
+        return "qwen-image"
+    return "flux-kontext" if "kontext" in lowered else "flux"
+
+
+def is_tiny(ckpt: str) -> bool:
+    return ckpt in TINY_CKPTS
+
+
+def check_input_image(args: argparse.Namespace, sweep_images: bool = False) -> None:
+    """FLUX.1-Kontext edits an image (--image, a file or an http(s) URL); the other pipelines take none.
+    `sweep_images`: a sweep gives the input images (its config checks them)."""
+    family = model_family(args.ckpt)
+    image = getattr(args, "image", None)
+    if family == "flux-kontext":
+        if not image and sweep_images:
+            return
+        if not image:
+            raise ValueError("FLUX.1-Kontext-dev edits an image: pass --image PATH_OR_URL")
+        if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+            raise ValueError(f"--image {image}: no such file")
+    elif image:
+        raise ValueError(f"--image is for FLUX.1-Kontext (--ckpt black-forest-labs/FLUX.1-Kontext-dev, "
+                         f"random:flux-kontext or tiny:flux-kontext); {args.ckpt} generates from the prompt alone: "
+                         f"drop --image")
+
+
+def check_args(args: argparse.Namespace, sweep_images: bool = False) -> None:
     """The refusals that depend on the flags alone (ValueError naming the flag), before diffusers and the stack
     are imported, so that a mistake is reported at once. validate_args() in utils/pipeline_utils.py makes these
-    and the ones that depend on the machine."""
+    and the ones that depend on the machine. `sweep_images`: a sweep gives Kontext's input images."""
     check_ckpt(args.ckpt)
     if min(args.height, args.width) < 16 or args.height % 16 or args.width % 16:
         raise ValueError(f"--height/--width must be positive multiples of 16 for FLUX (got {args.height}x{args.width})")
-    for flag in ("chipmunk_config", "cache_dit_config"):
-        path = getattr(args, flag)
+    for flag in ("chipmunk_config", "cache_dit_config", "peer_cache_config"):
+        path = getattr(args, flag, None)
         if path is not None and not Path(path).is_file():
             raise ValueError(f"--{flag} {path}: no such file")
+    if getattr(args, "peer_cache_config", None) and args.cache_mode not in PEER_CACHE_MODES:
+        raise ValueError(f"--peer_cache_config configures a diffusers cache: pass --cache_mode with one of "
+                         f"{', '.join(PEER_CACHE_MODES)} (got --cache_mode {args.cache_mode})")
+    check_input_image(args, sweep_images)
     if args.cache_mode != "none" and not args.disable_cache:
         for flag, least in (("interval", 1), ("max_order", 0), ("first_enhance", 0)):
             if getattr(args, flag) < least:
@@ -210,12 +271,19 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def transformer_flops(pipeline, args: argparse.Namespace) -> int:
-    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied)."""
+    """FLOPs of one eager transformer forward at the benchmark's shapes (before the stack is applied). Qwen-Image's
+    text sequence is as long as the prompt (FLUX pads to --max_sequence_length): counted at --prompt's length."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from utils import compile_utils
 
-    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, args.max_sequence_length)
+    text_tokens = args.max_sequence_length
+    if type(pipeline.transformer).__name__ == "QwenImageTransformer2DModel":
+        with torch.no_grad():
+            embeds, _ = pipeline.encode_prompt(args.prompt, device=pipeline.transformer.device,
+                                               max_sequence_length=args.max_sequence_length)
+        text_tokens = embeds.shape[1]
+    example = compile_utils.transformer_example_kwargs(pipeline, args.height, args.width, text_tokens)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         pipeline.transformer(**example, return_dict=False)
     return counter.get_total_flops()
@@ -254,14 +322,16 @@ for _logger, _pattern, _module in IMPORT_NOTICES:
 def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the defaults that depend on the checkpoint (steps, guidance, size, text length)."""
     ckpt = args.ckpt.lower()
-    tiny, schnell, kontext = ckpt == "tiny", "schnell" in ckpt, "kontext" in ckpt
+    family = model_family(args.ckpt)
+    tiny, schnell = is_tiny(args.ckpt), "schnell" in ckpt
+    kontext, qwen = family == "flux-kontext", family == "qwen-image"
     if args.height is None:
         args.height = 64 if tiny else 1024
     if args.width is None:
         args.width = 64 if tiny else 1024
     if args.num_inference_steps is None:
-        args.num_inference_steps = 4 if (tiny or schnell) else 28
-    if args.guidance_scale is None:
+        args.num_inference_steps = 4 if (tiny or schnell) else (50 if qwen else 28)
+    if args.guidance_scale is None and not qwen:  # Qwen-Image is not guidance-distilled: it takes none
         args.guidance_scale = 0.0 if schnell else (2.5 if kontext else 3.5)
     if args.max_sequence_length is None:
         args.max_sequence_length = 32 if tiny else (256 if schnell else 512)
@@ -274,18 +344,51 @@ def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_fp8", "disable_chipmunk",
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
-               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "disable_quant",
+               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "peer_cache_config",
+               "disable_quant",
                "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
                "compile_mode")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)}
+    """The flags that shape the stack. --peer_cache_config only when given: these flags key export_aoti's cached
+    packages, which a flag that is None whenever export applies must not rebuild."""
+    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)
+            and not (k == "peer_cache_config" and getattr(args, k) is None)}
 
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return dict(prompt=args.prompt, height=args.height, width=args.width, num_inference_steps=args.num_inference_steps,
-                guidance_scale=args.guidance_scale, max_sequence_length=args.max_sequence_length)
+    """The pipeline call's arguments from the flags. FLUX.1-Kontext also gets its input image (--image, read once
+    per path) and `max_area` of the requested size (its pipeline would otherwise resize the output to 1024^2 pixels
+    of the same aspect ratio); the tiny Kontext pipeline keeps its input image's size (`_auto_resize=False`: the
+    resolutions Kontext was trained on are 672 px and up, far beyond a 64 px miniature). Qwen-Image takes no
+    guidance scale and runs without true CFG (`true_cfg_scale=1`: one transformer call per step)."""
+    kwargs = dict(prompt=args.prompt, height=args.height, width=args.width,
+                  num_inference_steps=args.num_inference_steps, max_sequence_length=args.max_sequence_length)
+    family = model_family(args.ckpt)
+    if args.guidance_scale is not None:
+        kwargs["guidance_scale"] = args.guidance_scale
+    if family == "qwen-image":
+        kwargs["true_cfg_scale"] = 1.0  # one transformer call per step (feature caching refuses two)
+    if family == "flux-kontext":
+        kwargs.update(max_area=args.height * args.width, _auto_resize=not is_tiny(args.ckpt))
+        if getattr(args, "image", None):
+            kwargs["image"] = load_input_image(args.image)
+    return kwargs
+
+
+_INPUT_IMAGES: dict[str, Any] = {}
+
+
+def load_input_image(path_or_url: str):
+    """An input image as RGB PIL, read once per path or URL (diffusers' load_image)."""
+    if path_or_url not in _INPUT_IMAGES:
+        from diffusers.utils import load_image
+
+        if len(_INPUT_IMAGES) >= 64:  # an editing sweep over many images: keep the memory bounded
+            _INPUT_IMAGES.clear()
+        _INPUT_IMAGES[path_or_url] = load_image(path_or_url)
+    return _INPUT_IMAGES[path_or_url]
 
 
 def set_rand_seeds(seed: int) -> None:

@@ -1,4 +1,9 @@
-"""Feature caching for diffusers' FluxTransformer2DModel: FORA reuse, TaylorSeer, HiCache, FBCache(+Taylor), cache-dit.
+"""Feature caching for diffusers' FluxTransformer2DModel and QwenImageTransformer2DModel: FORA reuse, TaylorSeer,
+HiCache, FBCache(+Taylor), cache-dit.
+
+Qwen-Image's blocks are all double-stream, with FLUX's double block's structure as far as the cache is concerned:
+two gated image-stream sub-modules (`attn`, first output, and `img_mlp`), gates from a SiLU + Linear modulation of
+`temb`; so the same slots, forecasts and one-sum forecast step apply (2 slots per block, 120 on Qwen-Image).
 
 Formulas and schedules: docs/ALGORITHMS.md. How it attaches, without forking the model:
 
@@ -31,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.errors import StackError
+from utils.peer_caches import StepProbe
 from utils.step_clock import StepClock
 
 SCHEDULED_MODES = ("fora", "taylor", "hicache")  # fixed interval schedule, per-block features
@@ -51,6 +57,10 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         raise StackError(f"--hicache_scale must be > 0 (published: 0.6); got {args.hicache_scale}")
     if not args.fbcache_threshold >= 0:
         raise StackError(f"--fbcache_threshold must be >= 0 (0 = never skip; FLUX: 0.08); got {args.fbcache_threshold}")
+    from utils.peer_caches import is_peer_mode
+
+    if is_peer_mode(args.cache_mode):
+        return  # utils/peer_caches.py checks its own (validate_peer_cache_args)
     if args.cache_mode == "cache_dit":
         if not args.cache_dit_config:
             raise StackError("--cache_mode cache_dit needs --cache_dit_config PATH (see configs/cache_dit.yaml)")
@@ -179,16 +189,26 @@ class HarnessCache:
         self.clock = StepClock(scheduler)
         self.mode, self.interval, self.max_order, self.first_enhance = mode, interval, max_order, first_enhance
         self.hicache_scale, self.fbcache_threshold, self.fbcache_taylor = hicache_scale, fbcache_threshold, fbcache_taylor
+        self.qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
         self.double_blocks = list(transformer.transformer_blocks)
-        self.single_blocks = list(transformer.single_transformer_blocks)
+        self.single_blocks = [] if self.qwen else list(transformer.single_transformer_blocks)
         self.num_blocks = len(self.double_blocks) + len(self.single_blocks)
-        self.norms = [b.norm1 for b in self.double_blocks] + [b.norm for b in self.single_blocks]
+        if self.qwen:
+            # Qwen-Image's double-stream block: img_mod = SiLU + Linear(dim, 6 dim) whose chunks are shift, scale,
+            # gate (attention), shift, scale, gate (MLP), each gate multiplying the image stream's attention output
+            # (`attn`'s first output) and MLP output (`img_mlp`) before the residual add, as in FLUX's double block.
+            self.mlps = [b.img_mlp for b in self.double_blocks]
+            self.modulations = [b.img_mod[1] for b in self.double_blocks]
+        else:
+            self.mlps = [b.ff for b in self.double_blocks]
+            self.norms = [b.norm1 for b in self.double_blocks] + [b.norm for b in self.single_blocks]
+            self.modulations = [n.linear for n in self.norms]
         # AdaLayerNormZero chunks: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp;
         # AdaLayerNormZeroSingle: shift, scale, gate.
         self.gate_slots = [(6, (2, 5))] * len(self.double_blocks) + [(3, (2,))] * len(self.single_blocks)
         self.hooks = []
-        for block in self.double_blocks:
-            self.hooks += [block.attn.register_forward_hook(_keep_output), block.ff.register_forward_hook(_keep_output)]
+        for block, mlp in zip(self.double_blocks, self.mlps):
+            self.hooks += [block.attn.register_forward_hook(_keep_output), mlp.register_forward_hook(_keep_output)]
         for block in self.single_blocks:
             self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
         self.forecast_backend: str | None = None  # set on first use: None = eager
@@ -305,7 +325,7 @@ class HarnessCache:
 
     def _captured(self, index: int, block: nn.Module, text_len: int) -> list[torch.Tensor]:
         if index < len(self.double_blocks):
-            return [_take(block.attn)[0], _take(block.ff)]
+            return [_take(block.attn)[0], _take(self.mlps[index])]
         return [_take(block.proj_out)[:, text_len:]]  # the image rows of concat(txt, img)
 
     def _update_all_features(self) -> None:
@@ -335,8 +355,8 @@ class HarnessCache:
         way). Costs num_slots * dim^2 elements (FLUX.1-dev: 1.4 GB bf16, counted in the cache memory)."""
         if self._gates is None or self._gates[0].dtype != dtype:
             weights, biases = [], []
-            for norm, (num_chunks, gate_ids) in zip(self.norms, self.gate_slots):
-                weight, bias = norm.linear.weight.detach(), norm.linear.bias.detach()
+            for linear, (num_chunks, gate_ids) in zip(self.modulations, self.gate_slots):
+                weight, bias = linear.weight.detach(), linear.bias.detach()
                 weight = weight.dequantize() if type(weight) is not torch.Tensor else weight  # torchao subclass
                 rows = weight.shape[0] // num_chunks
                 weights += [weight[g * rows:(g + 1) * rows] for g in gate_ids]
@@ -429,9 +449,11 @@ class _BlockProxy:
     def __init__(self, cache: HarnessCache, index: int, block: nn.Module):
         self.cache, self.index, self.block = cache, index, block
 
-    def __call__(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb=None, joint_attention_kwargs=None):
+    def __call__(self, hidden_states, encoder_hidden_states, temb=None, image_rotary_emb=None,
+                 joint_attention_kwargs=None, **extra):
+        # FLUX's blocks take these; Qwen-Image's also encoder_hidden_states_mask and modulate_index (`extra`)
         kwargs = dict(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states, temb=temb,
-                      image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs)
+                      image_rotary_emb=image_rotary_emb, joint_attention_kwargs=joint_attention_kwargs, **extra)
         return self.cache.run_block(self.index, self.block, kwargs)
 
     def __getattr__(self, name):
@@ -491,6 +513,10 @@ def apply_caching(pipeline, args: argparse.Namespace) -> str:
     """Attach the caching layer selected by --cache_mode; returns the stack's status line."""
     if args.cache_mode == "cache_dit":
         return apply_cache_dit(pipeline, args.cache_dit_config)
+    from utils.peer_caches import apply_peer_cache, is_peer_mode
+
+    if is_peer_mode(args.cache_mode):
+        return apply_peer_cache(pipeline, args)
     cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,
                          first_enhance=args.first_enhance, hicache_scale=args.hicache_scale,
                          fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor)
@@ -513,15 +539,21 @@ def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
     transformer = pipeline.transformer
     cache = getattr(transformer, "harness_cache", None)
     if cache is None:
-        if type(transformer).__name__ != "FluxTransformer2DModel":
-            raise StackError(f"feature caching supports FluxTransformer2DModel, not {type(transformer).__name__}")
+        name = type(transformer).__name__
+        if name not in ("FluxTransformer2DModel", "QwenImageTransformer2DModel"):
+            raise StackError(f"feature caching supports FluxTransformer2DModel and QwenImageTransformer2DModel, not "
+                             f"{name}")
+        if getattr(transformer.config, "zero_cond_t", False):
+            raise StackError("feature caching: this Qwen-Image transformer (zero_cond_t) picks each token's gate from "
+                             "two modulations, which the forecast's one gate per block and slot cannot express; use "
+                             "--disable_cache or a diffusers cache (--cache_mode diffusers_*)")
         # Dynamo does not guard compiled blocks on their submodules' forward hooks: code this process compiled for the
         # same block class without the capture hooks would be reused and capture nothing. Start from no compiled code.
         torch._dynamo.reset()
         cache = HarnessCache(transformer, pipeline.scheduler, mode, **params)
         transformer.harness_cache = cache
         offset = 0
-        for name in ("transformer_blocks", "single_transformer_blocks"):
+        for name in ("transformer_blocks",) if cache.qwen else ("transformer_blocks", "single_transformer_blocks"):
             blocks = _CachedBlockList(list(getattr(transformer, name)))
             blocks.harness_cache, blocks.harness_offset = cache, offset
             offset += len(blocks)
@@ -542,26 +574,48 @@ def attach_cache(pipeline, mode: str, **params) -> HarnessCache:
 # --- cache-dit -------------------------------------------------------------------------------------
 
 def apply_cache_dit(pipeline, config_path: str) -> str:
-    """cache-dit's DBCache (+ its TaylorSeer calibrator) through its public API, configured by a YAML file."""
+    """cache-dit's DBCache (+ its TaylorSeer, FoCa or DMD calibrator) through its public API, configured by a YAML
+    file (configs/cache_dit*.yaml)."""
     import cache_dit
 
     configs = cache_dit.load_configs(config_path)
     cache_dit.enable_cache(pipeline, **{k: v for k, v in configs.items() if v is not None})
     pipeline.transformer.harness_cache = CacheDitStats(pipeline, configs)
-    return f"applied: cache-dit {cache_dit.__version__} from {config_path}"
+    calibrator = configs.get("calibrator_config")
+    described = configs["cache_config"].strify() + (f", {calibrator.strify()}" if calibrator is not None else "")
+    return f"applied: cache-dit {cache_dit.__version__} from {config_path} ({described})"
 
 
-class CacheDitStats:
-    """stats() for cache-dit runs, from cache-dit's own summary."""
+class CacheDitStats(StepProbe):
+    """stats() for cache-dit runs: the cached steps from cache-dit's own summary, read as each generation ends. FLOPs
+    are None, with the reason in the record (`flops_note`)."""
+
+    data_dependent = True
+    # FlopCounterMode's module tracker walks the module tree, and cache-dit's cached-block wrappers refer back to the
+    # transformer: the walk recurses until Python's limit (RecursionError in torch.utils.module_tracker).
+    flops_unavailable = ("not counted: FlopCounterMode's module tracker recurses without end through cache-dit's "
+                         "cached-block wrappers, which refer back to the transformer")
 
     def __init__(self, pipeline, configs: dict[str, Any]):
-        self.pipeline, self.configs, self.mode = pipeline, configs, "cache_dit"
+        self.configs = configs
+        super().__init__(pipeline, "cache_dit")
+
+    def full_kind(self) -> str:
+        return "full"
+
+    def counted_kind(self) -> None:
+        return None  # cache-dit's summary says which steps were cached once the generation ends
+
+    def library_kind(self) -> None:
+        return None
 
     def stats(self) -> dict[str, Any]:
         import cache_dit
 
-        cached = list(cache_dit.summary(self.pipeline, logging=False)[-1].cached_steps or [])
-        total = len(self.pipeline.scheduler.timesteps)
-        return dict(mode="cache_dit", full_steps=total - len(cached), forecast_steps=len(cached),
-                    flops_full_step=None, flops_forecast_step=None, flops_speedup=None, cache_memory_bytes=None,
-                    cache_dit_config={k: str(v) for k, v in self.configs.items() if v is not None})
+        # cache-dit books a generation's cached steps when its pipeline call returns
+        cached = set(cache_dit.summary(self.pipeline, logging=False)[-1].cached_steps or [])
+        self.kinds = ["cached" if step in cached else "full" for step in range(len(self.kinds))]
+        return super().stats()
+
+    def extra_stats(self) -> dict[str, Any]:
+        return dict(cache_dit_config={k: str(v) for k, v in self.configs.items() if v is not None})

@@ -86,18 +86,19 @@ class LinearTanhGELU(torch.nn.Module):
 
 def use_sigmoid_gelu(transformer: torch.nn.Module) -> int:
     """Swap FLUX's tanh-GELUs for TanhGELU (module replacement): the double blocks' image and text MLPs and the
-    single blocks' `act_mlp`. MLPs that Chipmunk took over are left alone (its kernels compute their own GELU).
-    Returns how many were swapped."""
+    single blocks' `act_mlp` (Qwen-Image: its blocks' `img_mlp` and `txt_mlp`). MLPs that Chipmunk took over are left
+    alone (its kernels compute their own GELU). Returns how many were swapped."""
     from diffusers.models.activations import GELU
     from diffusers.models.attention import FeedForward
 
     swapped = 0
     for block in transformer.transformer_blocks:
-        for ff in (block.ff, block.ff_context):
+        mlps = (block.img_mlp, block.txt_mlp) if hasattr(block, "img_mlp") else (block.ff, block.ff_context)
+        for ff in mlps:
             if isinstance(ff, FeedForward) and isinstance(ff.net[0], GELU) and ff.net[0].approximate == "tanh":
                 ff.net[0] = LinearTanhGELU(ff.net[0].proj)
                 swapped += 1
-    for block in transformer.single_transformer_blocks:
+    for block in getattr(transformer, "single_transformer_blocks", ()):
         act = getattr(block, "act_mlp", None)  # a Chipmunk single block has none: its kernels compute the GELU
         if isinstance(act, torch.nn.GELU) and act.approximate == "tanh":
             block.act_mlp = TanhGELU()
@@ -126,9 +127,18 @@ TENSOR_KWARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections",
 
 def transformer_example_kwargs(pipeline, height: int, width: int, max_sequence_length: int,
                                batch_size: int = 1) -> dict[str, torch.Tensor]:
-    """Inputs of the exact shapes the pipeline will feed the transformer (kontext: 2x image tokens)."""
+    """Inputs of the exact shapes the pipeline will feed the transformer (kontext: 2x image tokens). Qwen-Image's
+    text is as long as its prompt: `max_sequence_length` stands for that length there."""
     t = pipeline.transformer
     device, dtype = t.device, t.dtype
+    if type(t).__name__ == "QwenImageTransformer2DModel":
+        grid_h, grid_w = height // pipeline.vae_scale_factor // 2, width // pipeline.vae_scale_factor // 2
+        return dict(hidden_states=torch.randn(batch_size, grid_h * grid_w, t.config.in_channels, device=device,
+                                              dtype=dtype),
+                    encoder_hidden_states=torch.randn(batch_size, max_sequence_length, t.config.joint_attention_dim,
+                                                      device=device, dtype=dtype),
+                    timestep=torch.full((batch_size,), 0.5, device=device, dtype=dtype),
+                    img_shapes=[[(1, grid_h, grid_w)]] * batch_size)
     latent_h, latent_w = 2 * (height // (pipeline.vae_scale_factor * 2)), 2 * (width // (pipeline.vae_scale_factor * 2))
     img_tokens = (latent_h // 2) * (latent_w // 2)
     if "Kontext" in type(pipeline).__name__:
@@ -404,18 +414,28 @@ def tensor_forward(transformer: torch.nn.Module) -> Callable:
     own run, rounding differently. On the H200 Chipmunk's step graphs, so recompiled, differed from eager by 4e-3
     in some processes."""
     eager_forward = transformer.forward
+    if type(transformer).__name__ == "QwenImageTransformer2DModel":  # QwenImagePipeline passes attention_kwargs={}
+        return lambda **inputs: eager_forward(**inputs, attention_kwargs={}, return_dict=False)
     return lambda **tensors: eager_forward(**tensors, joint_attention_kwargs={}, return_dict=False)
+
+
+# Qwen-Image's forward: its tensors (the text mask when prompts of a batch differ in length) and `img_shapes`, the
+# latent grid per image, a list that is fixed for a given size (one graph per value: StepGraphs keys on it).
+QWEN_TENSOR_KWARGS = ("hidden_states", "encoder_hidden_states", "encoder_hidden_states_mask", "timestep", "guidance")
+QWEN_STATIC_KWARGS = ("img_shapes",)
 
 
 def install_compiled_forward(transformer: torch.nn.Module, compiled: Callable, what: str = "export_aoti") -> None:
     """Route the transformer's forward (as the pipeline calls it) to `compiled(**tensor_kwargs)` (`what` names it in
-    errors)."""
+    errors); for Qwen-Image also its `img_shapes`."""
     eager_forward = transformer.forward
+    qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
+    names = QWEN_TENSOR_KWARGS + QWEN_STATIC_KWARGS if qwen else TENSOR_KWARGS
 
     def forward(hidden_states=None, return_dict=True, **kwargs):
         kwargs["hidden_states"] = hidden_states
-        tensors = {k: v for k, v in kwargs.items() if k in TENSOR_KWARGS and v is not None}
-        if kwargs.get("joint_attention_kwargs"):
+        tensors = {k: v for k, v in kwargs.items() if k in names and v is not None}
+        if kwargs.get("joint_attention_kwargs") or kwargs.get("attention_kwargs"):
             raise ValueError(f"{what}: joint_attention_kwargs (LoRA scale, IP-adapter) are not part of the recorded "
                              f"graph; use --compile_export_mode compile with --compile_mode default")
         out = compiled(**tensors)

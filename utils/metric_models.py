@@ -6,6 +6,7 @@ Weights dir layout (`--metrics_weights_dir DIR`, filled by `python run_ablation.
     DIR/torch_hub/checkpoints/alexnet-owt-7be5be79.pth                   # LPIPS: torchvision AlexNet (the LPIPS
                                                                          #   linear heads ship inside `lpips`)
     DIR/open_clip/ViT-L-14-openai.safetensors                            # CLIP score (.bin if no safetensors)
+    DIR/open_clip/ViT-g-14-laion2b_s34b_b88k.safetensors                 # CLIP score with clip_model: ViT-g-14
     DIR/image_reward/ImageReward.pt                                      # ImageReward-v1.0 (THUDM/ImageReward)
     DIR/image_reward/med_config.json                                     # its BLIP BERT config
     DIR/image_reward/bert-base-uncased/                                  # its tokenizer (save_pretrained folder)
@@ -31,6 +32,9 @@ from utils import image_reward_compat
 
 DOWNLOAD_HINT = "python run_ablation.py --download-metric-weights {dir}"
 CLIP_ARCH, CLIP_TAG = "ViT-L-14", "openai"  # the CLIP score of most text-to-image papers
+# The CLIP score's models (open_clip architecture -> pretrained tag): ViT-L/14 with OpenAI's weights by default;
+# ViT-g/14 trained on LAION-2B, the one cache-dit's DrawBench tables report.
+CLIP_MODELS = {"ViT-L-14": "openai", "ViT-g-14": "laion2b_s34b_b88k"}
 CLIP_RANDOM_ARCH = "ViT-M-32-alt"  # small open_clip architecture for random-init runs
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # basename of torch-fidelity's URL
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"  # basename of torchvision's AlexNet IMAGENET1K_V1 URL
@@ -131,8 +135,8 @@ def build_lpips_model(weights_dir: Path | None, random_init: bool, device: str) 
 # ---- CLIP score: open_clip ----------------------------------------------------------------------------------
 
 
-def clip_weights_path(weights_dir: Path) -> Path | None:
-    matches = sorted((Path(weights_dir) / "open_clip").glob(f"{CLIP_ARCH}-{CLIP_TAG}.*"))
+def clip_weights_path(weights_dir: Path, arch: str = CLIP_ARCH) -> Path | None:
+    matches = sorted((Path(weights_dir) / "open_clip").glob(f"{arch}-{CLIP_MODELS[arch]}.*"))
     return matches[0] if matches else None
 
 
@@ -145,17 +149,22 @@ class _DropMessage(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
-def build_clip_model(weights_dir: Path | None, random_init: bool, device: str) -> dict:
+def build_clip_model(weights_dir: Path | None, random_init: bool, device: str, clip_model: str = CLIP_ARCH) -> dict:
+    """open_clip's `clip_model` (a CLIP_MODELS key) with its weights from weights_dir; random_init: a small
+    architecture with random weights instead (the record says which model the score comes from)."""
     import open_clip
 
+    if clip_model not in CLIP_MODELS:
+        raise ValueError(f"clip_model must be one of {', '.join(CLIP_MODELS)} (got {clip_model!r})")
     if random_init:
         arch, pretrained, quick_gelu = CLIP_RANDOM_ARCH, None, False
     else:
-        default = Path(weights_dir) / "open_clip" / f"{CLIP_ARCH}-{CLIP_TAG}.safetensors"
-        pretrained = str(_require(clip_weights_path(weights_dir) or default, "clip", weights_dir))
-        arch = CLIP_ARCH
+        tag = CLIP_MODELS[clip_model]
+        default = Path(weights_dir) / "open_clip" / f"{clip_model}-{tag}.safetensors"
+        pretrained = str(_require(clip_weights_path(weights_dir, clip_model) or default, "clip", weights_dir))
+        arch = clip_model
         # OpenAI's checkpoints were trained with QuickGELU; the tag would set it, a file path does not.
-        quick_gelu = open_clip.get_pretrained_cfg(CLIP_ARCH, CLIP_TAG).get("quick_gelu", False)
+        quick_gelu = open_clip.get_pretrained_cfg(clip_model, tag).get("quick_gelu", False)
     with contextlib.ExitStack() as stack:
         if random_init:  # asked for: open_clip's notice that no weights were loaded says what the caller chose
             root, drop = logging.getLogger(), _DropMessage(f"No pretrained weights loaded for model '{arch}'")
@@ -214,8 +223,9 @@ BUILDERS = {
 # ---- Download (needs internet; not run in the offline tests) ---------------------------------------------------
 
 
-def download_metric_weights(weights_dir: str | Path) -> None:
-    """Fetch every metric's weights into the layout above, with each library's own URLs and download helpers."""
+def download_metric_weights(weights_dir: str | Path, clip_models: tuple[str, ...] = (CLIP_ARCH,)) -> None:
+    """Fetch every metric's weights into the layout above, with each library's own URLs and download helpers
+    (the CLIP score's: `clip_models`, ViT-L-14 by default)."""
     weights_dir = Path(weights_dir)
     checkpoints = hub_checkpoints(weights_dir)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -232,10 +242,12 @@ def download_metric_weights(weights_dir: str | Path) -> None:
 
     clip_dir = weights_dir / "open_clip"
     clip_dir.mkdir(parents=True, exist_ok=True)
-    if clip_weights_path(weights_dir) is None:
-        with tempfile.TemporaryDirectory() as cache:
-            fetched = Path(open_clip.download_pretrained(open_clip.get_pretrained_cfg(CLIP_ARCH, CLIP_TAG), cache_dir=cache))
-            shutil.copyfile(fetched, clip_dir / f"{CLIP_ARCH}-{CLIP_TAG}{fetched.suffix}")
+    for arch in clip_models:
+        if clip_weights_path(weights_dir, arch) is None:
+            tag = CLIP_MODELS[arch]
+            with tempfile.TemporaryDirectory() as cache:
+                fetched = Path(open_clip.download_pretrained(open_clip.get_pretrained_cfg(arch, tag), cache_dir=cache))
+                shutil.copyfile(fetched, clip_dir / f"{arch}-{tag}{fetched.suffix}")
 
     from huggingface_hub import hf_hub_download
     from transformers import BertTokenizer

@@ -37,10 +37,12 @@ def check_metric_names(names) -> list[str]:
 
 
 def load_metric_models(
-    names, weights_dir: str | None, random_init: bool, device: str, fid_reference_dir: str | None = None
+    names, weights_dir: str | None, random_init: bool, device: str, fid_reference_dir: str | None = None,
+    clip_model: str = "ViT-L-14",
 ) -> dict:
     """Build the backbones the named metrics need. Weights come from weights_dir (layout: utils/metric_models.py)
-    unless random_init. fid_reference_dir: optional folder of real images (e.g. COCO val) for a second FID."""
+    unless random_init. fid_reference_dir: optional folder of real images (e.g. COCO val) for a second FID.
+    clip_model: the CLIP score's model (utils.metric_models.CLIP_MODELS)."""
     names = check_metric_names(names)
     if not random_init and weights_dir is None and any(name in BUILDERS for name in names):
         raise MissingMetricWeightsError(
@@ -52,7 +54,9 @@ def load_metric_models(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # random-init models: the same weights every run, whatever ran before
         for name in names:
-            if name in BUILDERS:
+            if name == "clip":
+                models[name] = BUILDERS[name](weights_dir, random_init, device, clip_model=clip_model)
+            elif name in BUILDERS:
                 models[name] = BUILDERS[name](weights_dir, random_init, device)
     if fid_reference_dir is not None:
         if "fid" not in models:

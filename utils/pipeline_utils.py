@@ -16,27 +16,33 @@ from typing import Any
 
 import torch
 
-from utils.benchmark_utils import check_ckpt, hub_download_hint, stack_flags  # before diffusers: filters its notices
+from utils.benchmark_utils import (PEER_CACHE_MODES, check_ckpt, hub_download_hint, is_tiny, model_family,  # noqa: I001
+                                   stack_flags)  # before diffusers: filters its notices
 from utils.errors import StackError
-from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline
+from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline, QwenImagePipeline
 from utils import compile_utils
 
-DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
+DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit", "diffusers_fbc", "diffusers_magcache")
 
 
 # --- loading ---------------------------------------------------------------------------------------
 
 def load_pipeline(args: argparse.Namespace) -> DiffusionPipeline:
-    """`--ckpt`: a Hugging Face id or local dir, 'tiny', or 'random:flux-dev' / 'random:flux-schnell'."""
+    """`--ckpt`: a Hugging Face id or local dir, 'tiny' / 'tiny:flux-kontext' / 'tiny:qwen-image', or
+    'random:flux-dev' / 'random:flux-schnell' / 'random:flux-kontext' / 'random:qwen-image'."""
     dtype = torch.float32 if args.disable_bf16 else torch.bfloat16
     try:
         check_ckpt(args.ckpt)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
-    if args.ckpt == "tiny":
+    if args.ckpt in ("tiny", "tiny:flux-kontext"):
         from utils.flux_builders import build_tiny_pipeline
 
-        pipe = build_tiny_pipeline(seed=0, dtype=dtype)
+        pipe = build_tiny_pipeline(seed=0, dtype=dtype, kontext=args.ckpt == "tiny:flux-kontext")
+    elif args.ckpt == "tiny:qwen-image":
+        from utils.flux_builders import build_tiny_qwen_pipeline
+
+        pipe = build_tiny_qwen_pipeline(seed=0, dtype=dtype)
     elif args.ckpt.startswith("random:"):
         from utils.flux_builders import build_random_pipeline
 
@@ -44,13 +50,15 @@ def load_pipeline(args: argparse.Namespace) -> DiffusionPipeline:
         print(f"[load] {args.ckpt}: full-size architecture with RANDOM WEIGHTS (timings are real, images are not)")
     else:
         pipe = _from_pretrained(args.ckpt, dtype, args.device)
-    pipe.harness_random_weights = args.ckpt == "tiny" or args.ckpt.startswith("random:")
+    pipe.harness_random_weights = is_tiny(args.ckpt) or args.ckpt.startswith("random:")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device)
 
 
 def _from_pretrained(ckpt: str, dtype: torch.dtype, device: str) -> DiffusionPipeline:
-    cls = FluxKontextPipeline if "kontext" in ckpt.lower() else (FluxPipeline if "flux" in ckpt.lower() else DiffusionPipeline)
+    family = model_family(ckpt)
+    cls = {"flux-kontext": FluxKontextPipeline, "qwen-image": QwenImagePipeline}.get(family) or \
+        (FluxPipeline if "flux" in ckpt.lower() else DiffusionPipeline)
     # On CPU, memory-mapped safetensors leave weights at unaligned addresses (seen: 40 mod 64), and the
     # CPU GEMM kernels then round differently (~5e-7 in fp32): read them into fresh, aligned memory.
     # On a GPU the weights are copied to device memory anyway.
@@ -95,16 +103,24 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.fa3_fp8 and not cuda:
         raise StackError("--fa3_fp8 needs a Hopper GPU (FA3 float8 kernels); drop it on CPU")
 
+    peer_cache = cache_on and args.cache_mode in PEER_CACHE_MODES
+    qwen = model_family(args.ckpt) == "qwen-image"
+    if qwen:
+        validate_qwen_args(args, chipmunk_on)
     if getattr(args, "context_parallel", "none") != "none":  # before the compile defaults: it sets its own
         from utils.parallel import validate_parallel_args
 
         validate_parallel_args(args)
     if args.compile_export_mode is None:
-        if not cuda:
-            args.compile_export_mode = "disabled"
+        if not cuda or (peer_cache and args.cache_mode == "diffusers_magcache"):
+            args.compile_export_mode = "disabled"  # MagCache's hooks keep the blocks out of torch.compile
         else:
-            args.compile_export_mode = "compile" if (cache_on or chipmunk_on) else "export_aoti"
+            args.compile_export_mode = "compile" if (cache_on or chipmunk_on or qwen) else "export_aoti"
         args.compile_export_mode_defaulted = True
+    if peer_cache:  # diffusers' cache hooks: their own refusals, with their reasons (utils/peer_caches.py)
+        from utils.peer_caches import validate_peer_cache_args
+
+        validate_peer_cache_args(args)
     if args.compile_export_mode == "export_aoti":
         if not cuda:
             raise StackError("--compile_export_mode export_aoti needs CUDA (its CUDA graphs); on CPU use "
@@ -149,6 +165,25 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def validate_qwen_args(args: argparse.Namespace, chipmunk_on: bool) -> None:
+    """What the Qwen-Image backend cannot run, refused by name. Applied to it: FA3 (its own processor), float8,
+    inductor flags, torch.compile (regional or full), the step graphs, the harness's caches on its blocks, cache-dit
+    and diffusers' cache hooks (MagCache with ratios of its own)."""
+    if chipmunk_on:
+        raise StackError("Chipmunk is wired into FLUX's blocks (its single-block module, token reorder of FLUX's "
+                         "16-pixel patches); Qwen-Image has none of them: drop --chipmunk_config")
+    if args.compile_export_mode == "export_aoti":
+        raise StackError("--compile_export_mode export_aoti builds FLUX's block kinds from FLUX's example inputs; for "
+                         "Qwen-Image use --compile_export_mode compile (with --compile_mode reduce-overhead for "
+                         "CUDA graphs) or disabled")
+    if getattr(args, "context_parallel", "none") != "none":
+        raise StackError("--context_parallel is wired for FLUX here (token counts, the FA3 processor's collectives); "
+                         "drop it for Qwen-Image")
+    if args.guidance_scale is not None:
+        raise StackError("Qwen-Image is not guidance-distilled and the harness runs it without true CFG: drop "
+                         "--guidance_scale")
+
+
 # --- the stack -------------------------------------------------------------------------------------
 
 def _report(report: dict[str, str], layer: str, status: str) -> None:
@@ -161,10 +196,14 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     cuda = pipeline.transformer.device.type == "cuda"
     report: dict[str, str] = {}
     transformer = pipeline.transformer
+    qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
 
     # 1. QKV fusion: one projection matmul instead of three (per stream).
     if args.disable_fused_projections:
         _report(report, "qkv_fusion", "skipped (--disable_fused_projections)")
+    elif qwen:
+        _report(report, "qkv_fusion", "unavailable (Qwen-Image's attention processor computes q, k and v with "
+                                      "separate projections and has no fused path)")
     else:
         transformer.fuse_qkv_projections()
         _report(report, "qkv_fusion", "applied")
@@ -173,11 +212,12 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     if args.disable_fa3:
         _report(report, "attention", "skipped (--disable_fa3): diffusers SDPA")
     else:
-        from utils.attention import FA3FluxAttnProcessor, fa3_unavailable_reason
+        from utils.attention import FA3FluxAttnProcessor, FA3QwenAttnProcessor, fa3_unavailable_reason
 
         reason = fa3_unavailable_reason()
         if reason is None:
-            transformer.set_attn_processor(FA3FluxAttnProcessor(fp8=args.fa3_fp8))
+            processor = FA3QwenAttnProcessor if qwen else FA3FluxAttnProcessor
+            transformer.set_attn_processor(processor(fp8=args.fa3_fp8))
             _report(report, "attention", "applied: FA3 " + ("fp8 e4m3 q/k/v" if args.fa3_fp8 else "bf16"))
         else:
             _report(report, "attention", f"unavailable ({reason}): falling back to SDPA (cuDNN on GPU)")
@@ -191,7 +231,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
 
         _report(report, "chipmunk", apply_chipmunk(pipeline, args))
 
-    # 4. Feature caching (TaylorSeer, HiCache, FORA, FBCache, cache-dit).
+    # 4. Feature caching (TaylorSeer, HiCache, FORA, FBCache; cache-dit's DBCache; diffusers' cache hooks).
     if args.disable_cache or args.cache_mode == "none":
         _report(report, "feature_cache", "skipped (" + ("--disable_cache" if args.disable_cache else
                                                           "--cache_mode none") + ")")
@@ -248,8 +288,12 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
                                           f"{graphs}")
     elif mode == "compile":
-        compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode)
-        _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode})")
+        # diffusers' cache hooks decide in torch.compiler.disable'd code or Python branches: graph breaks there
+        peer = args.cache_mode in PEER_CACHE_MODES and not args.disable_cache
+        compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode, fullgraph=not peer)
+        breaks = ", fullgraph=False: graph breaks where diffusers' cache hooks decide" if peer else ""
+        _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode}"
+                                          f"{breaks})")
     else:
         _report(report, "compile_export", export_aoti(pipeline, args))
 

@@ -3,7 +3,9 @@
 load_prompts(spec) -> [{"prompt", "category", "source"}], where spec is
   "default"                      prompts/default.tsv (210 project-authored prompts, 6 categories)
   "path/to/file.ext"             format from the extension: .csv DrawBench, .tsv PartiPrompts, .json COCO, .txt text
-  "format:path"                  explicit format: drawbench, parti, coco, text, default (our TSV: prompt, category)
+  "format:path"                  explicit format: drawbench, parti, coco, text, default (our TSV: prompt, category),
+                                 edits (a TSV of prompt, image[, category]: an input image per prompt for
+                                 FLUX.1-Kontext editing sweeps, paths relative to the file's folder)
 COCO captions: the first caption (lowest annotation id) of each image, images in image_id order, so that
 one image never weighs more than another.
 limit: keep that many prompts, a deterministic sample (seeded shuffle, then original order) unless limit
@@ -79,7 +81,25 @@ def load_text(path: Path) -> list[dict]:
     return [{"prompt": prompt, "category": "text", "source": path.stem} for prompt in prompts]
 
 
+def load_edits(path: Path) -> list[dict]:
+    """Editing prompts: a TSV with columns prompt and image (a file, relative to the TSV's folder, or an http(s)
+    URL), and optionally category. Each item gets the image's path; a missing file is an error naming it."""
+    rows = _read_table(path, "\t", ("prompt", "image"), "editing TSV")
+    items = []
+    for number, row in enumerate(rows, start=2):
+        image = row["image"]
+        if not image.startswith(("http://", "https://")):
+            resolved = (path.parent / image) if not Path(image).is_absolute() else Path(image)
+            if not resolved.is_file():
+                raise ValueError(f"{path}, line {number}: input image {image} not found (looked for {resolved})")
+            image = str(resolved)
+        items.append({"prompt": row["prompt"], "category": row.get("category") or "edit", "source": path.stem,
+                      "image": image})
+    return items
+
+
 LOADERS = {
+    "edits": load_edits,
     "drawbench": load_drawbench,
     "parti": load_parti,
     "coco": load_coco_captions,

@@ -34,7 +34,7 @@ RANDOM_INIT = "random-init"
 
 def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: str, status: dict[str, str],
                   metrics: list[str], per_image: dict[str, dict], per_set: dict[str, dict],
-                  metrics_random_init: bool = False) -> pd.DataFrame:
+                  metrics_random_init: bool = False, clip_model: str = "ViT-L-14") -> pd.DataFrame:
     """One row per variant, numeric (the CSV): mean and std where per-image values exist; latency_cv (std / mean)
     and timing_noisy (latency_cv above NOISY_SPREAD); metric_models ('random-init' or 'pretrained') when a
     metric comes from a network."""
@@ -71,6 +71,8 @@ def variant_table(records: list[dict[str, Any]], variants: list[str], baseline: 
     table["speedup_noisy"] = table["timing_noisy"] | bool(table.loc[table["variant"] == baseline, "timing_noisy"].any())
     if any(m in MODEL_METRICS for m in metrics):
         table["metric_models"] = RANDOM_INIT if metrics_random_init else "pretrained"
+    if "clip" in metrics:
+        table["clip_model"] = clip_model
     first = ["variant", "status", "images", "latency_s_mean", "latency_s_std", "latency_cv", "timing_noisy",
              "speedup", "speedup_noisy", "flops_speedup", "denoise_s_mean", "denoise_s_std", "full_steps",
              "forecast_steps", "tflops_per_image"]
@@ -98,12 +100,15 @@ def _mean_std(mean: float, std: float, digits: int) -> str:
     return f"{_number(mean, digits)} ± {_number(std, digits)}"
 
 
-def metric_label(metric: str, random_init: bool) -> str:
+def metric_label(metric: str, random_init: bool, clip_model: str | None = None) -> str:
     label = QUALITY_METRICS[metric][1]
+    if metric == "clip" and clip_model:
+        label = f"{label} {clip_model}"
     return f"{label} ({RANDOM_INIT})" if random_init and metric in MODEL_METRICS else label
 
 
-def formatted_table(table: pd.DataFrame, metrics: list[str], metrics_random_init: bool = False) -> pd.DataFrame:
+def formatted_table(table: pd.DataFrame, metrics: list[str], metrics_random_init: bool = False,
+                    clip_model: str | None = None) -> pd.DataFrame:
     """The human table (markdown and LaTeX): mean ± std strings, one column per quantity. A noisy variant's
     latency, and a speedup with a noisy side (the variant or the baseline), say "(noisy)"; the columns of
     metrics from random-init models say so in their headers."""
@@ -119,7 +124,7 @@ def formatted_table(table: pd.DataFrame, metrics: list[str], metrics_random_init
     out["Full / forecast steps"] = [f"{f:.1f} / {c:.1f}" if pd.notna(f) else "—"
                                     for f, c in zip(table["full_steps"], table["forecast_steps"])]
     for m in metrics:
-        label = metric_label(m, metrics_random_init)
+        label = metric_label(m, metrics_random_init, clip_model)
         if m == "fid":
             out[label] = [_number(v, 2) if pd.notna(v) else "—" for v in table["fid"]]
             if "fid_reference" in table:
@@ -270,13 +275,15 @@ def write_report(output_dir: Path, title: str, description: str, records: list[d
                  baseline: str, status: dict[str, str], metrics: list[str], per_image: dict[str, dict],
                  per_set: dict[str, dict], pareto_metrics: list[str] | None = None, grid_rows: int = 3,
                  timing: dict[str, Any] | None = None, interval1: dict[str, Any] | None = None,
-                 metrics_random_init: bool = False, show_progress: bool = False) -> dict[str, Path]:
+                 metrics_random_init: bool = False, show_progress: bool = False,
+                 clip_model: str = "ViT-L-14") -> dict[str, Path]:
     """Write summary.csv/.md/.tex and every plot into output_dir; returns the written paths by name."""
     from tqdm import tqdm
 
     output_dir = Path(output_dir)
-    table = variant_table(records, variants, baseline, status, metrics, per_image, per_set, metrics_random_init)
-    human = formatted_table(table, metrics, metrics_random_init)
+    table = variant_table(records, variants, baseline, status, metrics, per_image, per_set, metrics_random_init,
+                          clip_model)
+    human = formatted_table(table, metrics, metrics_random_init, clip_model if "clip" in metrics else None)
     noisy = [(name, cv) for name, cv, flag in zip(table["variant"], table["latency_cv"], table["timing_noisy"]) if flag]
     written = {"csv": output_dir / "summary.csv", "md": output_dir / "summary.md", "tex": output_dir / "summary.tex"}
     caption = f"{title}: speed and quality against {baseline}"
@@ -295,7 +302,8 @@ def write_report(output_dir: Path, title: str, description: str, records: list[d
                                                                                {name for name, _ in noisy}))),
              ("samples_grid", lambda: plots.extend(sample_grid_plot(records, variants, output_dir, rows=grid_rows)))]
     jobs.append(("summary.md", lambda: write_text_atomic(written["md"], summary_markdown(
-        title, description, baseline, records, metrics, metrics_random_init, noisy, human, timing, interval1, plots))))
+        title, description, baseline, records, metrics, metrics_random_init, noisy, human, timing, interval1, plots,
+        clip_model))))
     with tqdm(jobs, desc="reports", unit="file", disable=not show_progress, dynamic_ncols=True) as bar:
         for name, job in bar:
             bar.set_postfix_str(name)
@@ -307,7 +315,8 @@ def write_report(output_dir: Path, title: str, description: str, records: list[d
 
 def summary_markdown(title: str, description: str, baseline: str, records: list[dict[str, Any]], metrics: list[str],
                      metrics_random_init: bool, noisy: list[tuple[str, float]], human: pd.DataFrame,
-                     timing: dict[str, Any] | None, interval1: dict[str, Any] | None, plots: list[Path]) -> str:
+                     timing: dict[str, Any] | None, interval1: dict[str, Any] | None, plots: list[Path],
+                     clip_model: str = "ViT-L-14") -> str:
     notes = []
     if any(r.get("random_weights") for r in records):
         ckpts = sorted({str(r.get("ckpt")) for r in records if r.get("random_weights")})
@@ -327,7 +336,10 @@ def summary_markdown(title: str, description: str, baseline: str, records: list[
           f"Baseline: `{baseline}`. Speedup is the baseline's mean latency over the variant's; FLOPs speedup the "
           f"same for transformer FLOPs. PSNR/SSIM/LPIPS/FID compare each image with the baseline image of the same "
           f"prompt and seed (so the baseline has none; identical images have PSNR 100 dB, the cap); CLIP and "
-          f"ImageReward score the prompt. Values are mean ± std over images.\n"]
+          f"ImageReward score the prompt. Values are mean ± std over the images of each variant (column Images: N "
+          f"per variant)." + (f" CLIP score: open_clip {clip_model} (100 x cosine of image and prompt embeddings)."
+                              if "clip" in metrics else "")
+          + (" ImageReward: ImageReward-v1.0." if "image_reward" in metrics else "") + "\n"]
     md += [note + "\n" for note in notes]
     md.append(markdown_table(human))
     if timing:

@@ -49,10 +49,13 @@ class StepGraphs:
             clock.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
 
     def __call__(self, **tensors: torch.Tensor):
+        """`tensors`: the forward's tensors, and any non-tensor input (Qwen-Image's `img_shapes`), which is part of a
+        graph's key by value and handed to the recorded forward as it is."""
         step = self.clock.step if self.clock is not None else 0
         if self.clock is not None:
             self.clock.step_tensor.fill_(step)
-        shapes = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(tensors.items()))
+        shapes = tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, repr(v))
+                       for k, v in sorted(tensors.items()))
         if shapes != self.shapes:  # buffers of another shape are reallocated: its graphs would hold freed memory
             self.shapes, self.seen, self.graphs = shapes, {}, {}
         if any(p.eager_now() for p in self.participants):
@@ -64,7 +67,8 @@ class StepGraphs:
         if key in self.graphs:
             graph, static_in, static_out, states = self.graphs[key]
             for k, v in tensors.items():
-                static_in[k].copy_(v)
+                if isinstance(v, torch.Tensor):
+                    static_in[k].copy_(v)
             graph.replay()
             for participant, state in zip(self.participants, states):
                 participant.replayed(step, state)
@@ -76,7 +80,7 @@ class StepGraphs:
         if self.seen[key] == 1:
             self.calls["eager"] += 1
             return self.forward(**tensors)
-        static_in = {k: v.clone() for k, v in tensors.items()}
+        static_in = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in tensors.items()}
         graph, static_out = self._record(static_in)
         self.graphs[key] = (graph, static_in, static_out, [p.captured() for p in self.participants])
         graph.replay()  # capturing recorded the kernels without running them

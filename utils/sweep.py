@@ -68,6 +68,10 @@ CONFIG_KEYS = {
     "metrics_random_init": "build metric models with random weights (smoke tests only)",
     "metrics_weights_dir": "folder filled by `run_ablation.py --download-metric-weights DIR`",
     "metrics_batch_size": "images per metric batch (default 16)",
+    "clip_model": "the CLIP score's model: ViT-L-14 (OpenAI weights; the default) or ViT-g-14 (LAION-2B, as "
+                  "cache-dit reports)",
+    "input_image": "FLUX.1-Kontext editing sweeps: one input image for every prompt (or an `edits:` prompt file "
+                   "with an image per prompt)",
     "fid_reference_dir": "a folder of real images (e.g. COCO val) for a second FID per variant",
     "report": "{pareto_metrics: [...], grid_prompts: N}",
     "interval1_check": "run the Chipmunk interval=1 three-way check and report PASS/FAIL",
@@ -78,7 +82,8 @@ REPORT_KEYS = ("pareto_metrics", "grid_prompts")
 INTERVAL1_KEYS = ("tolerance", "flags")
 # The sweep sets these per image or not at all.
 SWEEP_OWNED_FLAGS = {"prompt": "prompts come from `prompts:`", "seed": "seeds come from `seed:` and `seeds_per_prompt:`",
-                     "output_file": "images go under output_dir", "image": "Kontext editing sweeps are not supported",
+                     "output_file": "images go under output_dir",
+                     "image": "a Kontext editing sweep's images come from `input_image:` or an `edits:` prompt file",
                      "num_runs": "every (prompt, seed) is timed once", "warmup_runs": "use the top-level `warmup_runs:`",
                      "results_dir": "records go under output_dir", "trace_file": "use run_benchmark.py for traces",
                      "check": "use the config's interval1_check: section",
@@ -132,6 +137,8 @@ class SweepConfig:
     fid_reference_dir: str | None
     report: dict[str, Any]
     interval1_check: dict[str, Any] | None
+    clip_model: str = "ViT-L-14"
+    input_image: str | None = None
     description: str = ""
     raw: dict[str, Any] = field(default_factory=dict)
 
@@ -245,7 +252,7 @@ def parse_variant_args(argv: list[str], where: str) -> argparse.Namespace:
     parser.exit_on_error = False
     try:
         args = resolved_defaults(parser.parse_args(argv))
-        check_args(args)
+        check_args(args, sweep_images=True)
     except (argparse.ArgumentError, ValueError) as e:
         raise ConfigError(f"{where}: {e}") from None
     return args
@@ -344,6 +351,15 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
     if not isinstance(random_init, bool):
         raise ConfigError(f"{path}: metrics_random_init must be true or false (got {random_init!r})")
     weights_dir = _text(raw.get("metrics_weights_dir"), f"{path}: metrics_weights_dir", optional=True)
+    from utils.metric_models import CLIP_MODELS
+
+    clip_model = raw.get("clip_model", "ViT-L-14")
+    if clip_model not in CLIP_MODELS:
+        raise ConfigError(f"{path}: clip_model must be one of {', '.join(CLIP_MODELS)} (got {clip_model!r})")
+    input_image = _text(raw.get("input_image"), f"{path}: input_image", optional=True)
+    if input_image is not None and not input_image.startswith(("http://", "https://")) and \
+            not Path(input_image).is_file():
+        raise ConfigError(f"{path}: input_image {input_image}: no such file")
     fid_reference_dir = _text(raw.get("fid_reference_dir"), f"{path}: fid_reference_dir", optional=True)
     if fid_reference_dir is not None:
         check_fid_reference_dir(fid_reference_dir, metrics, f"{path}: fid_reference_dir")
@@ -377,7 +393,7 @@ def load_config(path: str | Path, base_overrides: list[str] | None = None, outpu
         seeds=list(range(first_seed, first_seed + n_seeds)), warmup_runs=raw.get("warmup_runs", 1),
         metrics=list(metrics), metrics_random_init=random_init,
         metrics_weights_dir=weights_dir, metrics_batch_size=raw.get("metrics_batch_size", 16),
-        fid_reference_dir=fid_reference_dir,
+        fid_reference_dir=fid_reference_dir, clip_model=clip_model, input_image=input_image,
         report=report, interval1_check=interval1, raw={**raw, "base": base})
     if check_machine:
         check_on_this_machine(config)
@@ -413,14 +429,18 @@ def refused_on_a_cuda_host(argv: list[str]) -> str | None:
 
 def check_on_this_machine(config: SweepConfig) -> None:
     """validate_args() for every variant (this imports diffusers and the stack). A refusal that a CUDA host would
-    make too is a ConfigError; one of this machine only (say, a CUDA-only layer on a CPU host) does not stop the
-    sweep: that variant is kept with its error and recorded as failed."""
+    make too is a ConfigError; one of this machine only (say, a CUDA-only layer on a CPU host), or one that states
+    what a library cannot run (LibraryLimitation), does not stop the sweep: that variant is kept with its error and
+    recorded as failed."""
+    from utils.errors import LibraryLimitation
     from utils.pipeline_utils import StackError, validate_args
 
     for variant in config.variants:
         where = f"{config.path}: variant {variant.name!r}"
         try:
             validate_args(parse_variant_args(variant.argv, where))
+        except LibraryLimitation as e:  # what the library cannot run: listed as failed, with the reason
+            variant.stack_error = str(e)
         except StackError as e:
             everywhere = refused_on_a_cuda_host(variant.argv)
             if everywhere is not None:
@@ -438,7 +458,32 @@ def load_sweep_prompts(config: SweepConfig) -> list[dict[str, Any]]:
         raise ConfigError(f"{config.path}: prompts: {e}") from None
     if not prompts:
         raise ConfigError(f"{config.path}: the prompt set {config.prompt_spec!r} is empty")
+    check_input_images(config, prompts)
     return prompts
+
+
+def sweep_family(config: SweepConfig) -> str:
+    from utils.benchmark_utils import model_family
+
+    return model_family(parse_variant_args(config.base_argv, f"{config.path}: base").ckpt)
+
+
+def check_input_images(config: SweepConfig, prompts: list[dict[str, Any]]) -> None:
+    """A Kontext sweep edits an input image per prompt (the prompt file's, else `input_image:`); other pipelines take
+    none."""
+    edits = [p for p in prompts if p.get("image")]
+    if sweep_family(config) == "flux-kontext":
+        if config.input_image is None and len(edits) < len(prompts):
+            raise ConfigError(f"{config.path}: FLUX.1-Kontext edits an image: set input_image: PATH (one image for "
+                              f"every prompt), or use an `edits:PATH.tsv` prompt file (columns prompt, image)")
+    elif config.input_image is not None or edits:
+        raise ConfigError(f"{config.path}: input images are for FLUX.1-Kontext (ckpt tiny:flux-kontext, "
+                          f"random:flux-kontext or black-forest-labs/FLUX.1-Kontext-dev): drop input_image or use "
+                          f"a prompt set without images")
+
+
+def input_image_of(config: SweepConfig, prompt: dict[str, Any]) -> str | None:
+    return prompt.get("image") or config.input_image
 
 
 # --- work list and sharding ------------------------------------------------------------------------
@@ -720,16 +765,19 @@ def cache_counts(pipeline, args: argparse.Namespace, dense_forward_flops: int) -
             "cache_stats": stats}
 
 
-def generate_image(pipeline, args: argparse.Namespace, prompt: str, seed: int):
+def generate_image(pipeline, args: argparse.Namespace, prompt: str, seed: int, image: str | None = None):
     # torch.manual_seed(seed) as in gen_image.py, so that a record's `reproduce` command gives its image.
+    if image is not None:  # a Kontext editing sweep: this prompt's input image
+        args = argparse.Namespace(**{**vars(args), "image": image})
     kwargs = {**pipeline_call_kwargs(args), "prompt": prompt}
     return pipeline(**kwargs, generator=torch.manual_seed(seed), output_type="pil").images[0]
 
 
-def reproduce_command(variant: Variant, prompt: str, seed: int) -> str:
+def reproduce_command(variant: Variant, prompt: str, seed: int, image: str | None = None) -> str:
     import shlex
 
-    return " ".join(["python gen_image.py", *map(shlex.quote, variant.argv), "--prompt", shlex.quote(prompt),
+    edit = ["--image", shlex.quote(image)] if image else []
+    return " ".join(["python gen_image.py", *map(shlex.quote, variant.argv), *edit, "--prompt", shlex.quote(prompt),
                      "--seed", str(seed), "--output-file", "reproduced.png"])
 
 
@@ -831,15 +879,17 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                 env = environment_record(args.device)
                 cuda = args.device.startswith("cuda")
                 with annotate_pipeline(pipeline):
-                    first = prompts[variant_todo[0].prompt_index]["prompt"]
+                    first = prompts[variant_todo[0].prompt_index]
                     bar.set_postfix_str(f"{variant.name}: warm-up")
+                    edit = {"image": input_image_of(config, first)} if input_image_of(config, first) else {}
                     for _ in range(config.warmup_runs):
-                        generate_image(pipeline, args, first, variant_todo[0].seed)
+                        generate_image(pipeline, args, first["prompt"], variant_todo[0].seed, **edit)
                     timing.setup_s += time.perf_counter() - setup_started
                     bar.set_postfix_str(variant.name)
                     for item in variant_todo:
-                        record = time_one_image(pipeline, args, variant, item, prompts[item.prompt_index], flops_fwd,
-                                                cuda, env, shard)
+                        prompt = prompts[item.prompt_index]
+                        record = time_one_image(pipeline, args, variant, item, prompt, flops_fwd, cuda, env, shard,
+                                                input_image_of(config, prompt))
                         writer.submit(record.pop("_image"), record)
                         timing.images += 1
                         timing.sum_latency_s += record["latency_s"]
@@ -880,21 +930,24 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
 
 
 def time_one_image(pipeline, args, variant: Variant, item: WorkItem, prompt: dict[str, Any], flops_fwd: int,
-                   cuda: bool, env: dict[str, Any], shard: tuple[int, int]) -> dict[str, Any]:
+                   cuda: bool, env: dict[str, Any], shard: tuple[int, int],
+                   input_image: str | None = None) -> dict[str, Any]:
     from utils.benchmark_utils import time_call
 
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     STAGE_TIMER.enabled = True
     STAGE_TIMER.collect()  # drop warm-up events
-    latency, image = time_call(lambda: generate_image(pipeline, args, prompt["prompt"], item.seed), args.device)
+    edit = {"image": input_image} if input_image else {}  # a Kontext editing sweep's input image
+    latency, image = time_call(lambda: generate_image(pipeline, args, prompt["prompt"], item.seed, **edit),
+                               args.device)
     stages = {label: sum(values) for label, values in STAGE_TIMER.collect().items()}
     STAGE_TIMER.enabled = False
     counts = cache_counts(pipeline, args, flops_fwd)
     return {
         "key": item.key, "status": "ok", "variant": variant.name, "prompt_index": item.prompt_index,
         "prompt": prompt["prompt"], "category": prompt.get("category"), "source": prompt.get("source"),
-        "seed": item.seed, "image": item.image,
+        "seed": item.seed, "image": item.image, "input_image": input_image,
         "latency_s": latency,
         "denoise_s": stages.get("denoising_step"),  # the transformer calls of the denoising loop
         "stages_s": {"prompt_encoding": stages.get("prompt_encoding"), "denoising": stages.get("denoising_step"),
@@ -906,7 +959,7 @@ def time_one_image(pipeline, args, variant: Variant, item: WorkItem, prompt: dic
         "flags": stack_flags(args), "argv": variant.argv, "stack": pipeline.harness_stack,
         "random_weights": getattr(pipeline, "harness_random_weights", None),
         "environment": env, "shard": f"{shard[0]}/{shard[1]}",
-        "reproduce": reproduce_command(variant, prompt["prompt"], item.seed),
+        "reproduce": reproduce_command(variant, prompt["prompt"], item.seed, input_image),
         "written_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "_image": image,
     }
@@ -968,7 +1021,7 @@ def metrics_inputs_digest(config: SweepConfig, weights_dir: str | None, recs: li
                           refs: list[dict] | None) -> str:
     """A digest of everything a variant's metric values depend on: the metrics, their models, batch size, the
     variant's images and the baseline images they are compared with."""
-    inputs = {"metrics": config.metrics, "batch_size": config.metrics_batch_size,
+    inputs = {"metrics": config.metrics, "batch_size": config.metrics_batch_size, "clip_model": config.clip_model,
               "models": "random-init" if config.metrics_random_init else
               (str(Path(weights_dir).resolve()) if weights_dir else None),
               "fid_reference_dir": str(Path(config.fid_reference_dir).resolve()) if config.fid_reference_dir else None,
@@ -1026,7 +1079,8 @@ def compute_sweep_metrics(config: SweepConfig, merged: MergedSweep, device: str,
                 if models is None:
                     bar.set_postfix_str("loading metric models")
                     models = load_metric_models(config.metrics, weights_dir, random_init=config.metrics_random_init,
-                                                device=device, fid_reference_dir=config.fid_reference_dir)
+                                                device=device, fid_reference_dir=config.fid_reference_dir,
+                                                clip_model=config.clip_model)
                     # (prompt_index, seed) -> uint8 image: decoded once, the reference of every variant
                     keys = sorted(baseline)
                     decoded = load_image_files([config.output_dir / baseline[p]["image"] for p in keys], workers)
