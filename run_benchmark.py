@@ -3,6 +3,8 @@ peak memory, an optional Chrome trace, and a JSON record plus a markdown row und
 
     python run_benchmark.py --ckpt tiny --num_runs 3
     python run_benchmark.py --ckpt random:flux-dev --num_inference_steps 28 --trace-file trace.json.gz
+    python run_benchmark.py --ckpt random:flux-kontext --image tests/fixtures/edits/gradient.png
+    python run_benchmark.py --ckpt random:qwen-image --cache_mode hicache --interval 7
     torchrun --nproc-per-node 2 run_benchmark.py --ckpt random:flux-dev --context_parallel ulysses
 
 Under torchrun (--context_parallel) every rank runs every generation (the attention's collectives need them all);
@@ -113,6 +115,7 @@ def main(argv=None):
         "shapes": {"height": args.height, "width": args.width, "steps": args.num_inference_steps,
                    "max_sequence_length": args.max_sequence_length, "batch": 1,
                    "guidance_scale": args.guidance_scale},
+        "input_image": args.image,
         "stack_flags": stack_flags(args),
         "stack": pipeline.harness_stack,
         "warmup_runs": warmup_runs,

@@ -147,6 +147,26 @@ def test_a_recorded_forward_reuses_the_compiled_blocks_without_recompiling(make_
     assert graphs.calls["eager"] == 4  # four steps, each the first of its kind in a first generation
 
 
+def test_full_scope_compile_runs_the_step_graphs_outside_the_compiled_code(make_args, monkeypatch):
+    """Scope full under the step graphs compiles `transformer.forward` (forward_only), and the graphs wrap it: the
+    module's own compiled call would trace StepGraphs.__call__ (dynamo refused its sort of the input shapes on the
+    H100). On CPU with the rerunning stand-in: the compiled forward gives the eager image, StepGraphs runs its
+    bookkeeping in Python (one capture, one replay)."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pipe, args = _pipe(make_args, steps=3)
+    reference = _generate(pipe, args, seed=4)
+    compile_utils.compile_transformer(pipe.transformer, "full", "default", forward_only=True)
+    assert pipe.transformer._compiled_call_impl is None
+    monkeypatch.setattr(StepGraphs, "_record", _rerunning_record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    graphs = StepGraphs(compile_utils.tensor_forward(pipe.transformer), [], None, pipe.transformer.device)
+    compile_utils.install_compiled_forward(pipe.transformer, graphs, what="test")
+    torch.testing.assert_close(_generate(pipe, args, seed=4), reference, rtol=1e-4, atol=1e-5)
+    assert graphs.calls == {"eager": 1, "captured": 1, "replayed": 1}
+
+
 def test_data_dependent_caches_refuse_cuda_graphs_with_the_reason(make_args):
     with pytest.raises(StackError, match="cannot hold --cache_mode fbcache's data-dependent per-step decision"):
         validate_args(make_args("--cache_mode", "fbcache", "--compile_export_mode", "compile",

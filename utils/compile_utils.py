@@ -110,11 +110,16 @@ CUDAGRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes tha
 WITHOUT_CUDAGRAPHS = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}
 
 
-def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, fullgraph: bool = True) -> None:
+def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, fullgraph: bool = True,
+                        forward_only: bool = False) -> None:
     """Compile in place: the whole module, or only its repeated blocks (diffusers' regional compile: each block
-    kind compiles once, a fraction of the cold start)."""
+    kind compiles once, a fraction of the cold start). `forward_only` (scope full): compile `transformer.forward`
+    rather than the module's call, for a wrapper that then replaces `forward` (the step graphs): the module's
+    compiled call would trace that wrapper, whose Python the graphs' bookkeeping needs to run every step."""
     if scope == "regional":
         transformer.compile_repeated_blocks(fullgraph=fullgraph, mode=mode)
+    elif forward_only:
+        transformer.forward = torch.compile(transformer.forward, fullgraph=fullgraph, mode=mode)
     else:
         transformer.compile(fullgraph=fullgraph, mode=mode)
 

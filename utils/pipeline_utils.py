@@ -278,7 +278,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         # to the host, which a host slower than the GPU turns into the step time; and they would replay one recorded
         # step whatever Chipmunk's or feature caching's schedule says.
         inductor_mode = compile_utils.WITHOUT_CUDAGRAPHS[args.compile_mode]
-        compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode)
+        compile_utils.compile_transformer(transformer, args.compile_scope, inductor_mode, forward_only=cuda)
         if cuda:
             from utils.step_graphs import install_step_graphs
 
