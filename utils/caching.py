@@ -124,8 +124,8 @@ def update_orders_(orders: list[torch.Tensor], captured: list[torch.Tensor], dis
     buffers, one per order, stacked over the slots ([slot, batch, tokens, dim]); every slot gets D0 = its captured
     feature and D_{i+1} = (D_i - D_i_old) / d for i < count - 1 (count - 1 old orders must exist). Whole buffers are
     written, never one slot's view: compiled, a write into a view of a stacked buffer is functionalized into a
-    scatter of the whole buffer, one per slot, and at FLUX.1-dev's 76 slots those temporaries filled an H100's
-    80 GB. Persistent buffers written in place are what a CUDA graph of the step needs; compiled, the update is one
+    write of the whole buffer, and with one per slot (FLUX.1-dev: 76) the compiled update allocated whole-buffer
+    temporaries until an 80 GB H100 ran out of memory at 1024x1024. Persistent buffers written in place are what a CUDA graph of the step needs; compiled, the update is one
     pass over the cache."""
     new = torch.stack(captured)
     for i in range(count - 1):
