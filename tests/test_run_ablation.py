@@ -145,10 +145,10 @@ def test_failing_variants_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypat
         {"name": "oom", "flags": {"cache_mode": "fora"}}, {"name": "taylor", "flags": {"cache_mode": "taylor"}}])
     real_generate = sweep.generate_image
 
-    def generate(pipeline, args, prompt, seed):
+    def generate(pipeline, args, prompt, seed, image=None):
         if args.cache_mode == "fora":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real_generate(pipeline, args, prompt, seed)
+        return real_generate(pipeline, args, prompt, seed, image)
 
     monkeypatch.setattr(sweep, "generate_image", generate)
     assert run_ablation.main(["--config", str(config)]) == 0

@@ -8,6 +8,7 @@ pattern.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -31,6 +32,9 @@ import torch
 PEER_CACHE_MODES = ("diffusers_fbc", "diffusers_taylorseer", "diffusers_taylorseer_lite", "diffusers_magcache",
                     "diffusers_fastercache", "diffusers_pab")
 CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit", *PEER_CACHE_MODES)
+# The caches that decide from the data (a residual or magnitude test each step): no CUDA graph can replay their
+# decision, and under context parallelism each rank would decide from its own share of the tokens.
+DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit", "diffusers_fbc", "diffusers_magcache")
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -210,6 +214,7 @@ def hub_download_hint(ckpt: str) -> str:
             f"Hugging Face cache.")
 
 
+@functools.lru_cache(maxsize=None)
 def model_family(ckpt: str) -> str:
     """'flux', 'flux-kontext' or 'qwen-image': the pipeline a --ckpt value loads. A local pipeline folder says so in
     its model_index.json; a Hugging Face id or the embedded pipelines by their name."""
@@ -345,8 +350,7 @@ def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
 STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_fp8", "disable_chipmunk",
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
                "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "peer_cache_config",
-               "disable_quant",
-               "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
+               "disable_quant", "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
                "compile_mode")
 
 
@@ -377,18 +381,12 @@ def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return kwargs
 
 
-_INPUT_IMAGES: dict[str, Any] = {}
-
-
+@functools.lru_cache(maxsize=64)  # an editing sweep over many images: the memory stays bounded
 def load_input_image(path_or_url: str):
     """An input image as RGB PIL, read once per path or URL (diffusers' load_image)."""
-    if path_or_url not in _INPUT_IMAGES:
-        from diffusers.utils import load_image
+    from diffusers.utils import load_image
 
-        if len(_INPUT_IMAGES) >= 64:  # an editing sweep over many images: keep the memory bounded
-            _INPUT_IMAGES.clear()
-        _INPUT_IMAGES[path_or_url] = load_image(path_or_url)
-    return _INPUT_IMAGES[path_or_url]
+    return load_image(path_or_url)
 
 
 def set_rand_seeds(seed: int) -> None:

@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.errors import StackError
-from utils.peer_caches import StepProbe
+from utils.peer_caches import StepProbe, apply_peer_cache, is_peer_mode
 from utils.step_clock import StepClock
 
 SCHEDULED_MODES = ("fora", "taylor", "hicache")  # fixed interval schedule, per-block features
@@ -57,8 +57,6 @@ def validate_cache_args(args: argparse.Namespace) -> None:
         raise StackError(f"--hicache_scale must be > 0 (published: 0.6); got {args.hicache_scale}")
     if not args.fbcache_threshold >= 0:
         raise StackError(f"--fbcache_threshold must be >= 0 (0 = never skip; FLUX: 0.08); got {args.fbcache_threshold}")
-    from utils.peer_caches import is_peer_mode
-
     if is_peer_mode(args.cache_mode):
         return  # utils/peer_caches.py checks its own (validate_peer_cache_args)
     if args.cache_mode == "cache_dit":
@@ -125,8 +123,8 @@ def update_orders_(orders: list[torch.Tensor], captured: list[torch.Tensor], dis
     feature and D_{i+1} = (D_i - D_i_old) / d for i < count - 1 (count - 1 old orders must exist). Whole buffers are
     written, never one slot's view: compiled, a write into a view of a stacked buffer is functionalized into a
     write of the whole buffer, and with one per slot (FLUX.1-dev: 76) the compiled update allocated whole-buffer
-    temporaries until an 80 GB H100 ran out of memory at 1024x1024. Persistent buffers written in place are what a CUDA graph of the step needs; compiled, the update is one
-    pass over the cache."""
+    temporaries until an 80 GB H100 ran out of memory at 1024x1024. Persistent buffers written in place are what a
+    CUDA graph of the step needs; compiled, the update is one pass over the cache."""
     new = torch.stack(captured)
     for i in range(count - 1):
         difference = (new - orders[i]) / distance
@@ -513,8 +511,6 @@ def apply_caching(pipeline, args: argparse.Namespace) -> str:
     """Attach the caching layer selected by --cache_mode; returns the stack's status line."""
     if args.cache_mode == "cache_dit":
         return apply_cache_dit(pipeline, args.cache_dit_config)
-    from utils.peer_caches import apply_peer_cache, is_peer_mode
-
     if is_peer_mode(args.cache_mode):
         return apply_peer_cache(pipeline, args)
     cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,

@@ -31,7 +31,7 @@ import torch
 from utils import image_reward_compat
 
 DOWNLOAD_HINT = "python run_ablation.py --download-metric-weights {dir}"
-CLIP_ARCH, CLIP_TAG = "ViT-L-14", "openai"  # the CLIP score of most text-to-image papers
+CLIP_ARCH = "ViT-L-14"  # the CLIP score of most text-to-image papers
 # The CLIP score's models (open_clip architecture -> pretrained tag): ViT-L/14 with OpenAI's weights by default;
 # ViT-g/14 trained on LAION-2B, the one cache-dit's DrawBench tables report.
 CLIP_MODELS = {"ViT-L-14": "openai", "ViT-g-14": "laion2b_s34b_b88k"}

@@ -87,10 +87,10 @@ import torch.distributed as dist
 
 from utils import attention
 from utils.attention import FA3FluxAttnProcessor
+from utils.benchmark_utils import DATA_DEPENDENT_CACHES
 from utils.errors import StackError
 
 MODES = ("none", "ulysses", "ring")
-DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit")
 
 
 # --- the launch ------------------------------------------------------------------------------------

@@ -55,7 +55,7 @@ import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.benchmark_utils import PEER_CACHE_MODES, model_family
+from utils.benchmark_utils import DATA_DEPENDENT_CACHES, PEER_CACHE_MODES, model_family
 from utils.errors import LibraryLimitation, StackError
 from utils.step_clock import StepClock
 
@@ -89,6 +89,7 @@ PEER_SPECS: dict[str, PeerSpec] = {
 }
 assert set(PEER_SPECS) == set(PEER_CACHE_MODES)
 DATA_DEPENDENT_PEERS = tuple(mode for mode, spec in PEER_SPECS.items() if spec.leader_hook is not None)
+assert set(DATA_DEPENDENT_PEERS) == set(DATA_DEPENDENT_CACHES) & set(PEER_SPECS)
 # Names of the hooks diffusers registers per cached module (hooks/*.py); FasterCache's denoiser-level hook, on the
 # transformer itself, only skips a batched unconditional branch, which one call per step does not have.
 CACHE_HOOK_NAMES = ("fbc_leader_block_hook", "fbc_block_hook", "taylorseer_cache", "mag_cache_leader_block_hook",

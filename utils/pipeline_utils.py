@@ -16,13 +16,11 @@ from typing import Any
 
 import torch
 
-from utils.benchmark_utils import (PEER_CACHE_MODES, check_ckpt, hub_download_hint, is_tiny, model_family,  # noqa: I001
+from utils.benchmark_utils import (DATA_DEPENDENT_CACHES, PEER_CACHE_MODES, check_ckpt, hub_download_hint, is_tiny, model_family,  # noqa: I001
                                    stack_flags)  # before diffusers: filters its notices
 from utils.errors import StackError
 from diffusers import DiffusionPipeline, FluxKontextPipeline, FluxPipeline, QwenImagePipeline
 from utils import compile_utils
-
-DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit", "diffusers_fbc", "diffusers_magcache")
 
 
 # --- loading ---------------------------------------------------------------------------------------

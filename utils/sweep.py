@@ -881,9 +881,9 @@ def run_generation(config: SweepConfig, prompts: list[dict[str, Any]], shard: tu
                 with annotate_pipeline(pipeline):
                     first = prompts[variant_todo[0].prompt_index]
                     bar.set_postfix_str(f"{variant.name}: warm-up")
-                    edit = {"image": input_image_of(config, first)} if input_image_of(config, first) else {}
                     for _ in range(config.warmup_runs):
-                        generate_image(pipeline, args, first["prompt"], variant_todo[0].seed, **edit)
+                        generate_image(pipeline, args, first["prompt"], variant_todo[0].seed,
+                                       input_image_of(config, first))
                     timing.setup_s += time.perf_counter() - setup_started
                     bar.set_postfix_str(variant.name)
                     for item in variant_todo:
@@ -938,8 +938,7 @@ def time_one_image(pipeline, args, variant: Variant, item: WorkItem, prompt: dic
         torch.cuda.reset_peak_memory_stats()
     STAGE_TIMER.enabled = True
     STAGE_TIMER.collect()  # drop warm-up events
-    edit = {"image": input_image} if input_image else {}  # a Kontext editing sweep's input image
-    latency, image = time_call(lambda: generate_image(pipeline, args, prompt["prompt"], item.seed, **edit),
+    latency, image = time_call(lambda: generate_image(pipeline, args, prompt["prompt"], item.seed, input_image),
                                args.device)
     stages = {label: sum(values) for label, values in STAGE_TIMER.collect().items()}
     STAGE_TIMER.enabled = False
