@@ -119,3 +119,29 @@ def test_commands_start_without_third_party_notices():
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout + result.stderr == ""
+
+
+def test_the_fastest_preset_sets_its_flags_and_a_given_flag_still_wins():
+    parse = lambda *flags: create_parser().parse_args(["--ckpt", "random:flux-dev", *flags])  # noqa: E731
+    preset = vars(parse("--preset", "fastest"))
+    assert {k: preset[k] for k in benchmark_utils.PRESETS["fastest"]} == benchmark_utils.PRESETS["fastest"]
+    assert preset["cache_mode"] == "hicache" and preset["interval"] == 7 and preset["compile_mode"] == "reduce-overhead"
+    given = parse("--interval", "5", "--preset", "fastest", "--compile_mode", "default")
+    assert (given.interval, given.compile_mode, given.fa3_fp8) == (5, "default", True)
+    plain = parse()  # without the preset every flag keeps its own default
+    assert (plain.cache_mode, plain.interval, plain.fa3_fp8, plain.compile_mode) == ("none", 5, False, "default")
+    with pytest.raises(SystemExit):
+        parse("--preset", "fast")
+
+
+def test_the_fastest_preset_is_a_valid_stack_on_a_gpu_host_and_refused_on_cpu_with_the_fix():
+    from utils.pipeline_utils import StackError, validate_args
+    from utils.sweep import parse_variant_args, refused_on_a_cuda_host
+
+    assert refused_on_a_cuda_host(["--ckpt", "random:flux-dev", "--preset", "fastest"]) is None
+    refusal = refused_on_a_cuda_host(["--ckpt", "random:flux-dev", "--preset", "fastest", "--cache_mode", "fbcache"])
+    assert "data-dependent" in refusal and "scheduled cache" in refusal
+    assert parse_variant_args(["--ckpt", "tiny", "--preset", "fastest"], "sweep").cache_mode == "hicache"
+    with pytest.raises(StackError, match="drop --preset"):
+        validate_args(resolved_defaults(create_parser().parse_args(["--ckpt", "tiny", "--device", "cpu",
+                                                                    "--preset", "fastest"])))

@@ -35,6 +35,14 @@ CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit", *PEE
 # The caches that decide from the data (a residual or magnitude test each step): no CUDA graph can replay their
 # decision, and under context parallelism each rank would decide from its own share of the tokens.
 DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit", "diffusers_fbc", "diffusers_magcache")
+# --preset NAME: a set of flags the preset makes the defaults (a flag given beside it still wins; a switch it turns
+# on stays on). "fastest" is the fastest measured 50-step FLUX.1-dev stack (docs/RESULTS.md): HiCache N=7 (9 full
+# steps of 50) + FA3 fp8 attention + float8 + regional torch.compile with one CUDA graph per step kind. Inductor's
+# tuning flags stay off: with them the cold compile of this stack runs for many minutes.
+PRESETS = {
+    "fastest": {"fa3_fp8": True, "cache_mode": "hicache", "interval": 7, "compile_export_mode": "compile",
+                "compile_scope": "regional", "compile_mode": "reduce-overhead", "disable_inductor_tuning_flags": True},
+}
 
 
 def create_parser() -> argparse.ArgumentParser:
@@ -65,6 +73,9 @@ def create_parser() -> argparse.ArgumentParser:
     io.add_argument("--trace-file", dest="trace_file", default=None, help="write a Chrome trace (.json or .json.gz)")
 
     stack = parser.add_argument_group("optimization stack (every layer is on by default, as in flux-fast)")
+    stack.add_argument("--preset", choices=tuple(PRESETS), default=None,
+                       help="a named set of stack flags, overridable flag by flag: fastest = " + " ".join(
+                           f"--{k}" if v is True else f"--{k} {v}" for k, v in PRESETS["fastest"].items()))
     stack.add_argument("--disable_bf16", action="store_true", help="load in float32 instead of bfloat16")
     stack.add_argument("--disable_fused_projections", action="store_true", help="no QKV fusion")
     stack.add_argument("--disable_fa3", action="store_true", help="keep diffusers' default attention (SDPA)")
@@ -152,6 +163,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        """With --preset NAME, its flags start out in the namespace, so argparse leaves them as they are unless
+        the command line gives them too."""
+        if namespace is None and any(a.dest == "preset" for a in self._actions):
+            first = argparse.ArgumentParser(add_help=False)
+            first.add_argument("--preset")  # its choices are checked by the full parse
+            name = first.parse_known_args(args)[0].preset
+            namespace = argparse.Namespace(**PRESETS.get(name, {}))
+        return super().parse_known_args(args, namespace)
 
 
 def int_at_least(least: int, most: int | None = None) -> Callable[[str], int]:

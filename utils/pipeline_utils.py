@@ -92,6 +92,9 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise StackError("--device cuda was requested but no CUDA device is visible; use --device cpu")
+    if getattr(args, "preset", None) and not cuda:
+        raise StackError(f"--preset {args.preset} is a Hopper GPU stack (FA3 fp8 attention, CUDA graphs); on CPU "
+                         f"drop --preset and pass the flags you want")
     if args.height % 16 or args.width % 16:
         raise StackError(f"--height/--width must be multiples of 16 for FLUX (got {args.height}x{args.width})")
     if args.num_inference_steps < 1:
