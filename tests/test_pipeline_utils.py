@@ -128,6 +128,22 @@ def test_compile_mode_compiles_the_transformer_or_its_blocks(make_args):
     assert "mode=default) + no CUDA graphs (no CUDA device)" in graphed.harness_stack["compile_export"]
 
 
+def test_compile_mode_compiles_the_vae_decoder_in_channels_last_and_decodes_as_eager(make_args):
+    eager, args = _optimized(make_args)
+    compiled, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional")
+    assert compiled.vae.decoder._compiled_call_impl is not None and eager.vae.decoder._compiled_call_impl is None
+    assert "VAE decoder channels_last + torch.compile" in compiled.harness_stack["compile_export"]
+    conv = compiled.vae.decoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    latents = torch.randn(1, eager.vae.config.latent_channels, 16, 16)
+    with torch.no_grad():
+        want, got = eager.vae.decode(latents).sample, compiled.vae.decode(latents).sample
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    kept, _ = _optimized(make_args, "--compile_export_mode", "compile", "--disable_vae_compile")
+    assert kept.vae.decoder._compiled_call_impl is None
+    assert "VAE decoder eager (--disable_vae_compile)" in kept.harness_stack["compile_export"]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--fa3_fp8", "--disable_fa3"], "--fa3_fp8 needs FA3"),
     (["--fa3_fp8"], "needs a Hopper GPU"),

@@ -121,6 +121,9 @@ def create_parser() -> argparse.ArgumentParser:
                             "per step kind; CUDA only; not with fbcache or cache_dit). 'max-autotune' variants "
                             "autotune every GEMM shape: measured ~85-105 s per float8 shape on an H200, many "
                             "minutes cold for FLUX")
+    stack.add_argument("--disable_vae_compile", action="store_true",
+                       help="with --compile_export_mode compile: keep the VAE decoder eager (by default it is "
+                            "compiled, in channels_last)")
     stack.add_argument("--context_parallel", choices=("none", "ulysses", "ring"), default="none",
                        help="split one image's tokens over the processes of a torchrun launch (degree = world size) "
                             "through diffusers' context parallelism: ulysses (all-to-all to a head split; heads must "
@@ -372,14 +375,14 @@ STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
                "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "peer_cache_config",
                "disable_quant", "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
-               "compile_mode")
+               "compile_mode", "disable_vae_compile")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that shape the stack. --peer_cache_config only when given: these flags key export_aoti's cached
-    packages, which a flag that is None whenever export applies must not rebuild."""
+    """The flags that shape the stack. --peer_cache_config and --disable_vae_compile only when given: these flags
+    key export_aoti's cached packages, which a flag that export never reads must not rebuild."""
     return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)
-            and not (k == "peer_cache_config" and getattr(args, k) is None)}
+            and not (k in ("peer_cache_config", "disable_vae_compile") and not getattr(args, k))}
 
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:

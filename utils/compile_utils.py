@@ -124,6 +124,18 @@ def compile_transformer(transformer: torch.nn.Module, scope: str, mode: str, ful
         transformer.compile(fullgraph=fullgraph, mode=mode)
 
 
+def compile_vae_decoder(pipeline) -> str:
+    """FLUX's VAE decoder in channels_last and compiled (mode default: one call per image, so no graphs needed), as
+    flux-fast does: its convolutions stay cuDNN's, inductor fuses the group norms and SiLUs around them. Qwen-Image's
+    causal 3D decoder keeps its feature caches in Python lists, and stays eager."""
+    vae = pipeline.vae
+    if type(vae).__name__ != "AutoencoderKL":
+        return f"VAE decoder eager ({type(vae).__name__} is not compiled)"
+    vae.to(memory_format=torch.channels_last)
+    vae.decoder.compile(fullgraph=True, mode="default")
+    return "VAE decoder channels_last + torch.compile"
+
+
 # --- export + AOTInductor -------------------------------------------------------------------------
 
 TENSOR_KWARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",

@@ -287,19 +287,25 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         else:
             graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
-                                          f"{graphs}")
+                                          f"{graphs}; {vae_decoder(pipeline, args)}")
     elif mode == "compile":
         # diffusers' cache hooks decide in torch.compiler.disable'd code or Python branches: graph breaks there
         peer = args.cache_mode in PEER_CACHE_MODES and not args.disable_cache
         compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode, fullgraph=not peer)
         breaks = ", fullgraph=False: graph breaks where diffusers' cache hooks decide" if peer else ""
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode}"
-                                          f"{breaks})")
+                                          f"{breaks}); {vae_decoder(pipeline, args)}")
     else:
         _report(report, "compile_export", export_aoti(pipeline, args))
 
     pipeline.harness_stack = report
     return pipeline
+
+
+def vae_decoder(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+    if getattr(args, "disable_vae_compile", False):
+        return "VAE decoder eager (--disable_vae_compile)"
+    return compile_utils.compile_vae_decoder(pipeline)
 
 
 def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
