@@ -4,6 +4,7 @@ cache-dit."""
 
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from utils.caching import (attach_cache, forecast_coefficients, forecast_image_s
 from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
 
 TINY_HIDDEN, TINY_IMAGE_TOKENS, TINY_TEXT_TOKENS = 32, 256, 32
+KONTEXT_IMAGE = Path(__file__).resolve().parent / "fixtures/edits/gradient.png"
 
 
 def generate(make_args, *flags, steps=6, prompt="a red cat", batch=1, pipe=None):
@@ -327,3 +329,49 @@ def test_cache_dit_runs_through_its_public_api(make_args, tmp_path):
     assert stats["full_steps"] + stats["forecast_steps"] == 8 and torch.isfinite(images).all()
     _, shipped = generate(make_args, "--cache_dit_config", "configs/cache_dit.yaml", steps=4)
     assert torch.isfinite(shipped).all()
+
+
+# --- the forecast window ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("ckpt", ["tiny", "tiny:flux-kontext"])
+def test_flux_temb_is_every_steps_temb_bit_for_bit(make_args, ckpt):
+    """The window computes temb ahead, from the schedule's timesteps and the call's other arguments: in bfloat16 (the
+    dtype whose roundings the pipeline's `/ 1000` and the forward's `* 1000` make), at every step of a generation,
+    equal to the temb the transformer computes."""
+    flags = ["--ckpt", ckpt, "--num_inference_steps", "5"] + (["--image", str(KONTEXT_IMAGE)] if "kontext" in ckpt else [])
+    args = validate_args(make_args(*flags))
+    pipe = load_pipeline(args)
+    transformer, seen = pipe.transformer, []
+    hooks = [transformer.register_forward_pre_hook(lambda m, a, kw: seen.append([dict(kw)]), with_kwargs=True),
+             transformer.time_text_embed.register_forward_hook(lambda m, a, out: seen[-1].append(out))]
+    pipe(**pipeline_call_kwargs(args), generator=torch.manual_seed(0), output_type="latent")
+    for hook in hooks:
+        hook.remove()
+    timesteps = pipe.scheduler.timesteps
+    assert transformer.dtype == torch.bfloat16 and len(seen) == len(timesteps) == 5
+    with torch.no_grad():
+        for step, (kwargs, temb) in enumerate(seen):
+            for j in range(len(timesteps)):  # from any step's arguments, any step's temb
+                assert torch.equal(caching.flux_temb(transformer, timesteps[j], kwargs), seen[j][1]), (step, j)
+
+
+@pytest.mark.parametrize("mode", ["fora", "taylor", "hicache"])
+def test_the_window_forecast_is_the_per_step_forecast(make_args, mode):
+    """One pass per window gives each forecast step what forecasting it alone gives (float32: the sums' order
+    differs), with the same schedule; its FLOPs: the window's first step does the forecasting."""
+    flags = ("--cache_mode", mode, "--interval", "4")
+    window_pipe, window = generate(make_args, *flags, steps=13)
+    _, per_step = generate(make_args, *flags, "--disable_forecast_window", steps=13)
+    torch.testing.assert_close(window, per_step, rtol=1e-5, atol=1e-5)
+    stats = window_pipe.transformer.harness_cache.stats()
+    assert stats["step_kinds"] == "FFFcccFcccFcc" and stats["forecast_windows"] == 3
+    assert 0 < stats["flops_forecast_step"] < stats["flops_full_step"] / 10
+    assert "forecasts one pass per window" in window_pipe.harness_stack["feature_cache"]
+
+
+def test_the_window_forecast_is_flux_only_and_at_most_three_orders(make_args):
+    assert not generate(make_args, "--ckpt", "tiny:qwen-image", "--cache_mode", "hicache", "--interval", "3",
+                        steps=2)[0].transformer.harness_cache.uses_window()
+    cache = generate(make_args, "--cache_mode", "taylor", "--interval", "3", "--max_order", "3",
+                     steps=2)[0].transformer.harness_cache
+    assert not cache.uses_window()

@@ -1,4 +1,4 @@
-"""Chipmunk's Triton kernels (utils/chipmunk/kernels.py) on a machine without a GPU: the checks under
+"""The Triton kernels (Chipmunk's, utils/chipmunk/kernels.py, and the forecast window's) on a machine without a GPU: the checks under
 tests/interpreted, which compare the kernels with the PyTorch reference through Triton's CPU interpreter, run here in
 one interpreter process started with TRITON_INTERPRET=1 (it must be set before Triton is imported, and importing the
 pipeline's modules costs ~12 s a process); and the launch decisions that need no kernel run."""
@@ -13,7 +13,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED_TESTS = 37  # tests/interpreted: 34 in test_kernels.py (with their parameters), 3 in test_layers_on_kernels.py
+INTERPRETED_TESTS = 41  # tests/interpreted: 34 in test_kernels.py (with their parameters), 3 in test_layers_on_kernels.py,
+#                       4 in test_forecast_window.py
 
 
 def test_the_kernels_match_the_reference_in_the_interpreter():

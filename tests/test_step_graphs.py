@@ -51,12 +51,18 @@ def _kinds_per_step(pipe, args):
 
 def test_cache_step_kinds_name_what_each_step_reads_and_writes(make_args):
     """HiCache at interval 3, fe 3, order 2 over 10 steps: full 0, 1 (differences only from step 2: the reference's
-    quirk), 2, 5, 8; forecasts read 2 orders until step 5 and 3 after."""
+    quirk), 2, 5, 8; forecasts read 2 orders until step 5 and 3 after. A window's first forecast (distance 1)
+    computes the window's contributions, its second (distance 2) reads its own: the distance is part of the kind.
+    Forecasting each step on its own, one kind serves every distance (the coefficients are a buffer)."""
     pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3")
+    kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
+    assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2, 1), ("forecast", 2, 2),
+                     ("full", 2, 3), ("forecast", 3, 1), ("forecast", 3, 2), ("full", 3, 3), ("forecast", 3, 1)]
+    assert len(set(kinds)) == 9  # nine graphs, however many steps follow
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--disable_forecast_window")
     kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
     assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2), ("forecast", 2),
                      ("full", 2, 3), ("forecast", 3), ("forecast", 3), ("full", 3, 3), ("forecast", 3)]
-    assert len(set(kinds)) == 7  # seven graphs, however many steps follow
 
 
 @pytest.mark.parametrize("flags", [
@@ -87,13 +93,18 @@ def test_cache_buffers_are_written_in_place_across_steps_and_generations(make_ar
     """A CUDA graph records addresses: the order buffers, the coefficients and the distance stay the same tensors
     once allocated, over steps and generations (a re-bound buffer would leave the graphs reading memory nothing
     writes)."""
-    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", steps=6)
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", steps=10)
     cache = pipe.transformer.harness_cache
+
+    def buffers():  # with the forecast window's: its temb, its coefficient tables (orders 2 and 3), contributions
+        return [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor, cache.window_temb,
+                                       *cache.window_tables.values(), cache.contributions)]
+
     _generate(pipe, args)
-    addresses = [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor)]
-    assert len(cache.orders) == 3
+    addresses = buffers()
+    assert len(cache.orders) == 3 and len(cache.window_tables) == 2
     _generate(pipe, args, seed=1)
-    assert [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor)] == addresses
+    assert buffers() == addresses
 
 
 def _rerunning_record(self, static_in):

@@ -94,6 +94,9 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--hicache_scale", type=float, default=0.6, help="HiCache's Hermite dual scaling sigma")
     stack.add_argument("--fbcache_threshold", type=float, default=0.08, help="FBCache relative residual threshold")
     stack.add_argument("--fbcache_taylor", action="store_true", help="forecast FBCache's residual with Taylor")
+    stack.add_argument("--disable_forecast_window", action="store_true",
+                       help="fora/taylor/hicache on FLUX: forecast each cached step on its own, reading the whole "
+                            "cache every step, instead of every step up to the next full one in one pass")
     stack.add_argument("--cache_dit_config", default=None, help="cache-dit YAML (implies --cache_mode cache_dit)")
     stack.add_argument("--peer_cache_config", default=None,
                        help="YAML of the diffusers cache config's fields for a diffusers_* --cache_mode (see "
@@ -373,16 +376,16 @@ def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_fp8", "disable_chipmunk",
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
-               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "cache_dit_config", "peer_cache_config",
-               "disable_quant", "quant_granularity", "disable_inductor_tuning_flags", "compile_export_mode", "compile_scope",
-               "compile_mode", "disable_vae_compile")
+               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "disable_forecast_window", "cache_dit_config",
+               "peer_cache_config", "disable_quant", "quant_granularity", "disable_inductor_tuning_flags",
+               "compile_export_mode", "compile_scope", "compile_mode", "disable_vae_compile")
+WHEN_GIVEN = ("peer_cache_config", "disable_forecast_window", "disable_vae_compile")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:
-    """The flags that shape the stack. --peer_cache_config and --disable_vae_compile only when given: these flags
-    key export_aoti's cached packages, which a flag that export never reads must not rebuild."""
-    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k)
-            and not (k in ("peer_cache_config", "disable_vae_compile") and not getattr(args, k))}
+    """The flags that shape the stack; those of WHEN_GIVEN only when given: these flags key export_aoti's cached
+    packages, which a flag that export never reads must not rebuild."""
+    return {k: getattr(args, k) for k in STACK_FLAGS if hasattr(args, k) and (k not in WHEN_GIVEN or getattr(args, k))}
 
 
 def pipeline_call_kwargs(args: argparse.Namespace) -> dict[str, Any]:

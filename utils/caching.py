@@ -36,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from utils.errors import StackError
+from utils.forecast_window import accumulation_dtype, window_contributions
 from utils.peer_caches import StepProbe, apply_peer_cache, is_peer_mode
 from utils.step_clock import StepClock
 
@@ -161,6 +162,19 @@ def forecast_image_stream(hidden_states: torch.Tensor, temb: torch.Tensor, coeff
     return (hidden_states.to(accumulate) + contribution).to(hidden_states.dtype)
 
 
+def flux_temb(transformer: nn.Module, t: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    """FluxTransformer2DModel's temb at the step of scheduler timestep `t`, computed as its forward computes it, from
+    this call's other arguments: the FLUX pipelines (Kontext's too) pass `t.expand(B).to(latents.dtype) / 1000`, and
+    the forward scales timestep and guidance by 1000 in that dtype. tests/test_caching.py checks it against every
+    step's temb, bit for bit."""
+    hidden = kwargs["hidden_states"]
+    timestep = (t.expand(hidden.shape[0]).to(hidden.dtype) / 1000).to(hidden.dtype) * 1000
+    guidance, pooled = kwargs.get("guidance"), kwargs["pooled_projections"]
+    if guidance is None:
+        return transformer.time_text_embed(timestep, pooled)
+    return transformer.time_text_embed(timestep, guidance.to(hidden.dtype) * 1000, pooled)
+
+
 # --- capture hooks ---------------------------------------------------------------------------------
 
 def _keep_output(module: nn.Module, args: Any, output: Any) -> None:
@@ -182,11 +196,12 @@ class HarnessCache:
 
     def __init__(self, transformer: nn.Module, scheduler, mode: str, interval: int = 5, max_order: int = 2,
                  first_enhance: int = 3, hicache_scale: float = 0.6, fbcache_threshold: float = 0.08,
-                 fbcache_taylor: bool = False):
+                 fbcache_taylor: bool = False, forecast_window: bool = True):
         self.transformer = transformer
         self.clock = StepClock(scheduler)
         self.mode, self.interval, self.max_order, self.first_enhance = mode, interval, max_order, first_enhance
         self.hicache_scale, self.fbcache_threshold, self.fbcache_taylor = hicache_scale, fbcache_threshold, fbcache_taylor
+        self.forecast_window = forecast_window
         self.qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
         self.double_blocks = list(transformer.transformer_blocks)
         self.single_blocks = [] if self.qwen else list(transformer.single_transformer_blocks)
@@ -217,6 +232,13 @@ class HarnessCache:
         self.coefficients: torch.Tensor | None = None
         self.distance_tensor: torch.Tensor | None = None
         self._gates: tuple[torch.Tensor, torch.Tensor] | None = None  # gate rows of every modulation, stacked
+        # The forecast window (utils/forecast_window.py): temb and the coefficients at each of the window's distances,
+        # filled before its first step; every step's contribution, written by that step and read by the later ones.
+        # The coefficient tables, one per (mode, orders, window, scale, device): a graph holds the one it read.
+        self.window_temb: torch.Tensor | None = None
+        self.window_coefficients: torch.Tensor | None = None
+        self.window_tables: dict[tuple, torch.Tensor] = {}
+        self.contributions: torch.Tensor | None = None
         self._compiled: dict[str, Any] = {}
         self.flops: dict[tuple, int] = {}
         self._counting = None
@@ -228,7 +250,7 @@ class HarnessCache:
         self.update_count = 0  # on a full step: how many orders it leaves (1: D0 only)
         self.pending: list[list[torch.Tensor] | None] = [None] * self.num_blocks  # this full step's captures
         self.last_full: int | None = None
-        self.full_steps = self.forecast_steps = 0
+        self.full_steps = self.forecast_steps = self.windows = 0
         self.step_kinds: list[str] = []
         self.cache_memory_bytes = 0
         self.last_step: int | None = None
@@ -237,8 +259,9 @@ class HarnessCache:
         self.residual: list[torch.Tensor] | None = None  # orders of R = h_final - h_after_block0 (image rows)
         self.after_first_block: torch.Tensor | None = None
 
-    def begin_step(self) -> None:
-        """Called before each transformer call: reset on a new generation, then decide full or forecast."""
+    def begin_step(self, kwargs: dict[str, Any] | None = None) -> None:
+        """Called before each transformer call (with its keyword arguments): reset on a new generation, then decide
+        full or forecast."""
         if self.clock.at_first_step:
             self.generation_index = getattr(self, "generation_index", -1) + 1
             self.reset()
@@ -250,12 +273,22 @@ class HarnessCache:
         self.distance = step - self.last_full if self.last_full is not None else 1
         if self.mode in SCHEDULED_MODES:
             self.full = is_full_step(step, self.last_full, self.interval, self.first_enhance)
-            self._prepare_scheduled_step(step)
+            self._prepare_scheduled_step(step, kwargs)
         else:
             self.full = True  # none: always; fbcache: decided after block 0
         self.skip_rest = False
 
-    def _prepare_scheduled_step(self, step: int) -> None:
+    def uses_window(self) -> bool:
+        """The window forecast applies: a scheduled mode on FLUX (whose temb this cache computes ahead, see
+        flux_temb) with at most three orders (the kernel's), unless --disable_forecast_window."""
+        orders = 1 if self.mode == "fora" else self.max_order + 1
+        return self.forecast_window and self.mode in SCHEDULED_MODES and not self.qwen and orders <= 3
+
+    @property
+    def window_size(self) -> int:
+        return max(self.interval - 1, 1)  # the forecasts between two full steps: distances 1 .. interval - 1
+
+    def _prepare_scheduled_step(self, step: int, kwargs: dict[str, Any] | None = None) -> None:
         """What this step does to the cache, and its inputs written into the persistent buffers, before the forward
         runs: so that the forward itself takes no decision a CUDA graph of it could not replay."""
         device = self.transformer.device
@@ -269,17 +302,50 @@ class HarnessCache:
             reset = self.num_orders == 0 or max_order == 0 or step <= self.first_enhance - 2
             self.update_count = 1 if reset else 1 + min(max_order, self.num_orders)
             self.distance_tensor.fill_(float(self.distance))
+        elif self.uses_window():
+            if step - self.last_full == 1:
+                self._prepare_window(step, kwargs)
         else:
             coefficients = forecast_coefficients(self.mode, step - self.last_full, self.num_orders, self.hicache_scale)
             for k, c in enumerate(coefficients):  # kernels with the value as an argument: no host sync, no race
                 self.coefficients[k].fill_(c)
+
+    def _prepare_window(self, step: int, kwargs: dict[str, Any] | None) -> None:
+        """Before a window's first forecast: temb at each of its steps (a step past the schedule's end repeats the
+        last; its contribution is never read) and the coefficients at each distance, into the persistent buffers."""
+        if kwargs is None:
+            raise RuntimeError("the forecast window needs the transformer call's arguments (begin_step(kwargs))")
+        timesteps = self.clock.scheduler.timesteps
+        rows = [flux_temb(self.transformer, timesteps[min(step + j, len(timesteps) - 1)], kwargs)
+                for j in range(self.window_size)]
+        if self.window_temb is None or self.window_temb.shape[1:] != rows[0].shape or \
+                self.window_temb.dtype != rows[0].dtype or len(self.window_temb) != len(rows):
+            self.window_temb = rows[0].new_empty((len(rows), *rows[0].shape))
+        for j, row in enumerate(rows):
+            self.window_temb[j].copy_(row)
+        key = (self.mode, self.num_orders, self.window_size, self.hicache_scale, self.window_temb.device)
+        if key not in self.window_tables:
+            table = torch.zeros(self.window_size, self.num_orders, dtype=torch.float32, device=self.window_temb.device)
+            for j in range(self.window_size):
+                for k, c in enumerate(forecast_coefficients(self.mode, j + 1, self.num_orders, self.hicache_scale)):
+                    table[j, k].fill_(c)
+            self.window_tables[key] = table
+        self.window_coefficients = self.window_tables[key]
 
     def step_kind(self) -> tuple:
         """What the coming step computes, besides its inputs and the persistent buffers (for CUDA graphs of it):
         a full step and how many orders it reads and leaves, or a forecast and how many orders it reads."""
         if self.full:
             return ("full", self.num_orders, self.update_count)
+        if self.uses_window():  # the window's first step writes the contributions, each later one reads its own
+            return ("forecast", self.num_orders, self.clock.step - self.last_full)
         return ("forecast", self.num_orders)
+
+    def flop_kind(self) -> str:
+        """The step types whose FLOPs differ: full, forecast, and a window's first forecast (the window's pass)."""
+        if self.full:
+            return "full"
+        return "forecast_window" if self.uses_window() and self.clock.step - self.last_full == 1 else "forecast"
 
     def end_step(self) -> None:
         kind = "full" if self.full else "forecast"
@@ -291,12 +357,14 @@ class HarnessCache:
                 self.num_orders = self.update_count
         else:
             self.forecast_steps += 1
+            self.windows += self.flop_kind() == "forecast_window"
         self.cache_memory_bytes = max(self.cache_memory_bytes, self._cache_bytes())
 
     def _cache_bytes(self) -> int:
         storages = {}
         valid = self.orders[:self.num_orders]
         tensors = valid + (list(self._gates) if self._gates and valid else [])
+        tensors += [self.contributions] if self.contributions is not None and valid else []
         tensors += (self.residual or []) + [t for t in (self.first_residual_ref, self.after_first_block) if t is not None]
         for t in tensors:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
@@ -343,9 +411,28 @@ class HarnessCache:
         return torch.tensor(coeffs, dtype=torch.float32).to(like.device, non_blocking=True)
 
     def _forecast(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.uses_window():
+            return self._forecast_from_window(hidden_states)
         forecast = self._maybe_compiled("forecast", forecast_image_stream)
         return forecast(hidden_states, temb, self.coefficients, *self._gate_rows(temb.dtype),
                         self.orders[:self.num_orders])
+
+    def _forecast_from_window(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """img + this step's contribution; the window's first step first computes every step's (one pass over the
+        cache: the gates at all of the window's steps as one GEMM, then the kernel)."""
+        distance = self.clock.step - self.last_full
+        if distance == 1:
+            gate_weight, gate_bias = self._gate_rows(self.window_temb.dtype)
+            gates = nn.functional.linear(nn.functional.silu(self.window_temb), gate_weight, gate_bias)  # [W, B, S*D]
+            gates = gates.view(*gates.shape[:2], self.orders[0].shape[0], -1)  # [W, B, S, D]
+            shape = (self.window_size, *self.orders[0].shape[1:])
+            dtype = accumulation_dtype(self.orders[0].dtype)
+            if self.contributions is None or self.contributions.shape != shape or \
+                    self.contributions.dtype != dtype or self.contributions.device != hidden_states.device:
+                self.contributions = torch.empty(shape, dtype=dtype, device=hidden_states.device)
+            window_contributions(self.orders[:self.num_orders], self.window_coefficients, gates, out=self.contributions)
+        accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
+        return (hidden_states.to(accumulate) + self.contributions[distance - 1]).to(hidden_states.dtype)
 
     def _gate_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate rows of every block's modulation linear, in slot order, as one weight and bias (built on first
@@ -426,13 +513,16 @@ class HarnessCache:
     def stats(self) -> dict[str, Any]:
         """Counts of the most recent generation, FLOPs per step type, theoretical (FLOPs) speedup."""
         full_flops = self._flops_for("full")
-        forecast_flops = self._flops_for("forecast")
+        per_step = self._flops_for("forecast") or 0
+        # a window's first step does the window's forecasting; the mean over the forecast steps is what they cost
+        forecasting = (self._flops_for("forecast_window") or 0) * self.windows + per_step * (self.forecast_steps - self.windows)
+        forecast_flops = (forecasting / self.forecast_steps if self.forecast_steps else self._flops_for("forecast"))
         dense = full_flops * (self.full_steps + self.forecast_steps) if full_flops else None
-        actual = (full_flops * self.full_steps + (forecast_flops or 0) * self.forecast_steps) if full_flops else None
+        actual = (full_flops * self.full_steps + forecasting) if full_flops else None
         return dict(mode=self.mode, interval=self.interval, max_order=self.max_order, first_enhance=self.first_enhance,
                     hicache_scale=self.hicache_scale, fbcache_threshold=self.fbcache_threshold,
                     fbcache_taylor=self.fbcache_taylor, full_steps=self.full_steps,
-                    forecast_steps=self.forecast_steps, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds),  # F full, c cached
+                    forecast_steps=self.forecast_steps, forecast_windows=self.windows, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds),  # F full, c cached
                     flops_full_step=full_flops, flops_forecast_step=forecast_flops,
                     flops_speedup=(dense / actual) if actual else None, cache_memory_bytes=self.cache_memory_bytes)
 
@@ -477,7 +567,7 @@ def _shape_key(kwargs: dict[str, Any]) -> tuple:
 
 def _before_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
     cache: HarnessCache = module.harness_cache
-    cache.begin_step()
+    cache.begin_step(kwargs)
     # Count FLOPs of the first call of each step type and shape (eagerly: compiled kernels bypass the counter).
     # For fbcache the step type is only known after block 0, so both kinds are counted on demand.
     shapes = _shape_key(kwargs)
@@ -485,7 +575,7 @@ def _before_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any]) 
         missing = cache.generation_index == 0 and any((cache.mode, k, shapes) not in cache.flops
                                                       for k in ("full", "forecast"))
     else:
-        missing = (cache.mode, "full" if cache.full else "forecast", shapes) not in cache.flops
+        missing = (cache.mode, cache.flop_kind(), shapes) not in cache.flops
     cache._counting = None
     if missing:
         stance = torch.compiler.set_stance("force_eager")  # compiled kernels would bypass the counter
@@ -501,7 +591,7 @@ def _after_transformer(module: nn.Module, args: tuple, kwargs: dict[str, Any], o
         counter.__exit__(None, None, None)
         stance.__exit__(None, None, None)  # back to the previous stance
         cache._counting = None
-        cache.flops.setdefault((cache.mode, "full" if cache.full else "forecast", shapes), counter.get_total_flops())
+        cache.flops.setdefault((cache.mode, cache.flop_kind(), shapes), counter.get_total_flops())
     cache.end_step()
 
 
@@ -515,7 +605,8 @@ def apply_caching(pipeline, args: argparse.Namespace) -> str:
         return apply_peer_cache(pipeline, args)
     cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,
                          first_enhance=args.first_enhance, hicache_scale=args.hicache_scale,
-                         fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor)
+                         fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor,
+                         forecast_window=not getattr(args, "disable_forecast_window", False))
     return "applied: " + describe(cache)
 
 
@@ -523,7 +614,8 @@ def describe(cache: HarnessCache) -> str:
     if cache.mode in SCHEDULED_MODES:
         order = "" if cache.mode == "fora" else f", max_order {cache.max_order}"
         scale = f", scale {cache.hicache_scale}" if cache.mode == "hicache" else ""
-        return f"{cache.mode} (interval {cache.interval}, first_enhance {cache.first_enhance}{order}{scale})"
+        window = ", forecasts one pass per window" if cache.uses_window() else ""
+        return f"{cache.mode} (interval {cache.interval}, first_enhance {cache.first_enhance}{order}{scale}{window})"
     if cache.mode == "fbcache":
         taylor = f" + Taylor order {cache.max_order}" if cache.fbcache_taylor else ""
         return f"fbcache (threshold {cache.fbcache_threshold}{taylor})"
