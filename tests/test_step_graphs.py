@@ -54,12 +54,12 @@ def test_cache_step_kinds_name_what_each_step_reads_and_writes(make_args):
     quirk), 2, 5, 8; forecasts read 2 orders until step 5 and 3 after. A window's first forecast (distance 1)
     computes the window's contributions, its second (distance 2) reads its own: the distance is part of the kind.
     Forecasting each step on its own, one kind serves every distance (the coefficients are a buffer)."""
-    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3")
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--forecast_window")
     kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
     assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2, 1), ("forecast", 2, 2),
                      ("full", 2, 3), ("forecast", 3, 1), ("forecast", 3, 2), ("full", 3, 3), ("forecast", 3, 1)]
     assert len(set(kinds)) == 9  # nine graphs, however many steps follow
-    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--disable_forecast_window")
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3")
     kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
     assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2), ("forecast", 2),
                      ("full", 2, 3), ("forecast", 3), ("forecast", 3), ("full", 3, 3), ("forecast", 3)]
@@ -93,7 +93,7 @@ def test_cache_buffers_are_written_in_place_across_steps_and_generations(make_ar
     """A CUDA graph records addresses: the order buffers, the coefficients and the distance stay the same tensors
     once allocated, over steps and generations (a re-bound buffer would leave the graphs reading memory nothing
     writes)."""
-    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", steps=10)
+    pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--forecast_window", steps=10)
     cache = pipe.transformer.harness_cache
 
     def buffers():  # with the forecast window's: its temb, its coefficient tables (orders 2 and 3), contributions

@@ -94,9 +94,10 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--hicache_scale", type=float, default=0.6, help="HiCache's Hermite dual scaling sigma")
     stack.add_argument("--fbcache_threshold", type=float, default=0.08, help="FBCache relative residual threshold")
     stack.add_argument("--fbcache_taylor", action="store_true", help="forecast FBCache's residual with Taylor")
-    stack.add_argument("--disable_forecast_window", action="store_true",
-                       help="fora/taylor/hicache on FLUX: forecast each cached step on its own, reading the whole "
-                            "cache every step, instead of every step up to the next full one in one pass")
+    stack.add_argument("--forecast_window", action="store_true",
+                       help="fora/taylor/hicache on FLUX: compute every forecast up to the next full step in one pass "
+                            "over the cache (a Triton kernel) instead of reading the whole cache at every forecast "
+                            "step; checked on CPU against the per-step forecast, not yet timed on a GPU")
     stack.add_argument("--cache_dit_config", default=None, help="cache-dit YAML (implies --cache_mode cache_dit)")
     stack.add_argument("--peer_cache_config", default=None,
                        help="YAML of the diffusers cache config's fields for a diffusers_* --cache_mode (see "
@@ -376,10 +377,10 @@ def resolved_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_fp8", "disable_chipmunk",
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
-               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "disable_forecast_window", "cache_dit_config",
+               "hicache_scale", "fbcache_threshold", "fbcache_taylor", "forecast_window", "cache_dit_config",
                "peer_cache_config", "disable_quant", "quant_granularity", "disable_inductor_tuning_flags",
                "compile_export_mode", "compile_scope", "compile_mode", "disable_vae_compile")
-WHEN_GIVEN = ("peer_cache_config", "disable_forecast_window", "disable_vae_compile")
+WHEN_GIVEN = ("peer_cache_config", "forecast_window", "disable_vae_compile")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:

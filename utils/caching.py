@@ -196,7 +196,7 @@ class HarnessCache:
 
     def __init__(self, transformer: nn.Module, scheduler, mode: str, interval: int = 5, max_order: int = 2,
                  first_enhance: int = 3, hicache_scale: float = 0.6, fbcache_threshold: float = 0.08,
-                 fbcache_taylor: bool = False, forecast_window: bool = True):
+                 fbcache_taylor: bool = False, forecast_window: bool = False):
         self.transformer = transformer
         self.clock = StepClock(scheduler)
         self.mode, self.interval, self.max_order, self.first_enhance = mode, interval, max_order, first_enhance
@@ -279,8 +279,8 @@ class HarnessCache:
         self.skip_rest = False
 
     def uses_window(self) -> bool:
-        """The window forecast applies: a scheduled mode on FLUX (whose temb this cache computes ahead, see
-        flux_temb) with at most three orders (the kernel's), unless --disable_forecast_window."""
+        """The window forecast applies: --forecast_window, a scheduled mode on FLUX (whose temb this cache computes
+        ahead, see flux_temb), at most three orders (the kernel's)."""
         orders = 1 if self.mode == "fora" else self.max_order + 1
         return self.forecast_window and self.mode in SCHEDULED_MODES and not self.qwen and orders <= 3
 
@@ -606,7 +606,7 @@ def apply_caching(pipeline, args: argparse.Namespace) -> str:
     cache = attach_cache(pipeline, args.cache_mode, interval=args.interval, max_order=args.max_order,
                          first_enhance=args.first_enhance, hicache_scale=args.hicache_scale,
                          fbcache_threshold=args.fbcache_threshold, fbcache_taylor=args.fbcache_taylor,
-                         forecast_window=not getattr(args, "disable_forecast_window", False))
+                         forecast_window=getattr(args, "forecast_window", False))
     return "applied: " + describe(cache)
 
 
