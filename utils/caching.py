@@ -513,16 +513,18 @@ class HarnessCache:
     def stats(self) -> dict[str, Any]:
         """Counts of the most recent generation, FLOPs per step type, theoretical (FLOPs) speedup."""
         full_flops = self._flops_for("full")
-        per_step = self._flops_for("forecast") or 0
-        # a window's first step does the window's forecasting; the mean over the forecast steps is what they cost
-        forecasting = (self._flops_for("forecast_window") or 0) * self.windows + per_step * (self.forecast_steps - self.windows)
-        forecast_flops = (forecasting / self.forecast_steps if self.forecast_steps else self._flops_for("forecast"))
+        forecast_flops, window_flops = self._flops_for("forecast"), self._flops_for("forecast_window")
+        forecasting = (forecast_flops or 0) * self.forecast_steps
+        if self.windows and window_flops is not None:  # a window's first step forecasts for the whole window: the
+            forecasting = window_flops * self.windows + (forecast_flops or 0) * (self.forecast_steps - self.windows)
+            forecast_flops = forecasting / self.forecast_steps  # mean over the forecast steps
         dense = full_flops * (self.full_steps + self.forecast_steps) if full_flops else None
         actual = (full_flops * self.full_steps + forecasting) if full_flops else None
         return dict(mode=self.mode, interval=self.interval, max_order=self.max_order, first_enhance=self.first_enhance,
                     hicache_scale=self.hicache_scale, fbcache_threshold=self.fbcache_threshold,
                     fbcache_taylor=self.fbcache_taylor, full_steps=self.full_steps,
-                    forecast_steps=self.forecast_steps, forecast_windows=self.windows, step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds),  # F full, c cached
+                    forecast_steps=self.forecast_steps, forecast_windows=self.windows,
+                    step_kinds="".join("F" if k == "full" else "c" for k in self.step_kinds),  # F full, c cached
                     flops_full_step=full_flops, flops_forecast_step=forecast_flops,
                     flops_speedup=(dense / actual) if actual else None, cache_memory_bytes=self.cache_memory_bytes)
 
