@@ -74,8 +74,9 @@ def create_parser() -> argparse.ArgumentParser:
 
     stack = parser.add_argument_group("optimization stack (every layer is on by default, as in flux-fast)")
     stack.add_argument("--preset", choices=tuple(PRESETS), default=None,
-                       help="a named set of stack flags, overridable flag by flag: fastest = " + " ".join(
-                           f"--{k}" if v is True else f"--{k} {v}" for k, v in PRESETS["fastest"].items()))
+                       help="a named set of stack flags, overridable flag by flag: " + "; ".join(
+                           f"{name} = " + " ".join(f"--{k}" if v is True else f"--{k} {v}" for k, v in flags.items())
+                           for name, flags in PRESETS.items()))
     stack.add_argument("--disable_bf16", action="store_true", help="load in float32 instead of bfloat16")
     stack.add_argument("--disable_fused_projections", action="store_true", help="no QKV fusion")
     stack.add_argument("--disable_fa3", action="store_true", help="keep diffusers' default attention (SDPA)")

@@ -303,7 +303,7 @@ class HarnessCache:
             self.update_count = 1 if reset else 1 + min(max_order, self.num_orders)
             self.distance_tensor.fill_(float(self.distance))
         elif self.uses_window():
-            if step - self.last_full == 1:
+            if self.distance == 1:
                 self._prepare_window(step, kwargs)
         else:
             coefficients = forecast_coefficients(self.mode, step - self.last_full, self.num_orders, self.hicache_scale)
@@ -318,11 +318,10 @@ class HarnessCache:
         timesteps = self.clock.scheduler.timesteps
         rows = [flux_temb(self.transformer, timesteps[min(step + j, len(timesteps) - 1)], kwargs)
                 for j in range(self.window_size)]
-        if self.window_temb is None or self.window_temb.shape[1:] != rows[0].shape or \
-                self.window_temb.dtype != rows[0].dtype or len(self.window_temb) != len(rows):
+        if self.window_temb is None or self.window_temb.shape != (len(rows), *rows[0].shape) or \
+                self.window_temb.dtype != rows[0].dtype:
             self.window_temb = rows[0].new_empty((len(rows), *rows[0].shape))
-        for j, row in enumerate(rows):
-            self.window_temb[j].copy_(row)
+        torch.stack(rows, out=self.window_temb)
         key = (self.mode, self.num_orders, self.window_size, self.hicache_scale, self.window_temb.device)
         if key not in self.window_tables:
             table = torch.zeros(self.window_size, self.num_orders, dtype=torch.float32, device=self.window_temb.device)
@@ -338,14 +337,14 @@ class HarnessCache:
         if self.full:
             return ("full", self.num_orders, self.update_count)
         if self.uses_window():  # the window's first step writes the contributions, each later one reads its own
-            return ("forecast", self.num_orders, self.clock.step - self.last_full)
+            return ("forecast", self.num_orders, self.distance)
         return ("forecast", self.num_orders)
 
     def flop_kind(self) -> str:
         """The step types whose FLOPs differ: full, forecast, and a window's first forecast (the window's pass)."""
         if self.full:
             return "full"
-        return "forecast_window" if self.uses_window() and self.clock.step - self.last_full == 1 else "forecast"
+        return "forecast_window" if self.uses_window() and self.distance == 1 else "forecast"
 
     def end_step(self) -> None:
         kind = "full" if self.full else "forecast"
@@ -420,8 +419,7 @@ class HarnessCache:
     def _forecast_from_window(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """img + this step's contribution; the window's first step first computes every step's (one pass over the
         cache: the gates at all of the window's steps as one GEMM, then the kernel)."""
-        distance = self.clock.step - self.last_full
-        if distance == 1:
+        if self.distance == 1:
             gate_weight, gate_bias = self._gate_rows(self.window_temb.dtype)
             gates = nn.functional.linear(nn.functional.silu(self.window_temb), gate_weight, gate_bias)  # [W, B, S*D]
             gates = gates.view(*gates.shape[:2], self.orders[0].shape[0], -1)  # [W, B, S, D]
@@ -432,7 +430,7 @@ class HarnessCache:
                 self.contributions = torch.empty(shape, dtype=dtype, device=hidden_states.device)
             window_contributions(self.orders[:self.num_orders], self.window_coefficients, gates, out=self.contributions)
         accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
-        return (hidden_states.to(accumulate) + self.contributions[distance - 1]).to(hidden_states.dtype)
+        return (hidden_states.to(accumulate) + self.contributions[self.distance - 1]).to(hidden_states.dtype)
 
     def _gate_rows(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The gate rows of every block's modulation linear, in slot order, as one weight and bias (built on first
