@@ -1,8 +1,9 @@
 """The forecast window's definition (utils/forecast_window.py) against the per-step forecast it batches
 (utils/caching.forecast_image_stream), in float64 with fresh random features: step j of the window is
-img + contribution[j], whatever the image stream is. The kernel is checked against the reference in
-tests/interpreted/test_forecast_window.py."""
+img + contribution[j], whatever the image stream is. The kernel is checked against the reference through Triton's
+interpreter in tests/interpreted/test_forecast_window.py and, compiled, at FLUX.1-dev's shapes on a CUDA GPU here."""
 
+import pytest
 import torch
 
 from utils.caching import forecast_coefficients, forecast_image_stream
@@ -34,3 +35,22 @@ def test_without_a_kernel_the_reference_fills_the_given_buffer():
     out = torch.empty(2, 1, 4, 8)
     assert window_contributions(orders, coefficients, gates, out=out) is out
     torch.testing.assert_close(out, window_contributions_reference(orders, coefficients, gates), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on a CUDA GPU (the interpreted "
+                    "kernel is checked on CPU in tests/interpreted/test_forecast_window.py)")
+@pytest.mark.parametrize("num_orders, window", [(3, 6), (2, 4)])
+def test_the_compiled_kernel_at_flux_dev_shapes(num_orders, window):
+    """FLUX.1-dev at 1024x1024: 57 cached slots (19 double + 38 single blocks), 4096 image tokens of 3072, bf16 orders
+    and gates; the float64 reference on the same GPU."""
+    device = torch.device("cuda")
+    assert kernel_runs_on(device)
+    g = torch.Generator(device).manual_seed(7 * num_orders + window)
+    slots, batch, tokens, dim = 57, 1, 4096, 3072
+    orders = [torch.randn(slots, batch, tokens, dim, dtype=torch.bfloat16, device=device, generator=g)
+              for _ in range(num_orders)]
+    coefficients = torch.randn(window, num_orders, device=device, generator=g)
+    gates = torch.randn(window, batch, slots, dim, dtype=torch.bfloat16, device=device, generator=g)
+    got = window_contributions(orders, coefficients, gates)
+    expected = window_contributions_reference([o.double() for o in orders], coefficients.double(), gates.double())
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-4)

@@ -7,7 +7,7 @@ import torch
 
 import utils.attention as attention
 from utils.attention import FA3FluxAttnProcessor
-from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
+from utils.pipeline_utils import StackError, load_pipeline, optimize, pixels_on_device, validate_args
 
 
 def _optimized(make_args, *flags, fa3_available=False, monkeypatch=None):
@@ -144,6 +144,44 @@ def test_compile_mode_compiles_the_vae_decoder_in_channels_last_and_decodes_as_e
     assert "VAE decoder eager (--disable_vae_compile)" in kept.harness_stack["compile_export"]
 
 
+def test_compile_mode_compiles_the_text_encoders_layer_by_layer_and_encodes_as_eager(make_args):
+    eager, args = _optimized(make_args)
+    compiled, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_scope", "regional")
+    from utils.compile_utils import text_encoder_layers
+
+    layers = [*text_encoder_layers(compiled.text_encoder), *text_encoder_layers(compiled.text_encoder_2)]
+    assert layers and all(layer._compiled_call_impl is not None for layer in layers)
+    assert eager.text_encoder_2.encoder.block[0]._compiled_call_impl is None
+    assert "text encoders torch.compile: CLIPTextModel" in compiled.harness_stack["compile_export"]
+    with torch.no_grad():
+        want = eager.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
+        got = compiled.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
+    for w, g in zip(want[:2], got[:2]):  # T5 embeddings, pooled CLIP embedding
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    kept, _ = _optimized(make_args, "--compile_export_mode", "compile", "--disable_text_encoder_compile")
+    assert kept.text_encoder_2.encoder.block[0]._compiled_call_impl is None
+    assert "text encoders eager (--disable_text_encoder_compile)" in kept.harness_stack["compile_export"]
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_pixels_made_on_the_device_equal_diffusers_postprocess(channels):
+    from diffusers.image_processor import VaeImageProcessor
+
+    reference, fast = VaeImageProcessor(), VaeImageProcessor()
+    pixels_on_device(fast)
+    g = torch.Generator().manual_seed(channels)
+    for dtype in (torch.bfloat16, torch.float32):
+        # values past [-1, 1] are clamped; 0.5 / 255 steps hit the round-half-to-even ties
+        image = torch.cat([torch.randn(2, channels, 16, 24, generator=g) * 1.5,
+                           (torch.arange(2 * channels * 8 * 24) % 256 / 255 * 2 - 1 + 1 / 255).view(2, channels, 8, 24)],
+                          dim=2).to(dtype)
+        want, got = reference.postprocess(image, output_type="pil"), fast.postprocess(image, output_type="pil")
+        assert [w.mode for w in want] == [x.mode for x in got]
+        assert all(w.tobytes() == x.tobytes() for w, x in zip(want, got))
+    np_image = fast.postprocess(image, output_type="np")  # other output types: diffusers' own
+    assert isinstance(np_image, np.ndarray) and np_image.dtype == np.float32
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--fa3_fp8", "--disable_fa3"], "--fa3_fp8 needs FA3"),
     (["--fa3_fp8"], "needs a Hopper GPU"),
@@ -211,6 +249,21 @@ def test_float8_quantizes_only_the_blocks_linears(make_args, float8_on_cpu):
     assert "x_embedder" in outside and "proj_out" in outside and "transformer_blocks.0.ff.net.2" in in_blocks
     assert all(t is torch.nn.Parameter for t in outside.values()), outside
     assert all(t is not torch.nn.Parameter and "Float8" in t.__name__ for t in in_blocks.values()), in_blocks
+
+
+def test_float8_leaves_qwen_images_text_stream_in_bf16(make_args, float8_on_cpu):
+    from utils.pipeline_utils import quantize_float8
+
+    transformer = load_pipeline(validate_args(make_args("--ckpt", "tiny:qwen-image"))).transformer.to(torch.bfloat16)
+    assert "text stream bf16" in quantize_float8(transformer, "row")
+    kinds = {name: "Float8" in type(m.weight).__name__ for name, m in transformer.named_modules()
+             if isinstance(m, torch.nn.Linear) and name.startswith("transformer_blocks.0.")}
+    text = {n for n in kinds if any(p in n for p in ("txt_mod", "txt_mlp", "add_q_proj", "add_k_proj", "add_v_proj",
+                                                   "to_add_out"))}
+    assert text and not any(kinds[n] for n in text), kinds
+    image = set(kinds) - text
+    assert {"transformer_blocks.0.img_mlp.net.2", "transformer_blocks.0.attn.to_q"} <= image and all(
+        kinds[n] for n in image), kinds
 
 
 def test_float8_leaves_the_inductor_config_to_the_inductor_layer(make_args, float8_on_cpu):

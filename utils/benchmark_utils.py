@@ -37,10 +37,12 @@ CACHE_MODES = ("none", "fora", "taylor", "hicache", "fbcache", "cache_dit", *PEE
 DATA_DEPENDENT_CACHES = ("fbcache", "cache_dit", "diffusers_fbc", "diffusers_magcache")
 # --preset NAME: a set of flags the preset makes the defaults (a flag given beside it still wins; a switch it turns
 # on stays on). "fastest" is the fastest measured 50-step FLUX.1-dev stack (docs/RESULTS.md): HiCache N=7 (9 full
-# steps of 50) + FA3 fp8 attention + float8 + regional torch.compile with one CUDA graph per step kind. Inductor's
-# tuning flags stay off: with them the cold compile of this stack runs for many minutes.
+# steps of 50) with each window's forecasts in one pass + FA3 fp8 attention + float8 + regional torch.compile with
+# one CUDA graph per step kind. Inductor's tuning flags stay off: with them the cold compile of this stack runs for
+# many minutes.
 PRESETS = {
-    "fastest": {"fa3_fp8": True, "cache_mode": "hicache", "interval": 7, "compile_export_mode": "compile",
+    "fastest": {"fa3_fp8": True, "cache_mode": "hicache", "interval": 7, "forecast_window": True,
+                "compile_export_mode": "compile",
                 "compile_scope": "regional", "compile_mode": "reduce-overhead", "disable_inductor_tuning_flags": True},
 }
 
@@ -128,7 +130,10 @@ def create_parser() -> argparse.ArgumentParser:
                             "minutes cold for FLUX")
     stack.add_argument("--disable_vae_compile", action="store_true",
                        help="with --compile_export_mode compile: keep the VAE decoder eager (by default it is "
-                            "compiled, in channels_last)")
+                            "compiled, in channels_last, and the PIL image's pixels are made on the device)")
+    stack.add_argument("--disable_text_encoder_compile", action="store_true",
+                       help="with --compile_export_mode compile: keep FLUX's CLIP and T5 text encoders eager (by "
+                            "default their layers are compiled)")
     stack.add_argument("--context_parallel", choices=("none", "ulysses", "ring"), default="none",
                        help="split one image's tokens over the processes of a torchrun launch (degree = world size) "
                             "through diffusers' context parallelism: ulysses (all-to-all to a head split; heads must "
@@ -380,8 +385,9 @@ STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_
                "chipmunk_config", "cache_mode", "disable_cache", "interval", "max_order", "first_enhance",
                "hicache_scale", "fbcache_threshold", "fbcache_taylor", "forecast_window", "cache_dit_config",
                "peer_cache_config", "disable_quant", "quant_granularity", "disable_inductor_tuning_flags",
-               "compile_export_mode", "compile_scope", "compile_mode", "disable_vae_compile")
-WHEN_GIVEN = ("peer_cache_config", "forecast_window", "disable_vae_compile")
+               "compile_export_mode", "compile_scope", "compile_mode", "disable_vae_compile",
+               "disable_text_encoder_compile")
+WHEN_GIVEN = ("peer_cache_config", "forecast_window", "disable_vae_compile", "disable_text_encoder_compile")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:

@@ -136,6 +136,33 @@ def compile_vae_decoder(pipeline) -> str:
     return "VAE decoder channels_last + torch.compile"
 
 
+def text_encoder_layers(model) -> torch.nn.ModuleList | None:
+    """The repeated layers of FLUX's CLIP and T5 text encoders (None for another encoder)."""
+    name = type(model).__name__
+    if name == "CLIPTextModel":
+        return getattr(model, "text_model", model).encoder.layers  # transformers 5 dropped the text_model level
+    if name == "T5EncoderModel":
+        return model.encoder.block
+    return None
+
+
+def compile_text_encoders(pipeline) -> str:
+    """FLUX's CLIP and T5 text encoders compiled layer by layer (mode default: one call per image). Eager, the T5-XXL
+    encoder runs ~60 small kernels per layer, from Python, over 24 layers; compiled, inductor fuses its float32
+    RMSNorms, gated GELU and residual adds into a few kernels per layer. The prompt is padded to one length, so each
+    layer compiles once. Qwen-Image's Qwen2.5-VL encoder stays eager."""
+    compiled = []
+    for attribute in ("text_encoder", "text_encoder_2"):
+        model = getattr(pipeline, attribute, None)
+        layers = text_encoder_layers(model)
+        if layers is None:
+            continue
+        for layer in layers:
+            layer.compile(fullgraph=True, mode="default")
+        compiled.append(f"{type(model).__name__} ({len(layers)} layers)")
+    return "text encoders torch.compile: " + ", ".join(compiled) if compiled else "text encoder eager"
+
+
 # --- export + AOTInductor -------------------------------------------------------------------------
 
 TENSOR_KWARGS = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids",

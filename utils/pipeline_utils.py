@@ -287,14 +287,16 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         else:
             graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
-                                          f"{graphs}; {vae_decoder(pipeline, args)}")
+                                          f"{graphs}; {vae_decoder(pipeline, args)}; "
+                                          f"{text_encoders(pipeline, args)}")
     elif mode == "compile":
         # diffusers' cache hooks decide in torch.compiler.disable'd code or Python branches: graph breaks there
         peer = args.cache_mode in PEER_CACHE_MODES and not args.disable_cache
         compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode, fullgraph=not peer)
         breaks = ", fullgraph=False: graph breaks where diffusers' cache hooks decide" if peer else ""
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode}"
-                                          f"{breaks}); {vae_decoder(pipeline, args)}")
+                                          f"{breaks}); {vae_decoder(pipeline, args)}; "
+                                          f"{text_encoders(pipeline, args)}")
     else:
         _report(report, "compile_export", export_aoti(pipeline, args))
 
@@ -305,7 +307,33 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
 def vae_decoder(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
     if getattr(args, "disable_vae_compile", False):
         return "VAE decoder eager (--disable_vae_compile)"
-    return compile_utils.compile_vae_decoder(pipeline)
+    pixels_on_device(pipeline.image_processor)
+    return compile_utils.compile_vae_decoder(pipeline) + "; PIL pixels made on the device"
+
+
+def text_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+    if getattr(args, "disable_text_encoder_compile", False):
+        return "text encoders eager (--disable_text_encoder_compile)"
+    return compile_utils.compile_text_encoders(pipeline)
+
+
+def pixels_on_device(image_processor) -> None:
+    """The decoded image's PIL conversion with its arithmetic where the image is: diffusers' postprocess copies the
+    bf16 image to the host and scales, rounds and casts 3 million float32 values there (~12 ms of a 1 s image on an
+    H100 host); here the device does it and 3 MB of uint8 come back. The same IEEE float32 arithmetic and
+    round-half-to-even, so the same pixels."""
+    from PIL import Image
+
+    original = image_processor.postprocess
+
+    def postprocess(image: torch.Tensor, output_type: str = "pil", do_denormalize=None):
+        if output_type != "pil" or image.ndim != 4:
+            return original(image, output_type=output_type, do_denormalize=do_denormalize)
+        image = image_processor._denormalize_conditionally(image, do_denormalize)
+        pixels = (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return [Image.fromarray(p.squeeze(-1), mode="L") if p.shape[-1] == 1 else Image.fromarray(p) for p in pixels]
+
+    image_processor.postprocess = postprocess
 
 
 def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
@@ -317,9 +345,11 @@ def quantize_float8(transformer: torch.nn.Module, granularity: str) -> str:
     gran = PerTensor() if granularity == "tensor" else PerRow()
     # set_inductor_config=False: torchao otherwise turns on coordinate-descent tuning (and more) process-wide, which
     # belongs to the inductor layer and its --disable_inductor_tuning_flags (docs/DESIGN.md).
+    qwen = type(transformer).__name__ == "QwenImageTransformer2DModel"
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=gran, set_inductor_config=False),
-              filter_fn=in_blocks)
-    return f"applied: torchao float8 dynamic activation + weight, {type(gran).__name__}, linears of the blocks"
+              filter_fn=in_qwen_image_stream if qwen else in_blocks)
+    where = "image-stream linears of the blocks (text stream bf16)" if qwen else "linears of the blocks"
+    return f"applied: torchao float8 dynamic activation + weight, {type(gran).__name__}, {where}"
 
 
 def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
@@ -327,6 +357,17 @@ def in_blocks(module: torch.nn.Module, fqn: str) -> bool:
     eagerly outside the compiled blocks, where torchao's per-call quantization adds CPU time and kernels to every
     step for GEMMs too small to gain, and a feature-cache forecast step (~2.5 ms of GPU work) cannot hide them."""
     return isinstance(module, torch.nn.Linear) and fqn.startswith(("transformer_blocks.", "single_transformer_blocks."))
+
+
+QWEN_TEXT_STREAM = (".txt_mod.", ".txt_mlp.", ".attn.add_q_proj", ".attn.add_k_proj", ".attn.add_v_proj",
+                    ".attn.to_add_out")
+
+
+def in_qwen_image_stream(module: torch.nn.Module, fqn: str) -> bool:
+    """Qwen-Image's blocks without their text stream. Its text is as long as the prompt (tens of tokens, where FLUX
+    pads to 512): float8 gains nothing on GEMMs of so few rows, and cuBLASLt refuses a per-row float8 GEMM of 28 rows
+    at K=12288 (`CUBLAS_STATUS_NOT_SUPPORTED` in the text MLP's down-projection on an H100), so those stay bf16."""
+    return in_blocks(module, fqn) and not any(part in f".{fqn}" for part in QWEN_TEXT_STREAM)
 
 
 def export_aoti(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
