@@ -287,16 +287,14 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         else:
             graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
-                                          f"{graphs}; {vae_decoder(pipeline, args)}; "
-                                          f"{text_encoders(pipeline, args)}")
+                                          f"{graphs}; {decoder_and_encoders(pipeline, args)}")
     elif mode == "compile":
         # diffusers' cache hooks decide in torch.compiler.disable'd code or Python branches: graph breaks there
         peer = args.cache_mode in PEER_CACHE_MODES and not args.disable_cache
         compile_utils.compile_transformer(transformer, args.compile_scope, args.compile_mode, fullgraph=not peer)
         breaks = ", fullgraph=False: graph breaks where diffusers' cache hooks decide" if peer else ""
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={args.compile_mode}"
-                                          f"{breaks}); {vae_decoder(pipeline, args)}; "
-                                          f"{text_encoders(pipeline, args)}")
+                                          f"{breaks}); {decoder_and_encoders(pipeline, args)}")
     else:
         _report(report, "compile_export", export_aoti(pipeline, args))
 
@@ -304,17 +302,17 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     return pipeline
 
 
-def vae_decoder(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+    """The pipeline's other models under --compile_export_mode compile: the VAE decoder (with the PIL pixels made on
+    the device) and the text encoders, each unless its --disable_* flag."""
     if getattr(args, "disable_vae_compile", False):
-        return "VAE decoder eager (--disable_vae_compile)"
-    pixels_on_device(pipeline.image_processor)
-    return compile_utils.compile_vae_decoder(pipeline) + "; PIL pixels made on the device"
-
-
-def text_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+        vae = "VAE decoder eager (--disable_vae_compile)"
+    else:
+        pixels_on_device(pipeline.image_processor)
+        vae = compile_utils.compile_vae_decoder(pipeline) + "; PIL pixels made on the device"
     if getattr(args, "disable_text_encoder_compile", False):
-        return "text encoders eager (--disable_text_encoder_compile)"
-    return compile_utils.compile_text_encoders(pipeline)
+        return f"{vae}; text encoders eager (--disable_text_encoder_compile)"
+    return f"{vae}; {compile_utils.compile_text_encoders(pipeline)}"
 
 
 def pixels_on_device(image_processor) -> None:
