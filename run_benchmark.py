@@ -28,18 +28,24 @@ def run_once(pipeline, args):
 
 
 def warm_up(pipeline, run, runs: int, max_extra: int = 2) -> int:
-    """`runs` warm-up generations, then more (at most `max_extra`) while the step graphs still have a step kind
-    to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
+    """`runs` warm-up generations, then more (at most `max_extra`) while the CUDA graphs (the step's, the text
+    encoders') still have a step kind or a prompt shape to capture: a kind is captured at its second occurrence, and step 1's occurs once per generation, so without
     this the first timed run pays its capture (on the H200 it was 5.04-5.15 s against 4.87-4.93 for the later runs).
     Returns the number of warm-up generations run."""
     from utils import parallel
 
     for _ in tqdm(range(runs), desc="warm-up", disable=not parallel.is_main()):
         run()
-    graphs = getattr(pipeline.transformer, "step_graphs", None)
+    from utils.step_graphs import pipeline_graphs
+
+    graphs = pipeline_graphs(pipeline)
     done = runs
-    while runs and graphs is not None and graphs.uncaptured_kinds() and done < runs + max_extra:
-        print(f"[bench] step graphs: {graphs.uncaptured_kinds()} step kind(s) seen once and not captured yet "
+
+    def uncaptured() -> int:
+        return sum(g.uncaptured_kinds() for g in graphs)
+
+    while runs and uncaptured() and done < runs + max_extra:
+        print(f"[bench] CUDA graphs: {uncaptured()} step kind(s) or prompt shape(s) seen once and not captured yet "
               f"(captured at their second occurrence): one more warm-up run")
         run()
         done += 1

@@ -11,8 +11,8 @@ import torch
 
 from utils import caching
 from utils.benchmark_utils import pipeline_call_kwargs
-from utils.caching import (attach_cache, forecast_coefficients, forecast_image_stream, hermite, is_full_step, predict,
-                           update_differences, validate_cache_args)
+from utils.caching import (attach_cache, combine, difference_weights, forecast_coefficients, forecast_image_stream,
+                           forecast_weights, hermite, is_full_step, predict, update_differences, validate_cache_args)
 from utils.pipeline_utils import StackError, load_pipeline, optimize, validate_args
 
 TINY_HIDDEN, TINY_IMAGE_TOKENS, TINY_TEXT_TOKENS = 32, 256, 32
@@ -110,6 +110,41 @@ def test_harness_recurrence_matches_oracle_with_reference_quirk(mode):
         ours, _ = harness_run(feature_at, full, step, 2, 3, mode)
         oracle, _ = oracle_run(feature_at, full, step, 2, 3, mode)
         torch.testing.assert_close(ours, oracle, rtol=1e-12, atol=1e-9)
+
+
+def ring_run(feature_at, full_steps, forecast_step, max_order, first_enhance, mode, scale=0.6):
+    """The cache's form: each full step's features into a ring of max_order + 1 buffers, the differences as weights
+    of them (difference_weights, with the harness's reset and count rules), the forecast as one weighted sum."""
+    size = max_order + 1
+    ring = [torch.full((3, 7), float("nan"), dtype=torch.float64) for _ in range(size)]  # unwritten: never read
+    orders, last, position, count = [], None, 0, 0
+    for s in full_steps:
+        reset = count == 0 or s <= first_enhance - 2
+        count = 1 if reset else 1 + min(max_order, count)
+        position = 0 if reset else (position + 1) % size
+        ring[position] = feature_at(s)
+        orders = difference_weights(orders, position, float(s - last if last is not None else 1), count, size)
+        last = s
+    weights = forecast_weights(mode, forecast_step - last, orders, scale)
+    assert all(w == 0 for w in weights[count:])  # the valid features are the first `count` buffers
+    return combine(ring[:count], torch.tensor(weights[:count], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("mode", ["taylor", "hicache"])
+@pytest.mark.parametrize("interval, first_enhance, max_order", [(5, 3, 2), (7, 3, 2), (4, 1, 3), (3, 2, 1)])
+def test_the_ring_of_features_forecasts_what_the_differences_forecast(mode, interval, first_enhance, max_order):
+    """The full step stores features, not differences: the differences are weights of the last max_order + 1 full
+    steps' features, on the host. Against the fp64 oracle of the published recurrence, over many full steps (the
+    ring wraps several times), at every forecast distance."""
+    _, feature_at = random_polynomial(4, seed=interval + 10 * first_enhance)
+    full = expected_full_steps(50, interval, first_enhance)
+    for n_full in (1, 2, 3, 5, len(full) - 1):
+        steps = full[:n_full]
+        for x in range(1, interval):
+            step = steps[-1] + x
+            oracle, _ = oracle_run(feature_at, steps, step, max_order, first_enhance, mode)
+            ours = ring_run(feature_at, steps, step, max_order, first_enhance, mode)
+            torch.testing.assert_close(ours, oracle, rtol=1e-10, atol=1e-8)
 
 
 def test_taylor_order_one_is_exact_on_linear_features():
@@ -259,16 +294,17 @@ def test_stacked_forecast_equals_the_blocks_applied_one_by_one(make_args):
     hidden = torch.randn(2, TINY_IMAGE_TOKENS, TINY_HIDDEN, dtype=torch.float64, generator=g)
     temb = torch.randn(2, TINY_HIDDEN, dtype=torch.float64, generator=g)
     slots = sum(len(ids) for _, ids in cache.gate_slots)
-    orders = [torch.randn(slots, 2, TINY_IMAGE_TOKENS, TINY_HIDDEN, dtype=torch.float64, generator=g) for _ in range(3)]
-    coeffs = torch.tensor(forecast_coefficients("hicache", 2, 3, 0.6), dtype=torch.float64)
+    features = [torch.randn(slots, 2, TINY_IMAGE_TOKENS, TINY_HIDDEN, dtype=torch.float64, generator=g)
+                for _ in range(3)]
+    weights = torch.randn(3, dtype=torch.float64, generator=g)
     expected, slot = hidden.clone(), 0
     for norm, (num_chunks, gate_ids) in zip(cache.norms, cache.gate_slots):
         modulation = norm.linear(torch.nn.functional.silu(temb)).chunk(num_chunks, dim=1)
         for gate_id in gate_ids:
-            expected = expected + modulation[gate_id].unsqueeze(1) * predict([o[slot] for o in orders], coeffs)
+            expected = expected + modulation[gate_id].unsqueeze(1) * sum(w * f[slot] for w, f in zip(weights, features))
             slot += 1
     with torch.no_grad():
-        got = forecast_image_stream(hidden, temb, coeffs, *cache._gate_rows(torch.float64), orders)
+        got = forecast_image_stream(hidden, temb, weights, *cache._gate_rows(torch.float64), features)
     assert slot == slots == 8
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-10)
 
@@ -283,7 +319,7 @@ def test_regionally_compiled_blocks_match_eager(make_args):
         _, compiled = generate(make_args, *flags, steps=6, pipe=pipe)
         torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
     cache = pipe.transformer.harness_cache
-    assert cache.forecast_backend == "aot_eager" and set(cache._compiled) == {"update", "forecast"}  # cheap paths
+    assert cache.forecast_backend == "aot_eager" and set(cache._compiled) == {"forecast"}  # the cheap path
     assert cache.stats()["step_kinds"] == "FFFccF"
 
 
@@ -304,8 +340,8 @@ def test_a_cache_on_blocks_this_process_compiled_without_it_still_captures(make_
 
 
 def test_switching_to_a_mode_with_more_orders_gives_that_modes_image(make_args):
-    """The order buffers persist across generations: switching a pipeline from fora (one order) to taylor (three)
-    grows them, and the image is the one a fresh taylor pipeline gives."""
+    """The feature buffers persist across generations: switching a pipeline from fora (one buffer) to taylor (three)
+    adds two, and the image is the one a fresh taylor pipeline gives."""
     from utils.caching import attach_cache
 
     flags = ("--cache_mode", "taylor", "--interval", "3")
@@ -313,7 +349,7 @@ def test_switching_to_a_mode_with_more_orders_gives_that_modes_image(make_args):
     pipe, _ = generate(make_args, "--cache_mode", "fora", "--interval", "3")
     attach_cache(pipe, "taylor", interval=3)
     _, switched = generate(make_args, *flags, pipe=pipe)
-    assert len(pipe.transformer.harness_cache.orders) == 3
+    assert len(pipe.transformer.harness_cache.features) == 3
     torch.testing.assert_close(switched, fresh, rtol=0, atol=0)
 
 

@@ -161,6 +161,10 @@ def test_compile_mode_compiles_the_text_encoders_layer_by_layer_and_encodes_as_e
     kept, _ = _optimized(make_args, "--compile_export_mode", "compile", "--disable_text_encoder_compile")
     assert kept.text_encoder_2.encoder.block[0]._compiled_call_impl is None
     assert "text encoders eager (--disable_text_encoder_compile)" in kept.harness_stack["compile_export"]
+    on_cpu, _ = _optimized(make_args, "--compile_export_mode", "compile", "--compile_mode", "reduce-overhead",
+                           "--text_encoder_graphs")  # opt-in CUDA graphs of the encoders: said unavailable on CPU
+    assert "CLIPTextModel (4 layers), T5EncoderModel (4 layers), no CUDA graphs (no CUDA device)" in \
+        on_cpu.harness_stack["compile_export"]
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -200,6 +204,10 @@ def test_pixels_made_on_the_device_equal_diffusers_postprocess(channels):
       "configs/chipmunk-tiny.yml"], "one CUDA graph per step kind, which needs a CUDA device"),
     (["--compile_export_mode", "compile", "--compile_mode", "reduce-overhead", "--chipmunk_config",
       "configs/chipmunk-tiny.yml", "--cache_mode", "hicache"], "one CUDA graph per step kind, which needs a CUDA"),
+    (["--compile_export_mode", "compile", "--text_encoder_graphs"], "needs --compile_export_mode compile "
+                                                                    "--compile_mode reduce-overhead"),
+    (["--compile_export_mode", "compile", "--compile_mode", "reduce-overhead", "--text_encoder_graphs",
+      "--disable_text_encoder_compile"], "without --disable_text_encoder_compile"),
 ])
 def test_invalid_combinations_raise_before_any_work(make_args, flags, message):
     with pytest.raises(StackError, match=message):

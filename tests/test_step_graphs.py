@@ -51,18 +51,19 @@ def _kinds_per_step(pipe, args):
 
 def test_cache_step_kinds_name_what_each_step_reads_and_writes(make_args):
     """HiCache at interval 3, fe 3, order 2 over 10 steps: full 0, 1 (differences only from step 2: the reference's
-    quirk), 2, 5, 8; forecasts read 2 orders until step 5 and 3 after. A window's first forecast (distance 1)
-    computes the window's contributions, its second (distance 2) reads its own: the distance is part of the kind.
-    Forecasting each step on its own, one kind serves every distance (the coefficients are a buffer)."""
+    quirk, so step 1 starts the ring over at buffer 0), 2, 5, 8, writing feature buffers 0, 0, 1, 2, 0; forecasts
+    read 2 features until step 5 and 3 after. A window's first forecast (distance 1) computes the window's
+    contributions, its second (distance 2) reads its own: the distance (and the window's length) is part of the kind.
+    Forecasting each step on its own, one kind serves every distance (the weights are a buffer)."""
     pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--forecast_window")
     kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
-    assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2, 1), ("forecast", 2, 2),
-                     ("full", 2, 3), ("forecast", 3, 1), ("forecast", 3, 2), ("full", 3, 3), ("forecast", 3, 1)]
-    assert len(set(kinds)) == 9  # nine graphs, however many steps follow
+    assert kinds == [("full", 0), ("full", 0), ("full", 1), ("forecast", 2, 1, 2), ("forecast", 2, 2, 2),
+                     ("full", 2), ("forecast", 3, 1, 2), ("forecast", 3, 2, 2), ("full", 0), ("forecast", 3, 1, 2)]
+    assert len(set(kinds)) == 7  # seven graphs, however many steps follow
     pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3")
     kinds = [kind[0] for kind, _, _ in _kinds_per_step(pipe, args)]
-    assert kinds == [("full", 0, 1), ("full", 1, 1), ("full", 1, 2), ("forecast", 2), ("forecast", 2),
-                     ("full", 2, 3), ("forecast", 3), ("forecast", 3), ("full", 3, 3), ("forecast", 3)]
+    assert kinds == [("full", 0), ("full", 0), ("full", 1), ("forecast", 2), ("forecast", 2),
+                     ("full", 2), ("forecast", 3), ("forecast", 3), ("full", 0), ("forecast", 3)]
 
 
 @pytest.mark.parametrize("flags", [
@@ -71,12 +72,13 @@ def test_cache_step_kinds_name_what_each_step_reads_and_writes(make_args):
 ])
 def test_steps_of_one_kind_take_the_same_decisions(make_args, flags):
     """A graph is replayed at every step of its kind, so two steps with one kind must do the same: every Chipmunk
-    layer's dense/sparse/reselect counts move alike, and the cache leaves as many orders. With caching, forecast
+    layer's dense/sparse/reselect counts move alike (the cache's orders are host bookkeeping: a full step's graph
+    only writes its feature buffer, whatever the orders it leaves). With caching, forecast
     steps call no Chipmunk layer, and a full step's Chipmunk decisions follow the deferred schedule."""
     pipe, args = _pipe(make_args, *flags, steps=14)
     by_kind = {}
-    for kind, decisions, orders in _kinds_per_step(pipe, args):
-        by_kind.setdefault(kind, []).append((decisions, orders))
+    for kind, decisions, _ in _kinds_per_step(pipe, args):
+        by_kind.setdefault(kind, []).append((decisions,))
     assert len(by_kind) >= 4
     for kind, steps in by_kind.items():
         assert all(step == steps[0] for step in steps), kind
@@ -90,21 +92,27 @@ def test_steps_of_one_kind_take_the_same_decisions(make_args, flags):
 
 
 def test_cache_buffers_are_written_in_place_across_steps_and_generations(make_args):
-    """A CUDA graph records addresses: the order buffers, the coefficients and the distance stay the same tensors
-    once allocated, over steps and generations (a re-bound buffer would leave the graphs reading memory nothing
-    writes)."""
+    """A CUDA graph records addresses: the feature ring and the forecast's weights stay the same tensors once
+    allocated, over steps and generations, and so do the window's (a re-bound buffer would leave the graphs reading
+    memory nothing writes); a new input shape, for which the step graphs are recorded anew, gets new buffers."""
     pipe, args = _pipe(make_args, "--cache_mode", "hicache", "--interval", "3", "--forecast_window", steps=10)
     cache = pipe.transformer.harness_cache
 
-    def buffers():  # with the forecast window's: its temb, its coefficient tables (orders 2 and 3), contributions
-        return [t.data_ptr() for t in (*cache.orders, cache.coefficients, cache.distance_tensor, cache.window_temb,
-                                       *cache.window_tables.values(), cache.contributions)]
+    def buffers():
+        return {key: t.data_ptr() for key, t in cache.buffers.items()}
 
     _generate(pipe, args)
     addresses = buffers()
-    assert len(cache.orders) == 3 and len(cache.window_tables) == 2
+    names = sorted(name for name, *_ in addresses)
+    assert names == ["features 0", "features 1", "features 2", "window contributions", "window temb",
+                     "window weights 2", "window weights 3"]
+    assert [t.data_ptr() for t in cache.features] == [addresses[k] for k in sorted(addresses) if "features" in k[0]]
     _generate(pipe, args, seed=1)
     assert buffers() == addresses
+    (tokens,) = {shape[2] for name, shape, *_ in addresses if name.startswith("features")}
+    args.height, args.width = 2 * args.height, 2 * args.width
+    _generate(pipe, args)
+    assert {t.shape[2] for t in cache.features} == {4 * tokens} and len(cache.buffers) == len(addresses)
 
 
 def _rerunning_record(self, static_in):
@@ -191,3 +199,32 @@ def test_step_graphs_need_a_gpu(make_args):
     with pytest.raises(StackError, match="needs a CUDA device: use --compile_mode default on CPU"):
         validate_args(make_args("--cache_mode", "hicache", "--compile_export_mode", "compile",
                                 "--compile_mode", "reduce-overhead"))
+
+
+def test_text_encoder_graphs_encode_as_eager_and_count_as_warm_up_work(make_args, monkeypatch):
+    """The text encoders' forward through EncoderGraphs (recorded at a prompt shape's second call, as the step is):
+    the pipeline's prompt embeddings bit for bit the eager ones, the model's output class kept; a call the graph does
+    not hold (hidden states wanted) runs eagerly; an encoder with a shape seen once keeps the warm-up going."""
+    from utils.step_graphs import EncoderGraphs, pipeline_graphs
+
+    pipe, args = _pipe(make_args, steps=2)
+    with torch.no_grad():
+        want = pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
+    monkeypatch.setattr(StepGraphs, "_record", _rerunning_record)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
+    for model in (pipe.text_encoder, pipe.text_encoder_2):
+        model.forward = EncoderGraphs(model)  # install_encoder_graphs, less its CUDA check
+    assert pipeline_graphs(pipe) == [pipe.text_encoder.forward.graphs, pipe.text_encoder_2.forward.graphs]
+    for call in range(3):
+        with torch.no_grad():
+            got = pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
+        for w, g in zip(want[:2], got[:2]):  # T5 embeddings, pooled CLIP embedding
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        uncaptured = sum(g.uncaptured_kinds() for g in pipeline_graphs(pipe))
+        assert uncaptured == (2 if call == 0 else 0)
+    assert pipe.text_encoder_2.forward.graphs.calls == {"eager": 1, "captured": 1, "replayed": 1}
+    ids = torch.zeros(1, 32, dtype=torch.long)
+    out = pipe.text_encoder_2(ids, output_hidden_states=True)
+    assert out.hidden_states is not None
+    assert pipe.text_encoder_2.forward.graphs.calls["replayed"] == 1  # that call ran eagerly
+    assert type(pipe.text_encoder(ids[:, :8])).__name__ == "BaseModelOutputWithPooling"

@@ -134,6 +134,10 @@ def create_parser() -> argparse.ArgumentParser:
     stack.add_argument("--disable_text_encoder_compile", action="store_true",
                        help="with --compile_export_mode compile: keep FLUX's CLIP and T5 text encoders eager (by "
                             "default their layers are compiled)")
+    stack.add_argument("--text_encoder_graphs", action="store_true",
+                       help="with --compile_mode reduce-overhead on CUDA: record the compiled CLIP and T5 encoders "
+                            "as CUDA graphs too, one per prompt shape (replayed, an encoder is one launch and the host "
+                            "draws the initial noise while the device encodes)")
     stack.add_argument("--context_parallel", choices=("none", "ulysses", "ring"), default="none",
                        help="split one image's tokens over the processes of a torchrun launch (degree = world size) "
                             "through diffusers' context parallelism: ulysses (all-to-all to a head split; heads must "
@@ -386,8 +390,9 @@ STACK_FLAGS = ("disable_bf16", "disable_fused_projections", "disable_fa3", "fa3_
                "hicache_scale", "fbcache_threshold", "fbcache_taylor", "forecast_window", "cache_dit_config",
                "peer_cache_config", "disable_quant", "quant_granularity", "disable_inductor_tuning_flags",
                "compile_export_mode", "compile_scope", "compile_mode", "disable_vae_compile",
-               "disable_text_encoder_compile")
-WHEN_GIVEN = ("peer_cache_config", "forecast_window", "disable_vae_compile", "disable_text_encoder_compile")
+               "disable_text_encoder_compile", "text_encoder_graphs")
+WHEN_GIVEN = ("peer_cache_config", "forecast_window", "disable_vae_compile", "disable_text_encoder_compile",
+              "text_encoder_graphs")
 
 
 def stack_flags(args: argparse.Namespace) -> dict[str, Any]:

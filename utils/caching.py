@@ -117,21 +117,23 @@ def update_differences(previous: list[torch.Tensor] | None, feature: torch.Tenso
     return orders
 
 
-def update_orders_(orders: list[torch.Tensor], captured: list[torch.Tensor], distance: torch.Tensor,
-                   count: int) -> None:
-    """update_differences for every cached feature of a full step at once, in place: `orders` are the cache's
-    buffers, one per order, stacked over the slots ([slot, batch, tokens, dim]); every slot gets D0 = its captured
-    feature and D_{i+1} = (D_i - D_i_old) / d for i < count - 1 (count - 1 old orders must exist). Whole buffers are
-    written, never one slot's view: compiled, a write into a view of a stacked buffer is functionalized into a
-    write of the whole buffer, and with one per slot (FLUX.1-dev: 76) the compiled update allocated whole-buffer
-    temporaries until an 80 GB H100 ran out of memory at 1024x1024. Persistent buffers written in place are what a
-    CUDA graph of the step needs; compiled, the update is one pass over the cache."""
-    new = torch.stack(captured)
+def difference_weights(previous: list[list[float]] | None, position: int, distance: float, count: int,
+                       size: int) -> list[list[float]]:
+    """update_differences on weights: the cache holds the features of its last `size` full steps (a ring of buffers)
+    and each order D_k is a weighted sum of them, D_k = sum_b w[k][b] F_b. A full step writing its features into
+    buffer `position` leaves D0 = F_position and D_{i+1} = (D_i - D_i_old) / d for i < count - 1, from the previous
+    weights (count - 1 old orders must exist). Host arithmetic in float64: the differences cost no pass over the
+    cache."""
+    orders = [[1.0 if b == position else 0.0 for b in range(size)]]
     for i in range(count - 1):
-        difference = (new - orders[i]) / distance
-        orders[i].copy_(new)
-        new = difference
-    orders[count - 1].copy_(new)
+        orders.append([(new - old) / distance for new, old in zip(orders[i], previous[i])])
+    return orders
+
+
+def forecast_weights(mode: str, x: float, orders: list[list[float]], hicache_scale: float) -> list[float]:
+    """The forecast sum_k c_k D_k as weights of the cached features: sum_k c_k w[k][b] for each buffer b."""
+    coefficients = forecast_coefficients(mode, x, len(orders), hicache_scale)
+    return [sum(c * order[b] for c, order in zip(coefficients, orders)) for b in range(len(orders[0]))]
 
 
 def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Tensor:
@@ -142,23 +144,34 @@ def predict(orders: list[torch.Tensor], coefficients: torch.Tensor) -> torch.Ten
     return out
 
 
-def forecast_image_stream(hidden_states: torch.Tensor, temb: torch.Tensor, coefficients: torch.Tensor,
+def combine(features: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """sum_b w_b F_b in (at least) float32: the weights of a higher-order forecast have mixed signs (differences),
+    so the terms are summed before one rounding."""
+    accumulate = torch.promote_types(features[0].dtype, torch.float32)
+    out = features[0].to(accumulate, copy=True).mul_(weights[0])  # in place: one float32 temporary when eager
+    for b in range(1, len(features)):
+        out.addcmul_(features[b], weights[b])
+    return out
+
+
+def forecast_image_stream(hidden_states: torch.Tensor, temb: torch.Tensor, weights: torch.Tensor,
                           gate_weight: torch.Tensor, gate_bias: torch.Tensor,
-                          orders: list[torch.Tensor]) -> torch.Tensor:
+                          features: list[torch.Tensor]) -> torch.Tensor:
     """A whole forecast step's block stack, image rows only. On a forecast step no attention runs and every block
     only adds `gate * forecast` to the image stream, so the stack collapses to one sum over the cached slots:
 
-        img + sum_s gate_s(temb) * sum_k c_k D_k[s]
+        img + sum_s gate_s(temb) * sum_k c_k D_k[s]  =  img + sum_s gate_s(temb) * sum_b w_b F_b[s]
 
-    gates: every block's modulation, gate rows only, as one GEMV (`gate_weight` stacks those rows). The sum is
-    accumulated in (at least) float32 (the blocks add one bf16 rounding per slot; this rounds once). Compiled,
-    it is one GEMV and one reduction kernel that reads each cached tensor once, with a handful of inputs:
-    per-feature tensors and per-block modules made the step CPU-bound on the H100 (12.8 ms, see README)."""
-    num_slots, batch = orders[0].shape[0], temb.shape[0]
+    (the forecast as weights of the cached features, forecast_weights). gates: every block's modulation, gate rows
+    only, as one GEMV (`gate_weight` stacks those rows). The sum is accumulated in (at least) float32 (the blocks add
+    one bf16 rounding per slot; this rounds once). Compiled, it is one GEMV and one reduction kernel that reads each
+    cached tensor once, with a handful of inputs: per-feature tensors and per-block modules made the step CPU-bound
+    on the H100 (12.8 ms per step)."""
+    num_slots, batch = features[0].shape[0], temb.shape[0]
     gates = nn.functional.linear(nn.functional.silu(temb), gate_weight, gate_bias)  # [B, S * D]
     gates = gates.view(batch, num_slots, 1, -1).transpose(0, 1)  # [S, B, 1, D]
     accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
-    contribution = (gates * predict(orders, coefficients)).sum(0, dtype=accumulate)
+    contribution = (gates * combine(features, weights)).sum(0, dtype=accumulate)
     return (hidden_states.to(accumulate) + contribution).to(hidden_states.dtype)
 
 
@@ -225,19 +238,21 @@ class HarnessCache:
         for block in self.single_blocks:
             self.hooks.append(block.proj_out.register_forward_hook(_keep_output))
         self.forecast_backend: str | None = None  # set on first use: None = eager
-        # Persistent buffers, allocated on the first full step at a shape and written in place from then on (a CUDA
-        # graph of a step holds their addresses): the finite differences per order, [slot, batch, image tokens, dim];
-        # the forecast's coefficients and the full step's distance, filled before each step.
-        self.orders: list[torch.Tensor] = []
-        self.coefficients: torch.Tensor | None = None
-        self.distance_tensor: torch.Tensor | None = None
+        # Persistent buffers (self.buffer), written in place: a CUDA graph of a step holds the addresses it read and
+        # wrote, so none is re-bound while the transformer's input shape stays (a new one drops the graphs too):
+        #   features b        the image-stream features of one full step, [slot, batch, image tokens, dim], a ring of
+        #                     `ring_size`: a full step overwrites the oldest (self.features, the valid ones first);
+        #   weights n         a forecast's weights of the first n features, filled before the step;
+        #   window_*          the forecast window's (utils/forecast_window.py): temb and the weights at each of the
+        #                     window's distances, filled before its first step, and every step's contribution,
+        #                     written by that step and read by the later ones.
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.input_shape: tuple | None = None
+        self.features: list[torch.Tensor] = []
+        self.weights: torch.Tensor | None = None
         self._gates: tuple[torch.Tensor, torch.Tensor] | None = None  # gate rows of every modulation, stacked
-        # The forecast window (utils/forecast_window.py): temb and the coefficients at each of the window's distances,
-        # filled before its first step; every step's contribution, written by that step and read by the later ones.
-        # The coefficient tables, one per (mode, orders, window, scale, device): a graph holds the one it read.
         self.window_temb: torch.Tensor | None = None
-        self.window_coefficients: torch.Tensor | None = None
-        self.window_tables: dict[tuple, torch.Tensor] = {}
+        self.window_weights: torch.Tensor | None = None
         self.contributions: torch.Tensor | None = None
         self._compiled: dict[str, Any] = {}
         self.flops: dict[tuple, int] = {}
@@ -246,8 +261,11 @@ class HarnessCache:
 
     # -- per generation --
     def reset(self) -> None:
-        self.num_orders = 0  # how many of self.orders hold this generation's differences
+        self.num_orders = 0  # this generation's differences; as many features, in buffers 0 .. num_orders - 1
         self.update_count = 0  # on a full step: how many orders it leaves (1: D0 only)
+        self.order_weights: list[list[float]] = []  # D_k = sum_b order_weights[k][b] * features[b]
+        self.new_order_weights: list[list[float]] = []  # the coming full step's
+        self.position = self.next_position = 0  # the feature buffer the coming (the next) full step writes
         self.pending: list[list[torch.Tensor] | None] = [None] * self.num_blocks  # this full step's captures
         self.last_full: int | None = None
         self.full_steps = self.forecast_steps = self.windows = 0
@@ -271,6 +289,10 @@ class HarnessCache:
                                "not supported; use --disable_cache")
         self.last_step = step
         self.distance = step - self.last_full if self.last_full is not None else 1
+        hidden = (kwargs or {}).get("hidden_states")
+        shape = None if hidden is None else (tuple(hidden.shape), hidden.dtype, hidden.device)
+        if shape != self.input_shape:  # the step graphs are dropped as well: no graph holds the old buffers
+            self.input_shape, self.buffers, self.features = shape, {}, []
         if self.mode in SCHEDULED_MODES:
             self.full = is_full_step(step, self.last_full, self.interval, self.first_enhance)
             self._prepare_scheduled_step(step, kwargs)
@@ -278,11 +300,21 @@ class HarnessCache:
             self.full = True  # none: always; fbcache: decided after block 0
         self.skip_rest = False
 
+    def buffer(self, name: str, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The persistent buffer of that name and shape (allocated on first use, uninitialized)."""
+        key = (name, tuple(shape), dtype, device)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return self.buffers[key]
+
+    @property
+    def ring_size(self) -> int:
+        return 1 if self.mode == "fora" else self.max_order + 1
+
     def uses_window(self) -> bool:
         """The window forecast applies: --forecast_window, a scheduled mode on FLUX (whose temb this cache computes
         ahead, see flux_temb), at most three orders (the kernel's)."""
-        orders = 1 if self.mode == "fora" else self.max_order + 1
-        return self.forecast_window and self.mode in SCHEDULED_MODES and not self.qwen and orders <= 3
+        return self.forecast_window and self.mode in SCHEDULED_MODES and not self.qwen and self.ring_size <= 3
 
     @property
     def window_size(self) -> int:
@@ -291,53 +323,49 @@ class HarnessCache:
     def _prepare_scheduled_step(self, step: int, kwargs: dict[str, Any] | None = None) -> None:
         """What this step does to the cache, and its inputs written into the persistent buffers, before the forward
         runs: so that the forward itself takes no decision a CUDA graph of it could not replay."""
-        device = self.transformer.device
-        if (self.coefficients is None or self.coefficients.device != device
-                or self.coefficients.numel() < self.max_order + 1):
-            self.coefficients = torch.zeros(self.max_order + 1, dtype=torch.float32, device=device)
-            self.distance_tensor = torch.ones((), dtype=torch.float32, device=device)
         if self.full:
             max_order = 0 if self.mode == "fora" else self.max_order
             # Reference quirk kept: differences only once step > fe - 2, so with fe=3 the first one uses d=1.
             reset = self.num_orders == 0 or max_order == 0 or step <= self.first_enhance - 2
             self.update_count = 1 if reset else 1 + min(max_order, self.num_orders)
-            self.distance_tensor.fill_(float(self.distance))
+            # A reset starts the ring over, so the valid features are always buffers 0 .. num_orders - 1: the
+            # orders grow by one a full step from a reset, as the position does, until they fill the ring.
+            self.position = 0 if reset else self.next_position
+            self.new_order_weights = difference_weights(self.order_weights, self.position, float(self.distance),
+                                                        self.update_count, self.ring_size)
         elif self.uses_window():
             if self.distance == 1:
                 self._prepare_window(step, kwargs)
         else:
-            coefficients = forecast_coefficients(self.mode, step - self.last_full, self.num_orders, self.hicache_scale)
-            for k, c in enumerate(coefficients):  # kernels with the value as an argument: no host sync, no race
-                self.coefficients[k].fill_(c)
+            device, n = self.transformer.device, self.num_orders
+            self.weights = self.buffer(f"weights {n}", (n,), torch.float32, device)
+            weights = forecast_weights(self.mode, step - self.last_full, self.order_weights, self.hicache_scale)
+            for b, w in enumerate(weights[:n]):  # kernels with the value as an argument: no host sync, no race
+                self.weights[b].fill_(w)
 
     def _prepare_window(self, step: int, kwargs: dict[str, Any] | None) -> None:
         """Before a window's first forecast: temb at each of its steps (a step past the schedule's end repeats the
-        last; its contribution is never read) and the coefficients at each distance, into the persistent buffers."""
+        last; its contribution is never read) and the weights at each distance, into the persistent buffers."""
         if kwargs is None:
             raise RuntimeError("the forecast window needs the transformer call's arguments (begin_step(kwargs))")
-        timesteps = self.clock.scheduler.timesteps
-        rows = [flux_temb(self.transformer, timesteps[min(step + j, len(timesteps) - 1)], kwargs)
-                for j in range(self.window_size)]
-        if self.window_temb is None or self.window_temb.shape != (len(rows), *rows[0].shape) or \
-                self.window_temb.dtype != rows[0].dtype:
-            self.window_temb = rows[0].new_empty((len(rows), *rows[0].shape))
+        timesteps, size, n = self.clock.scheduler.timesteps, self.window_size, self.num_orders
+        rows = [flux_temb(self.transformer, timesteps[min(step + j, len(timesteps) - 1)], kwargs) for j in range(size)]
+        self.window_temb = self.buffer("window temb", (size, *rows[0].shape), rows[0].dtype, rows[0].device)
         torch.stack(rows, out=self.window_temb)
-        key = (self.mode, self.num_orders, self.window_size, self.hicache_scale, self.window_temb.device)
-        if key not in self.window_tables:
-            table = torch.zeros(self.window_size, self.num_orders, dtype=torch.float32, device=self.window_temb.device)
-            for j in range(self.window_size):
-                for k, c in enumerate(forecast_coefficients(self.mode, j + 1, self.num_orders, self.hicache_scale)):
-                    table[j, k].fill_(c)
-            self.window_tables[key] = table
-        self.window_coefficients = self.window_tables[key]
+        self.window_weights = self.buffer(f"window weights {n}", (size, n), torch.float32, self.window_temb.device)
+        for j in range(size):
+            weights = forecast_weights(self.mode, j + 1, self.order_weights, self.hicache_scale)
+            for b, w in enumerate(weights[:n]):
+                self.window_weights[j, b].fill_(w)
 
     def step_kind(self) -> tuple:
         """What the coming step computes, besides its inputs and the persistent buffers (for CUDA graphs of it):
-        a full step and how many orders it reads and leaves, or a forecast and how many orders it reads."""
+        a full step and the feature buffer it writes, or a forecast and how many features it reads (and in a window,
+        at which distance of how long a window)."""
         if self.full:
-            return ("full", self.num_orders, self.update_count)
+            return ("full", self.position)
         if self.uses_window():  # the window's first step writes the contributions, each later one reads its own
-            return ("forecast", self.num_orders, self.distance)
+            return ("forecast", self.num_orders, self.distance, self.window_size)
         return ("forecast", self.num_orders)
 
     def flop_kind(self) -> str:
@@ -353,7 +381,8 @@ class HarnessCache:
             self.full_steps += 1
             self.last_full = self.clock.step
             if self.mode in SCHEDULED_MODES:
-                self.num_orders = self.update_count
+                self.num_orders, self.order_weights = self.update_count, self.new_order_weights
+                self.next_position = (self.position + 1) % self.ring_size
         else:
             self.forecast_steps += 1
             self.windows += self.flop_kind() == "forecast_window"
@@ -361,7 +390,7 @@ class HarnessCache:
 
     def _cache_bytes(self) -> int:
         storages = {}
-        valid = self.orders[:self.num_orders]
+        valid = self.features[:self.num_orders]
         tensors = valid + (list(self._gates) if self._gates and valid else [])
         tensors += [self.contributions] if self.contributions is not None and valid else []
         tensors += (self.residual or []) + [t for t in (self.first_residual_ref, self.after_first_block) if t is not None]
@@ -394,15 +423,15 @@ class HarnessCache:
         return [_take(block.proj_out)[:, text_len:]]  # the image rows of concat(txt, img)
 
     def _update_all_features(self) -> None:
-        """After the last block of a full step: new finite differences for every cached feature at once
-        (one compiled graph on GPU instead of one small kernel per feature and order)."""
+        """After the last block of a full step: its features, stacked over the slots, into their ring buffer. The
+        differences are weights (difference_weights), so this is the full step's only pass over the cache: one read
+        and one write of the features (3.8 GB on FLUX.1-dev at 1024x1024), where computing the differences on the
+        device read and wrote every order."""
         captured, self.pending = [f for block in self.pending for f in block], [None] * self.num_blocks
         shape = (len(captured), *captured[0].shape)
-        needed = 1 if self.mode == "fora" else self.max_order + 1
-        if len(self.orders) < needed or self.orders[0].shape != shape or self.orders[0].dtype != captured[0].dtype:
-            self.orders = [captured[0].new_empty(shape) for _ in range(needed)]  # a new shape, or more orders
-        update = self._maybe_compiled("update", update_orders_)
-        update(self.orders, captured, self.distance_tensor, self.update_count)  # the distance: no recompile per d
+        self.features = [self.buffer(f"features {b}", shape, captured[0].dtype, captured[0].device)
+                         for b in range(self.ring_size)]
+        torch.stack(captured, out=self.features[self.position])
 
     def _coefficients(self, mode: str, num_orders: int, like: torch.Tensor) -> torch.Tensor:
         x = self.clock.step - self.last_full
@@ -413,8 +442,8 @@ class HarnessCache:
         if self.uses_window():
             return self._forecast_from_window(hidden_states)
         forecast = self._maybe_compiled("forecast", forecast_image_stream)
-        return forecast(hidden_states, temb, self.coefficients, *self._gate_rows(temb.dtype),
-                        self.orders[:self.num_orders])
+        return forecast(hidden_states, temb, self.weights, *self._gate_rows(temb.dtype),
+                        self.features[:self.num_orders])
 
     def _forecast_from_window(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """img + this step's contribution; the window's first step first computes every step's (one pass over the
@@ -422,13 +451,11 @@ class HarnessCache:
         if self.distance == 1:
             gate_weight, gate_bias = self._gate_rows(self.window_temb.dtype)
             gates = nn.functional.linear(nn.functional.silu(self.window_temb), gate_weight, gate_bias)  # [W, B, S*D]
-            gates = gates.view(*gates.shape[:2], self.orders[0].shape[0], -1)  # [W, B, S, D]
-            shape = (self.window_size, *self.orders[0].shape[1:])
-            dtype = accumulation_dtype(self.orders[0].dtype)
-            if self.contributions is None or self.contributions.shape != shape or \
-                    self.contributions.dtype != dtype or self.contributions.device != hidden_states.device:
-                self.contributions = torch.empty(shape, dtype=dtype, device=hidden_states.device)
-            window_contributions(self.orders[:self.num_orders], self.window_coefficients, gates, out=self.contributions)
+            gates = gates.view(*gates.shape[:2], self.features[0].shape[0], -1)  # [W, B, S, D]
+            shape = (self.window_size, *self.features[0].shape[1:])
+            self.contributions = self.buffer("window contributions", shape, accumulation_dtype(self.features[0].dtype),
+                                             hidden_states.device)
+            window_contributions(self.features[:self.num_orders], self.window_weights, gates, out=self.contributions)
         accumulate = torch.promote_types(hidden_states.dtype, torch.float32)
         return (hidden_states.to(accumulate) + self.contributions[self.distance - 1]).to(hidden_states.dtype)
 

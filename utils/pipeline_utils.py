@@ -142,6 +142,12 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
         if (chipmunk_on or cache_on) and not cuda:
             raise StackError(f"--compile_mode {args.compile_mode} with Chipmunk or feature caching records one CUDA "
                              f"graph per step kind, which needs a CUDA device: use --compile_mode default on CPU")
+    if getattr(args, "text_encoder_graphs", False) and (
+            args.compile_export_mode != "compile" or args.compile_mode not in compile_utils.CUDAGRAPH_MODES
+            or getattr(args, "disable_text_encoder_compile", False)):
+        raise StackError("--text_encoder_graphs records the compiled text encoders as the step is recorded: it needs "
+                         "--compile_export_mode compile --compile_mode reduce-overhead, without "
+                         "--disable_text_encoder_compile")
     if args.compile_scope is None:
         # export_aoti: one package per block kind. The whole float8 dev transformer had not finished building after
         # 8 minutes on a 16-core H200 host; the regional packages built in 328 + 97 s and run at the same step time.
@@ -287,7 +293,7 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
         else:
             graphs = "no CUDA graphs (no CUDA device)"
         _report(report, "compile_export", f"applied: torch.compile ({args.compile_scope}, mode={inductor_mode}) + "
-                                          f"{graphs}; {decoder_and_encoders(pipeline, args)}")
+                                          f"{graphs}; {decoder_and_encoders(pipeline, args, graphs=cuda)}")
     elif mode == "compile":
         # diffusers' cache hooks decide in torch.compiler.disable'd code or Python branches: graph breaks there
         peer = args.cache_mode in PEER_CACHE_MODES and not args.disable_cache
@@ -302,9 +308,10 @@ def optimize(pipeline: DiffusionPipeline, args: argparse.Namespace) -> Diffusion
     return pipeline
 
 
-def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace) -> str:
+def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace, graphs: bool = False) -> str:
     """The pipeline's other models under --compile_export_mode compile: the VAE decoder (with the PIL pixels made on
-    the device) and the text encoders, each unless its --disable_* flag."""
+    the device) and the text encoders, each unless its --disable_* flag; with `graphs` (the step is recorded as CUDA
+    graphs) and --text_encoder_graphs, the text encoders are recorded too."""
     if getattr(args, "disable_vae_compile", False):
         vae = "VAE decoder eager (--disable_vae_compile)"
     else:
@@ -312,7 +319,18 @@ def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace) 
         vae = compile_utils.compile_vae_decoder(pipeline) + "; PIL pixels made on the device"
     if getattr(args, "disable_text_encoder_compile", False):
         return f"{vae}; text encoders eager (--disable_text_encoder_compile)"
-    return f"{vae}; {compile_utils.compile_text_encoders(pipeline)}"
+    encoders = compile_utils.compile_text_encoders(pipeline)
+    if graphs and getattr(args, "text_encoder_graphs", False):
+        from utils.step_graphs import install_encoder_graphs
+
+        graphed = [getattr(pipeline, a) for a in ("text_encoder", "text_encoder_2")
+                   if compile_utils.text_encoder_layers(getattr(pipeline, a, None)) is not None]
+        for model in graphed:
+            install_encoder_graphs(model)
+        encoders += f", one CUDA graph per prompt shape ({len(graphed)} encoders)" if graphed else ""
+    elif getattr(args, "text_encoder_graphs", False):
+        encoders += ", no CUDA graphs (no CUDA device)"
+    return f"{vae}; {encoders}"
 
 
 def pixels_on_device(image_processor) -> None:

@@ -1,4 +1,5 @@
-"""The transformer's step as CUDA graphs: one graph per (input shapes, step kind), replayed with the inputs copied in.
+"""The transformer's step as CUDA graphs: one graph per (input shapes, step kind), replayed with the inputs copied in;
+and the text encoders' forward, one graph per prompt shape (EncoderGraphs).
 
 `--compile_mode reduce-overhead` compiles the blocks without inductor's CUDA graph trees and records the whole forward
 instead (glue and blocks): no host work per step. A replayed graph runs no Python, so it repeats whatever the recorded
@@ -133,3 +134,45 @@ def install_step_graphs(transformer: torch.nn.Module) -> str:
     if not participants:
         return "the whole forward as one CUDA graph per input shape"
     return f"one CUDA graph of the whole forward per input shape and {described}"
+
+
+class EncoderGraphs:
+    """A text encoder's forward as FLUX's pipelines call it (the token ids, `output_hidden_states=False`) through
+    StepGraphs of the ids: one CUDA graph per prompt shape, recorded at its second call and replayed after, its
+    outputs handed back as the model's output class. Compiled layer by layer, the T5-XXL encoder is still 24 compiled
+    regions, their guards and the glue between them, called from Python; replayed, it is one launch, and the host is
+    free while the device encodes (the pipeline draws the initial noise next, on the host). Any other call (masks,
+    hidden states wanted) runs eagerly."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.eager_forward = model.forward
+        self.output: tuple[type, list[str]] | None = None  # the output's class and fields, from the recorded run
+        self.graphs = StepGraphs(self._outputs, [], None, model.device)
+
+    def _outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.eager_forward(input_ids, output_hidden_states=False)
+        self.output = type(out), list(out.keys())  # ModelOutput: the fields that are set
+        return tuple(out.values())
+
+    def __call__(self, input_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None, **kwargs):
+        if input_ids is None or output_hidden_states or any(v is not None for v in kwargs.values()):
+            return self.eager_forward(input_ids, output_hidden_states=output_hidden_states, **kwargs)
+        tensors = self.graphs(input_ids=input_ids)
+        cls, fields = self.output
+        return cls(**dict(zip(fields, tensors)))
+
+
+def install_encoder_graphs(model: torch.nn.Module) -> None:
+    """Route `model`'s forward through EncoderGraphs (a CUDA model)."""
+    if model.device.type != "cuda":
+        raise RuntimeError("CUDA graphs of a text encoder need a CUDA device")
+    model.forward = EncoderGraphs(model)
+
+
+def pipeline_graphs(pipeline) -> list[StepGraphs]:
+    """Every StepGraphs the stack installed on `pipeline`: the transformer's step, the text encoders'."""
+    graphs = [getattr(getattr(pipeline, "transformer", None), "step_graphs", None)]
+    for attribute in ("text_encoder", "text_encoder_2"):
+        forward = getattr(getattr(pipeline, attribute, None), "forward", None)
+        graphs.append(forward.graphs if isinstance(forward, EncoderGraphs) else None)
+    return [g for g in graphs if g is not None]
