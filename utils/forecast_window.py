@@ -1,10 +1,11 @@
 """The forecasts of a whole window of cached steps in one pass over the cache.
 
-A forecast step of fora/taylor/hicache adds to the image stream `sum_s gate_s(temb) * sum_k c_k D_k[s]` over every
-cached slot s (utils/caching.forecast_image_stream): it reads every cached order of every slot, 5.7 GB for
-FLUX.1-dev at 1024x1024 with three orders, and is bound by that read (2.8 ms on an H100). Between two full steps the
-cache does not change; only the gates (through temb, the timestep's embedding) and the coefficients c_k (through the
-distance) do, and both are known ahead: the schedule's timesteps are. So the first forecast step of a window computes
+A forecast step of fora/taylor/hicache adds to the image stream `sum_s gate_s(temb) * sum_k w_k F_k[s]` over every
+cached slot s (utils/caching.forecast_image_stream; F_k the cached full steps' features, w_k the forecast's weights
+of them): it reads every cached tensor of every slot, 5.7 GB for FLUX.1-dev at 1024x1024 with three, and is bound by
+that read (2.8 ms on an H100). Between two full steps the cache does not change; only the gates (through temb, the
+timestep's embedding) and the weights w_k (through the distance) do, and both are known ahead: the schedule's
+timesteps are. So the first forecast step of a window computes
 the contributions of all of the window's steps (distances 1..W) in one pass over the cache, W accumulators per
 element, and each later forecast step adds its own to the image stream. The contribution does not depend on the
 image stream, which is the only input the forecast steps in between change.
@@ -33,8 +34,8 @@ def window_contributions_reference(orders: list[torch.Tensor], coefficients: tor
                                    gates: torch.Tensor) -> torch.Tensor:
     """out[j] = sum_s gates[j, :, s] * sum_k coefficients[j, k] D_k[s], in (at least) float32.
 
-    orders: K tensors [S, B, N, D] (the cache's orders, slots stacked); coefficients: [W, K], row j the forecast's
-    c_k at distance j + 1; gates: [W, B, S, D], every slot's gate at the window's steps. Returns [W, B, N, D]."""
+    orders: K tensors [S, B, N, D] (the cache's features, slots stacked); coefficients: [W, K], row j the forecast's
+    weights at distance j + 1; gates: [W, B, S, D], every slot's gate at the window's steps. Returns [W, B, N, D]."""
     accumulate = accumulation_dtype(orders[0].dtype)
     rows = []
     for j in range(coefficients.shape[0]):
