@@ -146,17 +146,20 @@ def text_encoder_layers(model) -> torch.nn.ModuleList | None:
     return None
 
 
+def flux_text_encoders(pipeline) -> list[torch.nn.Module]:
+    """The pipeline's text encoders that text_encoder_layers knows (FLUX's CLIP and T5)."""
+    models = [getattr(pipeline, attribute, None) for attribute in ("text_encoder", "text_encoder_2")]
+    return [model for model in models if text_encoder_layers(model) is not None]
+
+
 def compile_text_encoders(pipeline) -> str:
     """FLUX's CLIP and T5 text encoders compiled layer by layer (mode default: one call per image). Eager, the T5-XXL
     encoder runs ~60 small kernels per layer, from Python, over 24 layers; compiled, inductor fuses its float32
     RMSNorms, gated GELU and residual adds into a few kernels per layer. The prompt is padded to one length, so each
     layer compiles once. Qwen-Image's Qwen2.5-VL encoder stays eager."""
     compiled = []
-    for attribute in ("text_encoder", "text_encoder_2"):
-        model = getattr(pipeline, attribute, None)
+    for model in flux_text_encoders(pipeline):
         layers = text_encoder_layers(model)
-        if layers is None:
-            continue
         for layer in layers:
             layer.compile(fullgraph=True, mode="default")
         compiled.append(f"{type(model).__name__} ({len(layers)} layers)")

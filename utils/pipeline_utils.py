@@ -323,8 +323,7 @@ def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace, 
     if graphs and getattr(args, "text_encoder_graphs", False):
         from utils.step_graphs import install_encoder_graphs
 
-        graphed = [getattr(pipeline, a) for a in ("text_encoder", "text_encoder_2")
-                   if compile_utils.text_encoder_layers(getattr(pipeline, a, None)) is not None]
+        graphed = compile_utils.flux_text_encoders(pipeline)
         for model in graphed:
             install_encoder_graphs(model)
         encoders += f", one CUDA graph per prompt shape ({len(graphed)} encoders)" if graphed else ""

@@ -172,7 +172,6 @@ def install_encoder_graphs(model: torch.nn.Module) -> None:
 def pipeline_graphs(pipeline) -> list[StepGraphs]:
     """Every StepGraphs the stack installed on `pipeline`: the transformer's step, the text encoders'."""
     graphs = [getattr(getattr(pipeline, "transformer", None), "step_graphs", None)]
-    for attribute in ("text_encoder", "text_encoder_2"):
-        forward = getattr(getattr(pipeline, attribute, None), "forward", None)
-        graphs.append(forward.graphs if isinstance(forward, EncoderGraphs) else None)
+    graphs += [model.forward.graphs for model in compile_utils.flux_text_encoders(pipeline)
+               if isinstance(model.forward, EncoderGraphs)]
     return [g for g in graphs if g is not None]
