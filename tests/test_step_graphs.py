@@ -201,30 +201,55 @@ def test_step_graphs_need_a_gpu(make_args):
                                 "--compile_mode", "reduce-overhead"))
 
 
-def test_text_encoder_graphs_encode_as_eager_and_count_as_warm_up_work(make_args, monkeypatch):
-    """The text encoders' forward through EncoderGraphs (recorded at a prompt shape's second call, as the step is):
-    the pipeline's prompt embeddings bit for bit the eager ones, the model's output class kept; a call the graph does
-    not hold (hidden states wanted) runs eagerly; an encoder with a shape seen once keeps the warm-up going."""
-    from utils.step_graphs import EncoderGraphs, pipeline_graphs
+def test_text_encoder_graphs_record_the_compiled_layers_without_the_glue_or_a_recompile(make_args, monkeypatch):
+    """FLUX's CLIP and T5 layers (compiled) through EncoderLayerGraphs, with a stand-in recording during which
+    `torch.cuda.is_current_stream_capturing()` says True, as in a real capture (transformers' glue decides by it):
+    the recording runs the layers only, never the glue (embeddings); nothing compiles after the eager calls; the
+    prompt embeddings equal the eager ones bit for bit, the model's output class kept; a shape seen once keeps the
+    warm-up going; with hidden states wanted (transformers hooks the layers) the layers run eagerly."""
+    from torch._dynamo.utils import counters
+
+    from utils.step_graphs import encoder_graphs, install_encoder_graphs, pipeline_graphs
 
     pipe, args = _pipe(make_args, steps=2)
+    compile_utils.compile_text_encoders(pipe)
+    encode = lambda: pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)[:2]  # T5, pooled CLIP
     with torch.no_grad():
-        want = pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
-    monkeypatch.setattr(StepGraphs, "_record", _rerunning_record)
+        want = encode()
+    capturing, glue_in_capture = [False], []
+
+    def record(self, static_in):
+        capturing[0] = True
+        try:
+            return _rerunning_record(self, static_in)
+        finally:
+            capturing[0] = False
+
+    monkeypatch.setattr(StepGraphs, "_record", record)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: None)
-    for model in (pipe.text_encoder, pipe.text_encoder_2):
-        model.forward = EncoderGraphs(model)  # install_encoder_graphs, less its CUDA check
-    assert pipeline_graphs(pipe) == [pipe.text_encoder.forward.graphs, pipe.text_encoder_2.forward.graphs]
+    encoders = compile_utils.flux_text_encoders(pipe)
+    for model in encoders:
+        with monkeypatch.context() as on_cuda:  # install_encoder_graphs' CUDA check satisfied, for the install only
+            on_cuda.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+            install_encoder_graphs(model)
+    getattr(pipe.text_encoder, "text_model", pipe.text_encoder).embeddings.register_forward_hook(lambda *a: glue_in_capture.append("clip")
+                                                                  if capturing[0] else None)
+    pipe.text_encoder_2.encoder.embed_tokens.register_forward_hook(lambda *a: glue_in_capture.append("t5")
+                                                                   if capturing[0] else None)
+    assert pipeline_graphs(pipe) == [encoder_graphs(m) for m in encoders] and len(encoders) == 2
+    compiled = counters["stats"]["unique_graphs"]
     for call in range(3):
         with torch.no_grad():
-            got = pipe.encode_prompt("a red fox", prompt_2=None, max_sequence_length=32)
-        for w, g in zip(want[:2], got[:2]):  # T5 embeddings, pooled CLIP embedding
+            got = encode()
+        for w, g in zip(want, got):
             torch.testing.assert_close(g, w, rtol=0, atol=0)
-        uncaptured = sum(g.uncaptured_kinds() for g in pipeline_graphs(pipe))
-        assert uncaptured == (2 if call == 0 else 0)
-    assert pipe.text_encoder_2.forward.graphs.calls == {"eager": 1, "captured": 1, "replayed": 1}
+        assert sum(g.uncaptured_kinds() for g in pipeline_graphs(pipe)) == (2 if call == 0 else 0)
+    assert counters["stats"]["unique_graphs"] == compiled and glue_in_capture == []
+    assert [encoder_graphs(m).calls for m in encoders] == [{"eager": 1, "captured": 1, "replayed": 1}] * 2
     ids = torch.zeros(1, 32, dtype=torch.long)
-    out = pipe.text_encoder_2(ids, output_hidden_states=True)
-    assert out.hidden_states is not None
-    assert pipe.text_encoder_2.forward.graphs.calls["replayed"] == 1  # that call ran eagerly
-    assert type(pipe.text_encoder(ids[:, :8])).__name__ == "BaseModelOutputWithPooling"
+    with torch.no_grad():
+        out = pipe.text_encoder_2(ids, output_hidden_states=True)
+        assert len(out.hidden_states) == 1 + 4  # the embeddings and each of the tiny T5's 4 layers
+        assert encoder_graphs(pipe.text_encoder_2).calls["replayed"] == 1  # that call ran the layers eagerly
+        assert type(pipe.text_encoder(ids[:, :8])).__name__ == "BaseModelOutputWithPooling"

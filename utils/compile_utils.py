@@ -136,14 +136,21 @@ def compile_vae_decoder(pipeline) -> str:
     return "VAE decoder channels_last + torch.compile"
 
 
-def text_encoder_layers(model) -> torch.nn.ModuleList | None:
-    """The repeated layers of FLUX's CLIP and T5 text encoders (None for another encoder)."""
+def text_encoder_layer_owner(model) -> tuple[torch.nn.Module, str] | None:
+    """(the module holding the repeated layers of FLUX's CLIP or T5 text encoder, the attribute); None for another
+    encoder."""
     name = type(model).__name__
     if name == "CLIPTextModel":
-        return getattr(model, "text_model", model).encoder.layers  # transformers 5 dropped the text_model level
+        return getattr(model, "text_model", model).encoder, "layers"  # transformers 5 dropped the text_model level
     if name == "T5EncoderModel":
-        return model.encoder.block
+        return model.encoder, "block"
     return None
+
+
+def text_encoder_layers(model) -> torch.nn.ModuleList | None:
+    """The repeated layers of FLUX's CLIP and T5 text encoders (None for another encoder)."""
+    owner = text_encoder_layer_owner(model)
+    return getattr(*owner) if owner else None
 
 
 def flux_text_encoders(pipeline) -> list[torch.nn.Module]:

@@ -36,16 +36,19 @@ def _decisions(pipeline) -> dict[str, Any]:
 
 
 def run_graphs_check(args: argparse.Namespace) -> tuple[list[dict[str, Any]], dict[str, Any], bool]:
-    """(one row per generation, the graphs' call counts, passed). `args`: a validated stack with a CUDA-graph
-    --compile_mode."""
+    """(one row per generation, the graphs' call counts (the step's; with --text_encoder_graphs each encoder's
+    layers' too, the encoders' prompt embeddings then part of what the latents compare), passed). `args`: a
+    validated stack with a CUDA-graph --compile_mode."""
     from torch._dynamo.utils import counters
 
     from utils.benchmark_utils import pipeline_call_kwargs, set_rand_seeds
     from utils.pipeline_utils import load_pipeline, optimize
-    from utils.step_graphs import install_step_graphs
+    from utils import compile_utils
+    from utils.step_graphs import encoder_graphs, install_encoder_graphs, install_step_graphs
 
     eager_args = copy.copy(args)
     eager_args.compile_mode = WITHOUT_CUDAGRAPHS[args.compile_mode]  # the same compiled blocks, no graphs
+    eager_args.text_encoder_graphs = False  # installed below, with the step's
     set_rand_seeds(args.seed)
     pipeline = optimize(load_pipeline(eager_args), eager_args)
 
@@ -60,11 +63,16 @@ def run_graphs_check(args: argparse.Namespace) -> tuple[list[dict[str, Any]], di
 
     runs = {name: generate() for name in ("eager 1", "eager 2", "eager 3")}
     status = install_step_graphs(pipeline.transformer)
-    print(f"[graphs] installed: {status}")
+    encoders = compile_utils.flux_text_encoders(pipeline) if args.text_encoder_graphs else []
+    for model in encoders:
+        install_encoder_graphs(model)
+    print(f"[graphs] installed: {status}" + (f"; the layers of {len(encoders)} text encoders" if encoders else ""))
     for i in (1, 2, 3):
         runs[f"graphs {i}"] = generate()
     rows, passed = judge(runs)
-    return rows, dict(pipeline.transformer.step_graphs.calls), passed
+    calls = dict(pipeline.transformer.step_graphs.calls)
+    calls.update({f"{type(model).__name__} layers": dict(encoder_graphs(model).calls) for model in encoders})
+    return rows, calls, passed
 
 
 def judge(runs: dict[str, tuple[torch.Tensor, float, dict, int]]) -> tuple[list[dict[str, Any]], bool]:

@@ -326,7 +326,7 @@ def decoder_and_encoders(pipeline: DiffusionPipeline, args: argparse.Namespace, 
         graphed = compile_utils.flux_text_encoders(pipeline)
         for model in graphed:
             install_encoder_graphs(model)
-        encoders += f", one CUDA graph per prompt shape ({len(graphed)} encoders)" if graphed else ""
+        encoders += f", their layers one CUDA graph per prompt shape ({len(graphed)} encoders)" if graphed else ""
     elif getattr(args, "text_encoder_graphs", False):
         encoders += ", no CUDA graphs (no CUDA device)"
     return f"{vae}; {encoders}"

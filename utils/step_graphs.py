@@ -1,5 +1,5 @@
 """The transformer's step as CUDA graphs: one graph per (input shapes, step kind), replayed with the inputs copied in;
-and the text encoders' forward, one graph per prompt shape (EncoderGraphs).
+and the text encoders' layers, one graph per prompt shape (EncoderLayerGraphs).
 
 `--compile_mode reduce-overhead` compiles the blocks without inductor's CUDA graph trees and records the whole forward
 instead (glue and blocks): no host work per step. A replayed graph runs no Python, so it repeats whatever the recorded
@@ -136,42 +136,70 @@ def install_step_graphs(transformer: torch.nn.Module) -> str:
     return f"one CUDA graph of the whole forward per input shape and {described}"
 
 
-class EncoderGraphs:
-    """A text encoder's forward as FLUX's pipelines call it (the token ids, `output_hidden_states=False`) through
-    StepGraphs of the ids: one CUDA graph per prompt shape, recorded at its second call and replayed after, its
-    outputs handed back as the model's output class. Compiled layer by layer, the T5-XXL encoder is still 24 compiled
-    regions, their guards and the glue between them, called from Python; replayed, it is one launch, and the host is
-    free while the device encodes (the pipeline draws the initial noise next, on the host). Any other call (masks,
-    hidden states wanted) runs eagerly."""
+class EncoderLayerGraphs(torch.nn.Module):
+    """A text encoder's repeated layers as one call, recorded as a CUDA graph per input shape (StepGraphs with no
+    participants: the first call of a shape runs eagerly, the second is captured, later ones replay). Installed as
+    the only element of the encoder's layer list, so the encoder's own loop calls it once with the first layer's
+    arguments; the glue around the layers (embeddings, masks, final norm, CLIP's pooling) stays eager, outside the
+    graph. Recording the layers rather than the model: transformers' glue asks `is_tracing()`, which counts a
+    capturing stream, and takes other paths there (a mask it skips eagerly is built while capturing), so a recorded
+    glue would call the compiled layers with other inputs than their eager call and compile them during the capture.
 
-    def __init__(self, model: torch.nn.Module):
-        self.eager_forward = model.forward
-        self.output: tuple[type, list[str]] | None = None  # the output's class and fields, from the recorded run
-        self.graphs = StepGraphs(self._outputs, [], None, model.device)
+    `t5`: T5's layer protocol (hidden states, mask, position bias, cross-attention inputs; returns the hidden states
+    and the position bias the first layer computed, which the others take) rather than CLIP's (hidden states, mask,
+    `is_causal`; returns the hidden states). The layers are called exactly as the encoder's loop calls them, so the
+    compiled layers match the guards of their earlier calls and nothing recompiles."""
 
-    def _outputs(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.eager_forward(input_ids, output_hidden_states=False)
-        self.output = type(out), list(out.keys())  # ModelOutput: the fields that are set
-        return tuple(out.values())
+    def __init__(self, layers: torch.nn.ModuleList, t5: bool, device: torch.device):
+        super().__init__()
+        self.layers, self.t5 = layers, t5
+        self.graphs = StepGraphs(self._run, [], None, device)
 
-    def __call__(self, input_ids: torch.Tensor | None = None, output_hidden_states: bool | None = None, **kwargs):
-        if input_ids is None or output_hidden_states or any(v is not None for v in kwargs.values()):
-            return self.eager_forward(input_ids, output_hidden_states=output_hidden_states, **kwargs)
-        tensors = self.graphs(input_ids=input_ids)
-        cls, fields = self.output
-        return cls(**dict(zip(fields, tensors)))
+    def _run(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, position_bias=None,
+             **kwargs) -> tuple[torch.Tensor]:
+        """The layers as the encoder's loop calls them (T5: the first layer's position bias handed on)."""
+        for layer in self.layers:
+            if self.t5:
+                hidden_states, position_bias, _ = layer(hidden_states, attention_mask, position_bias, None, None,
+                                                        None, past_key_values=None, **kwargs)
+            else:
+                hidden_states = layer(hidden_states, attention_mask, **kwargs)
+        return (hidden_states,)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        """The encoder's loop calls this once, as its first layer; T5's answer leaves the position bias out (None):
+        the loop only hands it to the next layer, and there is none. Eager (the layers one by one, in this call)
+        when a hook watches a layer (transformers records hidden states so, and a replay runs no hook) or a
+        position bias is given; cross-attention inputs and a cache (never in an encoder-only FLUX encoder) are
+        refused."""
+        cache = kwargs.pop("past_key_values", None)  # T5's loop passes None
+        if cache is not None or any(a is not None for a in args[1:]):
+            raise NotImplementedError("EncoderLayerGraphs holds T5's encoder layers: no cross-attention, no cache")
+        watched = any(layer._forward_hooks or layer._forward_pre_hooks for layer in self.layers)
+        if watched or any(a is not None for a in args):
+            out = self._run(hidden_states, attention_mask, *args[:1], **kwargs)[0]
+        else:
+            out = self.graphs(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)[0]
+        return (out, None, None) if self.t5 else out
 
 
 def install_encoder_graphs(model: torch.nn.Module) -> None:
-    """Route `model`'s forward through EncoderGraphs (a CUDA model)."""
+    """Put EncoderLayerGraphs in place of `model`'s (compiled) layer list (a CUDA model, FLUX's CLIP or T5)."""
     if model.device.type != "cuda":
         raise RuntimeError("CUDA graphs of a text encoder need a CUDA device")
-    model.forward = EncoderGraphs(model)
+    owner, attribute = compile_utils.text_encoder_layer_owner(model)
+    stack = EncoderLayerGraphs(getattr(owner, attribute), type(model).__name__ == "T5EncoderModel", model.device)
+    setattr(owner, attribute, torch.nn.ModuleList([stack]))
+
+
+def encoder_graphs(model: torch.nn.Module) -> StepGraphs | None:
+    """The StepGraphs install_encoder_graphs put in `model`, if any."""
+    layers = compile_utils.text_encoder_layers(model)
+    return layers[0].graphs if len(layers) == 1 and isinstance(layers[0], EncoderLayerGraphs) else None
 
 
 def pipeline_graphs(pipeline) -> list[StepGraphs]:
     """Every StepGraphs the stack installed on `pipeline`: the transformer's step, the text encoders'."""
     graphs = [getattr(getattr(pipeline, "transformer", None), "step_graphs", None)]
-    graphs += [model.forward.graphs for model in compile_utils.flux_text_encoders(pipeline)
-               if isinstance(model.forward, EncoderGraphs)]
+    graphs += [encoder_graphs(model) for model in compile_utils.flux_text_encoders(pipeline)]
     return [g for g in graphs if g is not None]
