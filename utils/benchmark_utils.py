@@ -135,9 +135,9 @@ def create_parser() -> argparse.ArgumentParser:
                        help="with --compile_export_mode compile: keep FLUX's CLIP and T5 text encoders eager (by "
                             "default their layers are compiled)")
     stack.add_argument("--text_encoder_graphs", action="store_true",
-                       help="with --compile_mode reduce-overhead on CUDA: record the compiled CLIP and T5 encoders' layers "
-                            "as CUDA graphs too, one per prompt shape (replayed, an encoder is one launch and the host "
-                            "draws the initial noise while the device encodes)")
+                       help="with --compile_mode reduce-overhead on CUDA: record the compiled CLIP and T5 encoders' "
+                            "layers as CUDA graphs too, one per prompt shape (replayed, an encoder's layers are one "
+                            "launch and the host draws the initial noise while the device encodes)")
     stack.add_argument("--context_parallel", choices=("none", "ulysses", "ring"), default="none",
                        help="split one image's tokens over the processes of a torchrun launch (degree = world size) "
                             "through diffusers' context parallelism: ulysses (all-to-all to a head split; heads must "
