@@ -8,8 +8,8 @@ Parts (--parts, comma-separated, run in this order; default all):
   speed      do_bench medians: sparse attention at 16.5% keys vs cuDNN SDPA dense (target >= 3x), sparse
              MLP at 30% neurons vs the dense bf16 MLP (target >= 2x), and speed against sparsity; with the
              Triton kernels, the sparse MLP's pointer kernels (sparse_mlp(tma=False)) and its TMA kernels (tma=True,
-             the layers' path on Hopper) side by side at each neuron set; every selection search, checked to
-             give the same indices.
+             the layers' path on Hopper) side by side at each neuron set, and mlp.is_fp8's float8 sparse step
+             beside them; every selection search, checked to give the same indices.
   interval1  `run_benchmark.py --check interval1` on random:flux-dev, 1280x768, --interval1_steps steps.
   profile    per-kernel device time of the sparse attention and sparse MLP calls at the target sparsities.
   graphs     Chipmunk's step graphs (one CUDA graph per step kind) against the same stack run eagerly: latents
@@ -165,7 +165,20 @@ def part_kernels(s: dict, device: str, dtype: torch.dtype, use_triton: bool) -> 
     rows.append({"check": "sparse MLP: layer output from fc2's epilogue",
                  "rel_err": rel_err(layer_out, out_ref.to(layer_out.dtype))})
     rows.append({"check": "sparse MLP: fc1 pre-activation block means", "rel_err": rel_err(means, ref_means)})
-    del x, w1, b1, w2, b2, index, act, out_cache, act_ref, out_ref, pre, layer_out
+    # mlp.is_fp8: the kernels on float8 operands (x per token, W1's and W2's rows, the deltas per token) against the
+    # reference of their values in float32, from the same caches.
+    (xq, xs), (w1q, w1s), (w2q, w2s) = T.float8_rows(x), C.float8_rows(w1), C.float8_rows(w2)
+    act8, out8, act8_ref, out8_ref = act.clone(), out_cache.clone(), act.clone(), out_cache.clone()
+    T.sparse_mlp(xq, w1q, b1, w2q.t().contiguous(), index, act8, out8, s["block"], x_scale=xs, w1_scale=w1s,
+                 w2_scale=w2s)
+    C.sparse_mlp_reference(C.dequantize_rows(xq, xs), C.dequantize_rows(w1q, w1s), b1, C.dequantize_rows(w2q, w2s),
+                           index, act8_ref, out8_ref, s["block"], float8_deltas=True)
+    rows.append({"check": "float8 sparse MLP: activation cache", "rel_err": rel_err(act8, act8_ref)})
+    rows.append({"check": "float8 sparse MLP: output cache update",
+                 "rel_err": rel_err(out8 - out_cache, out8_ref - out_cache)})
+    rows.append({"check": "float8 x: compiled quantization's values unlike the reference's (info)", "rel_err": None,
+                 "value": float((xq.float() != C.float8_rows(x)[0].float()).float().mean())})
+    del x, w1, b1, w2, b2, index, act, out_cache, act_ref, out_ref, pre, layer_out, act8, out8, act8_ref, out8_ref
 
     # A dense MLP step's epilogue over W1 x^T (bias, GELU into the neuron-major cache, block means) against torch.
     pre_t = torch.randn(1, s["hidden"], s["tokens"], device=device, dtype=dtype)
@@ -260,7 +273,11 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
     # With the Triton kernels, the "ms" column is the pointer kernels (tma=False) and sparse_mlp(tma=True) (X and the
     # deltas through TMA, the layers' path on Hopper) is timed beside them at each set; a TMA failure is recorded and
     # ends its timings, not the part.
-    tma_error = None
+    tma_error, float8_error = None, None
+    float8 = None
+    if sparse_mlp is not None:  # mlp.is_fp8's weights: W1's float8 rows, W2's as W2^T rows (the layer's _float8)
+        (w1q, w1s), (w2q, w2s) = C.float8_rows(w1), C.float8_rows(w2)
+        float8 = (w1q, w1s, w2q.t().contiguous(), w2s)
     for sets in ("independent", "shared"):
         for fraction in (0.1, 0.2, 0.3, 0.5, 0.7, 1.0):
             count = CF.rounded_count(fraction, s["hidden"], multiple_n)
@@ -281,6 +298,13 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
                     tma_error = f"{type(e).__name__}: {str(e).strip()[-1000:]}"
                     print(f"[speed] sparse_mlp(tma=True) failed, no more of their timings: "
                           f"{tma_error}", flush=True)
+            if float8 is not None and float8_error is None:
+                try:
+                    mlp_rows[-1].update(float8_timing(s, x, w1, b1, w2_t, index, act, out_cache, layer_out, float8,
+                                                      ms, dry))
+                except Exception as e:  # noqa: BLE001 - recorded, as the TMA kernels' failure
+                    float8_error = f"{type(e).__name__}: {str(e).strip()[-1000:]}"
+                    print(f"[speed] float8 sparse_mlp failed, no more of its timings: {float8_error}", flush=True)
     attn_target = next(r for r in attn_rows if r["top_keys"] == 0.165)
     mlp_target = next(r for r in mlp_rows if r["top_keys"] == 0.3 and r["neuron_sets"] == "independent")
     selection = part_speed_selection(s, device, blocks, multiple_n, dry) if use_triton else []
@@ -289,7 +313,7 @@ def part_speed(s: dict, device: str, dtype: torch.dtype, use_triton: bool, dry: 
         "dense_attention_ms": dense_ms, "dense_attention": "cuDNN SDPA" if not dry else "SDPA (CPU)",
         "column_sums_ms (dense steps only)": colsum_ms, "column_sums_with_fa3_lse_ms": colsum_lse_ms,
         "attention": attn_rows,
-        "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows, "mlp_tma_error": tma_error,
+        "dense_mlp_ms": dense_mlp_ms, "mlp": mlp_rows, "mlp_tma_error": tma_error, "mlp_float8_error": float8_error,
         "selection": selection,
         "targets": {"attention_16.5%_>=3x": attn_target["speedup_vs_dense"] >= 3.0,
                     "mlp_30%_>=2x": mlp_target["speedup_vs_dense"] >= 2.0},
@@ -311,6 +335,29 @@ def tma_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, point
     ms = bench_ms(lambda: T.sparse_mlp(x, w1, b1, w2_t, index, act, out_cache, s["block"], out=layer_out, tma=True),
                   dry)
     return {"tma_ms": ms, "tma_speedup_vs_pointer": pointer_ms / ms, "tma_rel_err_vs_pointer": err}
+
+
+def float8_timing(s: dict, x, w1, b1, w2_t, index, act, out_cache, layer_out, float8: tuple, bf16_ms: float,
+                  dry: bool) -> dict:
+    """mlp.is_fp8's sparse step at one neuron set, as the layer runs it (x quantized per token, then sparse_mlp with
+    W1's and W2's float8 rows; the TMA fc1 where it runs): its median ms, its speedup over the bf16 pointer kernels'
+    (bf16_ms), and the relative error of its output-cache update against theirs from the same caches."""
+    w1q, w1s, w2tq, w2s = float8
+
+    def step(a, o):
+        xq, xs = T.float8_rows(x)
+        T.sparse_mlp(xq, w1q, b1, w2tq, index, a, o, s["block"], out=layer_out, x_scale=xs, w1_scale=w1s,
+                     w2_scale=w2s)
+
+    # From a fresh activation cache: the timing loops before left the selected neurons' current activations in
+    # `act`, so their change, fc2's input, would be 0.
+    start = torch.randn_like(act)
+    a, o = start.clone(), out_cache.clone()
+    step(a, o)
+    bf16 = caches_after(s, x, w1, b1, w2_t, index, start, out_cache, layer_out, tma=False)
+    err = rel_err(o - out_cache, bf16[1] - out_cache)
+    ms = bench_ms(lambda: step(act, out_cache), dry)
+    return {"float8_ms": ms, "float8_speedup_vs_bf16": bf16_ms / ms, "float8_update_rel_err_vs_bf16": err}
 
 
 def autotune_picks() -> dict[str, dict[str, str]]:
@@ -654,13 +701,23 @@ def markdown(record: dict) -> str:
                       "its output cache's relative error against theirs."]
         if sp.get("mlp_tma_error"):
             lines += [f"TMA kernels failed (no timings after it): {sp['mlp_tma_error']}"]
+        f8 = any("float8_ms" in r for r in sp["mlp"])  # mlp.is_fp8's sparse step timed beside (Triton kernels only)
+        if f8:
+            lines += ["float8: mlp.is_fp8's sparse step (x quantized per token, W1's and W2's float8 rows), its speedup "
+                      "over the bf16 pointer kernels and its output-cache update's relative error against theirs."]
+        if sp.get("mlp_float8_error"):
+            lines += [f"float8 kernels failed (no timings after it): {sp['mlp_float8_error']}"]
         lines += ["", "| MLP neuron sets | top_keys | neurons | ms | speedup |"
-                  + (" TMA ms | TMA vs pointer | TMA rel. error |" if tma else ""),
-                  "|---|---|---|---|---|" + ("---|---|---|" if tma else "")]
+                  + (" TMA ms | TMA vs pointer | TMA rel. error |" if tma else "")
+                  + (" float8 ms | float8 vs bf16 | float8 rel. error |" if f8 else ""),
+                  "|---|---|---|---|---|" + ("---|---|---|" if tma else "") + ("---|---|---|" if f8 else "")]
         lines += [f"| {r.get('neuron_sets', 'independent')} | {r['top_keys']} | {r['neurons']} | {r['ms']:.3f} | "
                   f"{r['speedup_vs_dense']:.2f}x |"
                   + ((f" {r['tma_ms']:.3f} | {r['tma_speedup_vs_pointer']:.2f}x | {r['tma_rel_err_vs_pointer']:.1e} |"
-                      if "tma_ms" in r else " - | - | - |") if tma else "") for r in sp["mlp"]]
+                      if "tma_ms" in r else " - | - | - |") if tma else "")
+                  + ((f" {r['float8_ms']:.3f} | {r['float8_speedup_vs_bf16']:.2f}x | "
+                      f"{r['float8_update_rel_err_vs_bf16']:.1e} |" if "float8_ms" in r else " - | - | - |")
+                     if f8 else "") for r in sp["mlp"]]
         if sp.get("selection"):
             searches = [k[:-3] for k in sp["selection"][0] if k.endswith("_ms")]  # the searches, then "autotuned"
             lines += ["", "Selection kernels (ms; how the K-th largest key is found: utils.chipmunk.kernels"

@@ -4,6 +4,7 @@ values, and the schedule they imply (dense steps, MLP reselections, the deferred
 import re
 
 import pytest
+import torch
 
 from chipmunk_support import FLUX_CONFIG, TINY_CONFIG, write_config
 from utils.chipmunk import config as C
@@ -32,7 +33,7 @@ def test_bad_config_is_refused_with_the_fix(make_args, tmp_path, sections, messa
     ({"attn": {"mbm": 0}}, "attn.mbm must be a positive integer, got 0"),
     ({"mlp": {"full_step_every": 2.5}}, "mlp.full_step_every must be a positive integer, got 2.5"),
     ({"attn": {"first_n_dense_layers": -1}}, "attn.first_n_dense_layers must be >= 0"),
-    ({"mlp": {"is_fp8": True}}, "mlp.is_fp8 is not implemented here; set it to false"),
+    ({"mlp": {"is_fp8": "yes"}}, "mlp.is_fp8 must be true or false, got 'yes'"),
     ({"attn": {"random_keys": 0.1}}, "attn.random_keys is not implemented here"),
     ({"mlp": {"block_mask_cache": 0}}, "mlp.block_mask_cache and mlp.bm must be positive integers"),
     ({"patchify": {"chunk_size_1": 6, "chunk_size_2": 4}},
@@ -41,6 +42,24 @@ def test_bad_config_is_refused_with_the_fix(make_args, tmp_path, sections, messa
 def test_values_the_code_cannot_run_are_refused_naming_the_key(overrides, message):
     with pytest.raises(StackError, match=re.escape(message)):
         C.load_chipmunk_config(TINY_CONFIG, overrides=overrides)
+
+
+def test_the_float8_flux_config_is_the_published_one_with_its_mlp_in_float8():
+    import dataclasses
+
+    published = dataclasses.asdict(C.load_chipmunk_config(FLUX_CONFIG))
+    published["mlp"]["is_fp8"] = True
+    assert dataclasses.asdict(C.load_chipmunk_config(FLUX_CONFIG.replace(".yml", "-fp8.yml"))) == published
+
+
+def test_float8_mlp_is_refused_on_a_gpu_without_float8_matmuls(make_args, tmp_path, monkeypatch):
+    path = write_config(tmp_path, mlp={"is_fp8": True})
+    assert C.load_chipmunk_config(path).mlp.is_fp8 is True
+    validate_args(make_args("--chipmunk_config", path))  # CPU: the float8 values, multiplied in float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # validation only: nothing runs
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    with pytest.raises(StackError, match=r"mlp\.is_fp8 needs float8 matmuls \(an sm_89\+ GPU"):
+        validate_args(make_args("--chipmunk_config", path, "--device", "cuda"))
 
 
 def test_image_size_not_tiled_by_patches_is_refused(make_args):

@@ -233,6 +233,17 @@ def test_hicache_interval3_on_chipmunk_defers_refreshes_and_gives_an_image(make_
     assert torch.isfinite(both).all() and rel(both, chip) < 0.05  # an image near Chipmunk's, not noise
 
 
+def test_a_float8_mlp_gives_chipmunks_image_within_float8_precision(make_args, tmp_path):
+    """mlp.is_fp8 (fc1 and fc2 on the float8 values, multiplied in float32 here): the latents within
+    float8's precision of Chipmunk's in full precision (their relative error 0.2% on the tiny pipeline), not noise;
+    the same decisions; the stack line says which GEMMs run in float8."""
+    chip, chip_pipe = latents(make_args, "--chipmunk_config", TINY_CONFIG)
+    fp8, pipe = latents(make_args, "--chipmunk_config", write_config(tmp_path, mlp={"is_fp8": True}))
+    assert "fc1 and fc2 in float8" in pipe.harness_stack["chipmunk"]
+    assert chipmunk.chipmunk_stats(pipe) == chipmunk.chipmunk_stats(chip_pipe)
+    assert torch.isfinite(fp8).all() and 0 < rel(fp8, chip) < 0.02
+
+
 def test_interval1_three_way_check(make_args):
     from utils.interval1_check import run_interval1_check
 

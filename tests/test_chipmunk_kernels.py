@@ -13,7 +13,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-INTERPRETED_TESTS = 41  # tests/interpreted: 34 in test_kernels.py (with their parameters), 3 in test_layers_on_kernels.py,
+INTERPRETED_TESTS = 46  # tests/interpreted: 38 in test_kernels.py (with their parameters), 4 in test_layers_on_kernels.py,
 #                       4 in test_forecast_window.py
 
 

@@ -46,8 +46,9 @@ ELEMENTWISE = {"activation_delta", "dense_mlp_epilogue", "top_neurons", "top_key
                "top_and_random_neurons_radix"}
 GATHERED = {"sparse_attention", "sparse_attention_cached", "sparse_attention_dense_step",
             "sparse_fc1", "sparse_fc2", "sparse_fc1_uneven",
-            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma"}  # loops over gathered rows
-TMA = {"sparse_fc1_tma", "sparse_fc2_tma"}  # dense operand through a TMA descriptor: its loads must be TMA copies
+            "sparse_fc2_uneven", "sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_fp8", "sparse_fc1_tma_fp8",
+            "sparse_fc2_fp8"}  # loops over gathered rows
+TMA = {"sparse_fc1_tma", "sparse_fc2_tma", "sparse_fc1_tma_fp8"}  # dense operand through a TMA descriptor: its loads must be TMA copies
 PIPELINED = GATHERED | {"column_sum"}  # column sums: one flat loop over a run of query groups' row tiles
 
 
@@ -76,10 +77,12 @@ def kernel_args():
                           sx=HIDDEN, sr=HIDDEN, so=NK_MLP, SEED_IN_TENSOR=False, HAS_REF=False, BLOCK=16384,
                           SEARCH="bitwise")
     fc1 = dict(X=x, W1=meta(HIDDEN, DM), B1=meta(HIDDEN), IDX=mlp_index, NEW=delta,
-               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), sxb=x.stride(0), sxl=x.stride(1),
+               PRESUM=meta(B, NB, NK_MLP, dtype=torch.float32), XS=meta(B, L, dtype=torch.float32),
+               WS=meta(HIDDEN, dtype=torch.float32), FP8=False, sxb=x.stride(0), sxl=x.stride(1),
                snb=delta.stride(0), snl=delta.stride(1), L=L, DM=DM, NK=NK_MLP, NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK,
                BLOCK_M=MLP_BLOCK_M, EVEN_D=DM % ct._largest(ct._sparse_fc1_kernel, "BLOCK_D") == 0)
-    fc2 = dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM), sdb=delta.stride(0),
+    fc2 = dict(DELTA=delta, W2T=meta(HIDDEN, DM), IDX=mlp_index, OUT=out, LOW=meta(B, L, DM),
+               DS=meta(B, L, dtype=torch.float32), WS=meta(DM, dtype=torch.float32), FP8=False, sdb=delta.stride(0),
                sdl=delta.stride(1), sob=out.stride(0), sol=out.stride(1), slb=L * DM, sll=DM, L=L, NK=NK_MLP, NOUT=DM,
                NB=NB, TOKENS_PER_BLOCK=MLP_BLOCK, WRITE_LOW=True, BLOCK_M=MLP_BLOCK_M,
                EVEN_K=NK_MLP % ct._largest(ct._sparse_fc2_kernel, "BLOCK_K") == 0,
@@ -91,6 +94,16 @@ def kernel_args():
                    X_DESC=TensorDescriptor(x, [B * L, DM], [DM, 1], [MLP_BLOCK_M, 16]))
     fc2_tma = dict({k: v for k, v in fc2.items() if k not in ("DELTA", "sdb", "sdl")},
                    DELTA_DESC=TensorDescriptor(delta, [B * L, NK_MLP], [NK_MLP, 1], [MLP_BLOCK_M, 16]))
+    # mlp.is_fp8: X and the gathered W1 rows in float8 e4m3 (wgmma's float8 operands), their scales in the epilogue.
+    x8 = meta(B, L, DM, dtype=torch.float8_e4m3fn)
+    fc1_fp8 = dict(fc1, X=x8, W1=meta(HIDDEN, DM, dtype=torch.float8_e4m3fn), FP8=True,
+                   EVEN_D=DM % ct._largest(ct._sparse_fc1_fp8_kernel, "BLOCK_D") == 0)
+    fc1_tma_fp8 = dict(fc1_tma, W1=fc1_fp8["W1"], FP8=True,
+                       X_DESC=TensorDescriptor(x8, [B * L, DM], [DM, 1], [MLP_BLOCK_M, 16]))
+    # ... and fc2 (its pointer kernel): the deltas quantized per token, W2^T's gathered rows in float8.
+    delta8 = meta(B, L, NK_MLP, dtype=torch.float8_e4m3fn)
+    fc2_fp8 = dict(fc2, DELTA=delta8, W2T=meta(HIDDEN, DM, dtype=torch.float8_e4m3fn), FP8=True,
+                   EVEN_K=NK_MLP % ct._largest(ct._sparse_fc2_fp8_kernel, "BLOCK_K") == 0)
     top_neurons = dict(X=meta(NB, HIDDEN, dtype=torch.float32), OUT=mlp_index, N=HIDDEN, K=NK_MLP, sx=HIDDEN,
                        so=NK_MLP, BLOCK=16384, SEARCH="bitwise")
     return {
@@ -144,6 +157,9 @@ def kernel_args():
         "sparse_fc2": (ct._sparse_fc2_kernel, None, fc2),
         "sparse_fc2_uneven": (ct._sparse_fc2_kernel, None, dict(fc2, EVEN_K=False, EVEN_N=False)),
         "sparse_fc1_tma": (ct._sparse_fc1_tma_kernel, None, fc1_tma),
+        "sparse_fc1_fp8": (ct._sparse_fc1_fp8_kernel, None, fc1_fp8),
+        "sparse_fc1_tma_fp8": (ct._sparse_fc1_tma_fp8_kernel, None, fc1_tma_fp8),
+        "sparse_fc2_fp8": (ct._sparse_fc2_fp8_kernel, None, fc2_fp8),
         "sparse_fc2_tma": (ct._sparse_fc2_tma_kernel, None, fc2_tma),
     }
 

@@ -131,6 +131,42 @@ def test_mlp_layer_dense_then_sparse_steps_track_the_dense_mlp_with_caches_in_pl
     assert layer.stats == {"dense": 1, "sparse": 3, "reselect": 2} and layer.flags == {"neurons": True}
 
 
+def _float8_mlp(layer, x):
+    """The dense MLP of the float8 values is_fp8 multiplies: x and the activations per token, the weights per row."""
+    def q(t):
+        return R.dequantize_rows(*R.float8_rows(t))
+    act = R.gelu_tanh(F.linear(q(x), q(layer.w1), layer.b1))
+    return F.linear(q(act), q(layer.w2), layer.b2)
+
+
+def test_mlp_layer_in_float8_tracks_the_dense_mlp_of_its_float8_operands():
+    """mlp.is_fp8 on the reference path (CPU): a dense step is the MLP of the float8 values (operands dequantized,
+    products in float32); with every neuron selected the sparse steps after it (fc2 of the activations' change,
+    quantized per token, onto the cache) stay within float8's precision of the full-precision MLP (fresh inputs each
+    call)."""
+    clock = ManualClock()
+    layer = _mlp(clock, top_keys=1.0, random_keys=0.0, is_fp8=True)
+    xs = [torch.randn(1, 80, D_MODEL) for _ in range(3)]
+    out = layer(xs[0])  # step 0: dense, fc1 and fc2 in float8
+    # The bf16-free CPU path rounds the activations to the cache's dtype (float32 here) before fc2 quantizes them.
+    torch.testing.assert_close(out, _float8_mlp(layer, xs[0]), rtol=1e-5, atol=1e-5)
+    assert set(layer.float8) == {"w1", "w1_scale", "w2", "w2_scale"} and layer.float8["w1"].dtype == R.FLOAT8
+    for step in (1, 2):
+        clock.at(step)
+        out = layer(xs[step])  # sparse: fc1 and fc2 of the change in float8, onto the float32 cache
+        reference = _dense_mlp(layer, xs[step])
+        assert float((out - reference).norm() / reference.norm()) < 0.06  # float8 e4m3: 3 mantissa bits
+    assert layer.stats == {"dense": 1, "sparse": 2, "reselect": 1}
+
+
+def test_float8_matmul_off_the_gpu_is_the_dequantized_product():
+    a, b = torch.randn(40, 24), torch.randn(8, 24)
+    (aq, sa), (bq, sb) = R.float8_rows(a), R.float8_rows(b)
+    got = layers.float8_matmul(aq, sa, bq, sb, torch.float32)
+    torch.testing.assert_close(got, R.dequantize_rows(aq, sa) @ R.dequantize_rows(bq, sb).t(), rtol=0, atol=0)
+    assert float((got - a @ b.t()).norm() / (a @ b.t()).norm()) < 0.06  # float8 e4m3: 3 mantissa bits
+
+
 def test_mlp_layer_sparse_step_recomputes_only_the_selected_neurons():
     clock = ManualClock()
     layer = _mlp(clock, with_bias=False, counts_multiple_of=8)  # 0.35 of 64 -> 24 neurons (19 top + 5 random)

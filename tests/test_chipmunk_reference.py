@@ -153,3 +153,21 @@ def test_hash_offset_wraps_to_signed_int64_as_the_tensor_seed_does():
         wrapped = R.hash_offset(seed)
         assert -2**63 <= wrapped < 2**63
         assert wrapped == int(torch.tensor(seed) * R.HASH_CONSTANTS[0])
+
+
+def test_float8_rows_scale_each_row_by_its_absolute_max_and_round_within_e4m3():
+    """One float32 scale per row, amax / 448 (a row of zeros: 1); dequantized, each element within e4m3's rounding
+    (3 mantissa bits: half a step is 2^-4 of the value) or, below e4m3's normal range, half its subnormal step; the
+    strides kept (a neuron-major activation cache quantizes in place of layout)."""
+    t = torch.randn(3, 50, 40) * torch.logspace(-3, 3, 40)
+    t[1, 7] = 0
+    q, scale = R.float8_rows(t)
+    assert q.dtype == R.FLOAT8 and scale.dtype == torch.float32 and scale.shape == (3, 50)
+    torch.testing.assert_close(scale, torch.where(t.abs().amax(-1) > 0, t.abs().amax(-1) / 448, torch.ones(())))
+    assert torch.equal(q[1, 7].float(), torch.zeros(40)) and scale[1, 7] == 1
+    back = R.dequantize_rows(q, scale)
+    assert (back - t).abs().le(t.abs() * 2 ** -4 + scale[..., None] * 2 ** -10).all()
+    assert float(back.abs().amax(-1).div(t.abs().amax(-1).clamp_min(1e-30)).sub(1).abs()[t.abs().amax(-1) > 0].max()) \
+        < 1e-6  # the row's max maps to 448 exactly
+    neuron_major = R.neuron_major(t)
+    assert R.float8_rows(neuron_major)[0].stride() == neuron_major.stride()

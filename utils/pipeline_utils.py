@@ -168,7 +168,10 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
     if chipmunk_on:
         from utils.chipmunk import load_chipmunk_config
 
-        load_chipmunk_config(args.chipmunk_config, height=args.height, width=args.width)
+        config = load_chipmunk_config(args.chipmunk_config, height=args.height, width=args.width)
+        if config.mlp.is_fp8 and cuda and torch.cuda.get_device_capability() < (8, 9):
+            raise StackError(f"{args.chipmunk_config}: mlp.is_fp8 needs float8 matmuls (an sm_89+ GPU: Ada, Hopper); "
+                             f"set it to false on this GPU")
     return args
 
 

@@ -240,6 +240,38 @@ def test_sparse_mlp_matches_the_reference(d, out, K, layout):
     assert torch.equal(pre_mean, expected) and torch.equal(a2, act) and torch.equal(o2, out_cache)
 
 
+@pytest.mark.parametrize("d, out, K, tma, fc2", [(32, 24, 20, False, True), (24, 32, 32, False, False),
+                                                (32, 24, 20, True, True), (48, 32, 32, True, True)])
+def test_sparse_mlp_in_float8_matches_the_reference_of_its_float8_values(d, out, K, tma, fc2):
+    """mlp.is_fp8: x and W1 in float8 e4m3 with their row scales (reference.float8_rows); fc1 multiplies float8
+    tiles (exact float32 sums) and scales them by token and by gathered neuron in its epilogue; with `fc2`, W2's
+    float8 rows too (gathered as W2^T rows, scaled by output column) and the deltas quantized per token before fc2:
+    the reference of the dequantized operands, in float32. Through the pointer kernels (d = 32: fc1's unmasked loop,
+    24: its masked one) and fc1's TMA one (float8 rows of 32 and 48 bytes: TMA needs them 16-byte aligned; a float8
+    fc2 takes the pointer kernel). Scales with bf16 operands (or float8 without scales) are refused."""
+    torch.manual_seed(5)
+    x, w1, b1 = torch.randn(B, L, d) * 3, torch.randn(HIDDEN, d) / d ** 0.5, torch.randn(HIDDEN)
+    w2 = torch.randn(out, HIDDEN) / 8
+    index = _neuron_sets(K)
+    act, out_cache = C.neuron_major(torch.randn(B, L, HIDDEN)), torch.randn(B, L, out)
+    (xq, x_scale), (w1q, w1_scale), (w2q, w2_scale) = C.float8_rows(x), C.float8_rows(w1), C.float8_rows(w2)
+    act_ref, out_ref = act.clone(), out_cache.clone()
+    pre = C.sparse_mlp_reference(C.dequantize_rows(xq, x_scale), C.dequantize_rows(w1q, w1_scale), b1,
+                                 C.dequantize_rows(w2q, w2_scale) if fc2 else w2, index, act_ref, out_ref, BLOCK,
+                                 float8_deltas=fc2)
+    means = T.sparse_mlp(xq, w1q, b1, (w2q if fc2 else w2).t().contiguous(), index, act, out_cache, BLOCK, tma=tma,
+                         x_scale=x_scale, w1_scale=w1_scale, w2_scale=w2_scale if fc2 else None)
+    torch.testing.assert_close(act, act_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cache, out_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(means, _block_means_of_selected(pre, L), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float8 fc1 takes x and w1 in float8"):
+        T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, BLOCK, x_scale=x_scale, w1_scale=w1_scale)
+    with pytest.raises(ValueError, match="float8 fc1 takes x and w1 in float8"):
+        T.sparse_mlp(xq, w1q, b1, w2.t().contiguous(), index, act, out_cache, BLOCK)
+    with pytest.raises(ValueError, match="float8 fc2 takes w2_t in float8"):
+        T.sparse_mlp(x, w1, b1, w2.t().contiguous(), index, act, out_cache, BLOCK, w2_scale=w2_scale)
+
+
 @pytest.mark.parametrize("tile, chunk", [(256, 64), (128, 64)])
 @pytest.mark.parametrize("K", [20, 32])
 @pytest.mark.parametrize("nout", [300, 256])
@@ -257,10 +289,10 @@ def test_fc2_epilogue_in_column_chunks_matches_whole_tiles(nout, K, tile, chunk)
     for epilogue_n in (tile, chunk):
         out_cache, low = cache.clone(), torch.full((B, L, nout), float("nan"), dtype=torch.bfloat16)
         T._sparse_fc2_kernel.fn[(T.triton.cdiv(L, 32), T.triton.cdiv(nout, tile), B)](
-            delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1), out_cache.stride(0),
+            delta, w2_t, index, out_cache, low, cache, cache, delta.stride(0), delta.stride(1), out_cache.stride(0),
             out_cache.stride(1), low.stride(0), low.stride(1), L, K, nout, 3, BLOCK, WRITE_LOW=True, BLOCK_M=32,
             BLOCK_N=tile, BLOCK_K=16, EPILOGUE_N=epilogue_n, EVEN_K=K % 16 == 0, EVEN_N=nout % tile == 0,
-            num_warps=4, num_stages=1)
+            FP8=False, num_warps=4, num_stages=1)  # (the float8 scales' pointers: never read with FP8 off)
         results.append((out_cache, low))
     (whole, whole_low), (chunked, chunked_low) = results
     assert torch.equal(chunked, whole) and torch.equal(chunked_low, whole_low), (nout, K, tile)

@@ -45,14 +45,16 @@ def test_chipmunk_layers_on_the_triton_path_match_the_reference_path(make_args):
     torch.testing.assert_close(latents["triton"], latents["reference"], rtol=1e-4, atol=1e-4)
 
 
-def test_an_mlp_layer_on_the_kernels_matches_the_reference_layer_in_a_batch():
+@pytest.mark.parametrize("is_fp8", [False, True], ids=["bf16", "float8"])
+def test_an_mlp_layer_on_the_kernels_matches_the_reference_layer_in_a_batch(is_fp8):
     """Batch 2, 80 tokens in blocks of 32 (a partial last block), over a dense step, a reselection and a sparse step:
-    the outputs and the caches the kernels write (in place, at the same addresses) agree with the reference layer's."""
+    the outputs and the caches the kernels write (in place, at the same addresses) agree with the reference layer's;
+    with mlp.is_fp8 too (the kernels' float8 fc1 against the reference's dequantized operands)."""
     torch.manual_seed(10)
     w1, b1 = torch.randn(64, 24) / 24 ** 0.5, torch.randn(64)
     w2, b2 = torch.randn(16, 64) / 8, torch.randn(16)
     clock = ManualClock()
-    config = MlpConfig(bm=32, counts_multiple_of=16, full_step_every=4)
+    config = MlpConfig(bm=32, counts_multiple_of=16, full_step_every=4, is_fp8=is_fp8)
     on_kernels, on_reference = (layers.SparseMlp(3, clock, config, w1, b1, w2, b2, kernels) for kernels in (T, None))
     addresses = set()
     for step in range(3):

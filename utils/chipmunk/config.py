@@ -27,7 +27,7 @@ class MlpConfig:
     counts_multiple_of: int = 256  # neuron count padded to the kernel tile multiple
     bm: int = 128  # tokens per block that share one neuron set ("MLP token block")
     mbm: int = 128  # Chipmunk's kernel sub-tile; accepted for compatibility, unused here
-    is_fp8: bool = False
+    is_fp8: bool = False  # fc1 and fc2 in float8 e4m3 with per-row scales (layers.SparseMlp)
 
 
 @dataclass
@@ -107,8 +107,8 @@ def load_chipmunk_config(path: str | Path | None = None, height: int | None = No
                 raise StackError(f"{where}: {section}.{key} must be a positive integer, got {getattr(sec, key)!r}")
         if sec.first_n_dense_layers < 0:
             raise StackError(f"{where}: {section}.first_n_dense_layers must be >= 0")
-    if config.mlp.is_fp8:
-        raise StackError(f"{where}: mlp.is_fp8 is not implemented here; set it to false")
+    if not isinstance(config.mlp.is_fp8, bool):
+        raise StackError(f"{where}: mlp.is_fp8 must be true or false, got {config.mlp.is_fp8!r}")
     if config.attn.random_keys:
         raise StackError(f"{where}: attn.random_keys is not implemented here (FLUX's config has none); set it to 0")
     if config.mlp.block_mask_cache < 1 or config.mlp.bm < 1:

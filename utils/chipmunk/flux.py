@@ -233,7 +233,8 @@ def apply_chipmunk_config(pipeline, config: ChipmunkConfig, kernels: str = "auto
         reorder = f"{p.chunk_size_1}x{p.chunk_size_1}/{p.chunk_size_2}x{p.chunk_size_2} patches"
     return (f"applied: attention top {a.top_keys:.3g} keys per {a.mbm}-query group on {sparse_attn} layers "
             f"(dense every {a.full_step_every}); MLP top {m.top_keys:.3g}+{m.random_keys:.3g} random neurons per "
-            f"{m.bm}-token block on {len(layers) - sparse_attn} layers (dense every {m.full_step_every}); token "
+            f"{m.bm}-token block on {len(layers) - sparse_attn} layers (dense every {m.full_step_every}"
+            f"{'; fc1 and fc2 in float8' if m.is_fp8 else ''}); token "
             f"reorder {reorder}; kernels: {kernels_status(ops, transformer.device)}")
 
 

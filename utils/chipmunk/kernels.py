@@ -27,7 +27,8 @@ import os
 
 import torch
 
-from utils.chipmunk.reference import HASH_CONSTANTS, block_sizes, hash_offset
+from utils.chipmunk.reference import FLOAT8, HASH_CONSTANTS, block_sizes, hash_offset
+from utils.chipmunk import reference as R
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
@@ -75,6 +76,19 @@ _FC1_TILES = [dict(BLOCK_K=64, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=6
               dict(BLOCK_K=128, BLOCK_D=64, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4),
               dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=256, BLOCK_D=64, w=8, s=3),
               dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=32, w=8, s=6)]
+# fc1 in float8 (mlp.is_fp8): a float8 element is half a bf16 one, so the tiles go twice as deep along DM for the same
+# shared memory; 256-neuron tiles spill (255 registers: the scales' multiply in the epilogue).
+_FC1_FP8_TILES = [dict(BLOCK_K=64, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=64, BLOCK_D=128, w=8, s=4),
+                  dict(BLOCK_K=128, BLOCK_D=128, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=128, w=8, s=4),
+                  dict(BLOCK_K=64, BLOCK_D=256, w=8, s=3), dict(BLOCK_K=128, BLOCK_D=256, w=8, s=3),
+                  dict(BLOCK_K=64, BLOCK_D=64, w=8, s=4), dict(BLOCK_K=128, BLOCK_D=64, w=8, s=4)]
+# fc2 in float8 (pointer kernel only): the tiles twice as deep along the neurons for the same shared memory;
+# 256-column tiles spill. Hopper's float8 wgmma takes its B operand K-major, and W2^T's gathered rows are N-major:
+# Triton transposes the tile in shared memory, which the TMA kernel's loop then does not software-pipeline
+# (tests/test_chipmunk_kernels_sm90.py found it; the pointer kernel's loop pipelines).
+_FC2_FP8_TILES = [dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=4),
+                  dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=64, BLOCK_K=128, w=8, s=4),
+                  dict(BLOCK_N=128, BLOCK_K=256, w=8, s=3)]
 _FC2_TILES = [dict(BLOCK_N=128, BLOCK_K=64, w=8, s=3), dict(BLOCK_N=64, BLOCK_K=64, w=4, s=4),
               dict(BLOCK_N=128, BLOCK_K=32, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=128, w=8, s=3),
               dict(BLOCK_N=128, BLOCK_K=64, w=8, s=4), dict(BLOCK_N=128, BLOCK_K=64, w=8, s=5),
@@ -239,8 +253,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16)),
                      key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
-    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr):
+    def _sparse_fc1_kernel(X, W1, B1, IDX, NEW, PRESUM, XS, WS, sxb, sxl, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr,
+                           FP8: tl.constexpr):
         # Row tiles vary fastest: the programs in flight then share one neuron tile position across all token blocks,
         # whose sorted neuron sets cover similar W1 rows, so gathered weights come from L2 instead of DRAM.
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -264,7 +279,21 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 x = tl.load(x_ptr + dd[None, :], mask=(rows[:, None] < L) & (dd[None, :] < DM), other=0.0)
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
+        acc = _fc1_scales(acc, XS, WS, b, rows, neuron, L, FP8)
         _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+
+    _sparse_fc1_fp8_kernel = triton.autotune(configs=_configs(_FC1_FP8_TILES, dict(BLOCK_K=16, BLOCK_D=16)),
+                                             key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])(
+        _sparse_fc1_kernel.fn)  # the same kernel with FP8 on, tuned over its own tiles
+
+    @triton.jit
+    def _fc1_scales(acc, XS, WS, b, rows, neuron, L, FP8: tl.constexpr):
+        """float8 operands (FP8): the exact float32 sums of float8 products, times each token's scale (XS, (B, L))
+        and each gathered neuron's weight-row scale (WS, (hidden,)); bf16 operands: acc as it is."""
+        if FP8:
+            acc = acc * tl.load(XS + b * L + rows, mask=rows < L, other=0.0)[:, None] \
+                * tl.load(WS + neuron).to(tl.float32)[None, :]
+        return acc
 
     @triton.jit
     def _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB):
@@ -356,10 +385,10 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), EPILOGUE_N=64),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
-    def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, LOW, sdb, sdl, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
-                           WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    def _sparse_fc2_kernel(DELTA, W2T, IDX, OUT, LOW, DS, WS, sdb, sdl, sob, sol, slb, sll, L, NK, NOUT, NB,
+                           TOKENS_PER_BLOCK, WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_K: tl.constexpr, EPILOGUE_N: tl.constexpr, EVEN_K: tl.constexpr,
-                           EVEN_N: tl.constexpr):
+                           EVEN_N: tl.constexpr, FP8: tl.constexpr):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest, as in fc1:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # the programs in flight share a W2^T column slice (L2)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -385,8 +414,18 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
                 delta = tl.load(delta_rows + j[None, :], mask=jvalid[None, :], other=0.0)
             w = _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K, EVEN_N)
             acc += tl.dot(delta, w)
+        acc = _fc2_scales(acc, DS, WS, b, rows, cols, L, NOUT, FP8)
         _fc2_epilogue(acc, OUT, LOW, b, rows, pid_n * BLOCK_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW, BLOCK_M,
                       BLOCK_N, EPILOGUE_N)
+
+    @triton.jit
+    def _fc2_scales(acc, DS, WS, b, rows, cols, L, NOUT, FP8: tl.constexpr):
+        """float8 operands (FP8): the float32 sums times each token's delta scale (DS, (B, L)) and each output
+        column's W2 row scale (WS, (out,)); bf16 operands: acc as it is."""
+        if FP8:
+            acc = acc * tl.load(DS + b * L + rows, mask=rows < L, other=0.0)[:, None] \
+                * tl.load(WS + cols, mask=cols < NOUT, other=0.0)[None, :]
+        return acc
 
     @triton.jit
     def _fc2_epilogue(acc, OUT, LOW, b, rows, c0, sob, sol, slb, sll, L, NOUT, WRITE_LOW: tl.constexpr,
@@ -442,9 +481,9 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
     @triton.autotune(configs=_configs(_FC1_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
                      key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])
     @triton.jit
-    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
+    def _sparse_fc1_tma_kernel(X_DESC, W1, B1, IDX, NEW, PRESUM, XS, WS, snb, snl, L, DM, NK, NB, TOKENS_PER_BLOCK,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                               EVEN_D: tl.constexpr):
+                               EVEN_D: tl.constexpr, FP8: tl.constexpr):
         pid_m, pid_k, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc1
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -462,16 +501,21 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             else:
                 w = tl.load(w_ptr + dd[None, :], mask=dd[None, :] < DM, other=0.0)
             acc += tl.dot(x, tl.trans(w))
+        acc = _fc1_scales(acc, XS, WS, b, rows, neuron, L, FP8)
         _fc1_epilogue(acc, B1, neuron, PRESUM, NEW, b, blk, rows, j, jvalid, snb, snl, L, NK, NB)
+
+    _sparse_fc1_tma_fp8_kernel = triton.autotune(
+        configs=_configs(_FC1_FP8_TILES, dict(BLOCK_K=16, BLOCK_D=16), pre_hook=_fc1_tma_box),
+        key=["L", "NK", "DM", "BLOCK_M"], reset_to_zero=["PRESUM"])(_sparse_fc1_tma_kernel.fn)
 
     @triton.autotune(configs=_configs(_FC2_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4),
                                       pre_hook=_fc2_tma_box, EPILOGUE_N=64),
                      key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])
     @triton.jit
-    def _sparse_fc2_tma_kernel(DELTA_DESC, W2T, IDX, OUT, LOW, sob, sol, slb, sll, L, NK, NOUT, NB, TOKENS_PER_BLOCK,
-                               WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               BLOCK_K: tl.constexpr, EPILOGUE_N: tl.constexpr, EVEN_K: tl.constexpr,
-                               EVEN_N: tl.constexpr):
+    def _sparse_fc2_tma_kernel(DELTA_DESC, W2T, IDX, OUT, LOW, DS, WS, sob, sol, slb, sll, L, NK, NOUT, NB,
+                               TOKENS_PER_BLOCK, WRITE_LOW: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPILOGUE_N: tl.constexpr,
+                               EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, FP8: tl.constexpr):
         pid_m, pid_n, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)  # row tiles fastest (L2), as in fc2
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         blk = (pid_m * BLOCK_M) // TOKENS_PER_BLOCK
@@ -490,8 +534,14 @@ if _IMPORTED:  # defined even without a GPU, so that tests can compile them ahea
             delta = DELTA_DESC.load([delta_row, k0])  # columns past NK come back zero
             w = _load_w2t_rows(w_ptr, jvalid, cols, NOUT, EVEN_K, EVEN_N)
             acc += tl.dot(delta, w)
+        acc = _fc2_scales(acc, DS, WS, b, rows, cols, L, NOUT, FP8)
         _fc2_epilogue(acc, OUT, LOW, b, rows, pid_n * BLOCK_N, sob, sol, slb, sll, L, NOUT, WRITE_LOW, BLOCK_M,
                       BLOCK_N, EPILOGUE_N)  # the same sums and rounding as _sparse_fc2_kernel's
+
+    # fc2 with FP8 on, tuned over its own tiles (see _sparse_fc1_fp8_kernel); the pointer kernel only.
+    _sparse_fc2_fp8_kernel = triton.autotune(
+        configs=_configs(_FC2_FP8_TILES, dict(BLOCK_N=16, BLOCK_K=16, EPILOGUE_N=4), EPILOGUE_N=64),
+        key=["L", "NK", "NOUT", "BLOCK_M"], restore_value=["OUT"])(_sparse_fc2_kernel.fn)
 
     # --- key / neuron selection: top-k per row, indices ascending -----------------------------------
 
@@ -802,7 +852,9 @@ def dense_mlp_epilogue(pre_t: torch.Tensor, b1: torch.Tensor, act_t: torch.Tenso
 
 def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.Tensor, neuron_index: torch.Tensor,
                act_cache: torch.Tensor, out_cache: torch.Tensor, block: int,
-               out: torch.Tensor | None = None, tma: bool | None = None, pre_mean: torch.Tensor | None = None, x_read: torch.cuda.Event | None = None) -> torch.Tensor | None:
+               out: torch.Tensor | None = None, tma: bool | None = None, pre_mean: torch.Tensor | None = None,
+               x_read: torch.cuda.Event | None = None, x_scale: torch.Tensor | None = None,
+               w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """Same update as reference.sparse_mlp_reference, in place on act_cache and out_cache (float32).
     w2_t is fc2's weight transposed and contiguous, (hidden, out), so that selected neurons are rows. act_cache
     (B, L, hidden) may have any strides; neuron-major storage (reference.neuron_major) is the fast one. `out`, if
@@ -815,7 +867,21 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     ((B, nb, hidden) float32, last dim contiguous: the layer's reference pre-activations), writes them into their
     neurons' places there (what `pre_mean.scatter_(2, neuron_index, means)` does) and returns None.
     `x_read`: recorded on the current stream after fc1, the last kernel that reads x (a caller running this on a side
-    stream lets the main stream reuse x's memory from there)."""
+    stream lets the main stream reuse x's memory from there).
+    `x_scale`, `w1_scale`: fc1 in float8: x and w1 float8 e4m3 (reference.float8_rows), x_scale (B, L) and w1_scale
+    (hidden,) float32, their rows' scales; fc1 multiplies float8 tiles and scales its sums.
+    `w2_scale`: fc2 in float8: w2_t float8 e4m3, the transpose of W2's float8 rows (reference.float8_rows of W2,
+    (out, hidden)), w2_scale (out,) their scales; the deltas (in act_cache's dtype) are quantized per token
+    (float8_rows) between the delta kernel and fc2 (the pointer kernel, whatever `tma` says), which scales its sums
+    by token and by output column."""
+    fp8 = x_scale is not None
+    if fp8 != (w1_scale is not None) or fp8 != (x.dtype == w1.dtype == FLOAT8) or fp8 and (
+            x_scale.shape != x.shape[:2] or w1_scale.shape != w1.shape[:1]):
+        raise ValueError("sparse_mlp: float8 fc1 takes x and w1 in float8 e4m3 with x_scale (B, L) and w1_scale "
+                         "(hidden,) (reference.float8_rows); bf16 fc1 takes neither")
+    fc2_fp8 = w2_scale is not None
+    if fc2_fp8 != (w2_t.dtype == FLOAT8) or fc2_fp8 and w2_scale.shape != w2_t.shape[1:]:
+        raise ValueError("sparse_mlp: float8 fc2 takes w2_t in float8 e4m3 with w2_scale (out,); bf16 fc2 neither")
     if tma is None:
         tma = tma_by_default(x)
     B, L, DM = x.shape
@@ -838,19 +904,25 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     block_m = _row_tile(block, 128)
     new = torch.empty(B, L, NK, device=x.device, dtype=act_cache.dtype)
     # With TMA the deltas' rows are padded to 16 bytes (its stride alignment); the padding is never read (past the
-    # descriptor's width). FLUX's neuron counts (multiples of 256) need none.
-    pad = 16 // w2_t.element_size() if tma else 1
-    delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device, dtype=w2_t.dtype)[:, :, :NK]
+    # descriptor's width). FLUX's neuron counts (multiples of 256) need none. float8 deltas: written in act_cache's
+    # dtype, then quantized into a copy that the pointer fc2 reads.
+    tma2 = tma and not fc2_fp8
+    pad = 16 // w2_t.element_size() if tma2 else 1
+    delta = torch.empty(B, L, -(-NK // pad) * pad, device=x.device,
+                        dtype=act_cache.dtype if fc2_fp8 else w2_t.dtype)[:, :, :NK]
     pre_sum = torch.zeros(B, NB, NK, device=x.device, dtype=torch.float32)
     grid1 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NK, meta["BLOCK_K"]), B)  # noqa: E731
+    # Without float8 the scale pointers are never read (FP8 off): pre_sum stands in.
+    scales = (x_scale.float().contiguous(), w1_scale.float().contiguous()) if fp8 else (pre_sum, pre_sum)
     if tma:
-        fc1 = _sparse_fc1_tma_kernel
-        fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, new.stride(0), new.stride(1), L, DM,
-                   NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0)
+        fc1 = _sparse_fc1_tma_fp8_kernel if fp8 else _sparse_fc1_tma_kernel
+        fc1[grid1](_row_view_descriptor(x, block_m), w1, b1, index, new, pre_sum, *scales, new.stride(0),
+                   new.stride(1), L, DM, NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0,
+                   FP8=fp8)
     else:
-        fc1 = _sparse_fc1_kernel
-        fc1[grid1](x, w1, b1, index, new, pre_sum, x.stride(0), x.stride(1), new.stride(0), new.stride(1), L, DM, NK,
-                   NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0)
+        fc1 = _sparse_fc1_fp8_kernel if fp8 else _sparse_fc1_kernel
+        fc1[grid1](x, w1, b1, index, new, pre_sum, *scales, x.stride(0), x.stride(1), new.stride(0), new.stride(1), L,
+                   DM, NK, NB, block, BLOCK_M=block_m, EVEN_D=DM % _largest(fc1, "BLOCK_D") == 0, FP8=fp8)
     if x_read is not None:
         x_read.record()
     delta_k = 16 if INTERPRET else 64
@@ -862,15 +934,37 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
         num_warps=4)
     grid2 = lambda meta: (triton.cdiv(L, block_m), triton.cdiv(NOUT, meta["BLOCK_N"]), B)  # noqa: E731
     low = out if out is not None else out_cache  # a pointer the kernel never writes when WRITE_LOW is off
-    fc2 = _sparse_fc2_tma_kernel if tma else _sparse_fc2_kernel
-    operands = ((_row_view_descriptor(delta, block_m), w2_t, index, out_cache, low) if tma else
-                (delta, w2_t, index, out_cache, low, delta.stride(0), delta.stride(1)))  # the pointer one has strides
+    scales2 = (pre_sum, pre_sum)  # never read with FP8 off
+    if fc2_fp8:
+        delta, delta_scale = float8_rows(delta)
+        scales2 = (delta_scale.contiguous(), w2_scale.float().contiguous())
+    if tma2:
+        fc2 = _sparse_fc2_tma_kernel
+        operands = (_row_view_descriptor(delta, block_m), w2_t, index, out_cache, low, *scales2)
+    else:
+        fc2 = _sparse_fc2_fp8_kernel if fc2_fp8 else _sparse_fc2_kernel
+        operands = (delta, w2_t, index, out_cache, low, *scales2, delta.stride(0), delta.stride(1))  # with strides
     fc2[grid2](*operands, out_cache.stride(0), out_cache.stride(1), low.stride(0), low.stride(1), L, NK, NOUT, NB,
                block, WRITE_LOW=out is not None, BLOCK_M=block_m, EVEN_K=NK % _largest(fc2, "BLOCK_K") == 0,
-               EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0)
+               EVEN_N=NOUT % _largest(fc2, "BLOCK_N") == 0, FP8=fc2_fp8)
     if pre_mean is not None:
         return None
     return pre_sum / block_sizes(L, block, x.device)[None, :, None]
+
+
+_compiled_float8_rows = None
+
+
+def float8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """reference.float8_rows, compiled on a GPU: one reduction and one quantizing pass, where eager PyTorch makes
+    five passes and a float32 copy. Each shape and layout compiles at its first call (an eager step of the step
+    graphs); on CPU tensors (the interpreter) the reference itself."""
+    global _compiled_float8_rows
+    if not t.is_cuda:
+        return R.float8_rows(t)
+    if _compiled_float8_rows is None:
+        _compiled_float8_rows = torch.compile(R.float8_rows, fullgraph=True, dynamic=False)
+    return _compiled_float8_rows(t)
 
 
 def tma_by_default(x: torch.Tensor) -> bool:

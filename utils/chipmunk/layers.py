@@ -80,6 +80,17 @@ def top_and_random(kernels, scores: torch.Tensor, top: int, total: int, seed: to
     return index if out is None else out.copy_(index)
 
 
+def float8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """a @ b^T from float8 rows and their scales (reference.float8_rows): a (M, K) and b (N, K), row-major. On a
+    GPU torch._scaled_mm with row-wise scales (as torchao's per-row float8 linears run); elsewhere, or for sizes it
+    does not take (multiples of 16), the dequantized product in float32."""
+    if a.is_cuda and all(n % 16 == 0 for n in (*a.shape, b.shape[0])):
+        return torch._scaled_mm(a, b.t(), scale_a=a_scale[:, None].contiguous(), scale_b=b_scale[None, :].contiguous(),
+                                out_dtype=out_dtype)
+    return (R.dequantize_rows(a, a_scale) @ R.dequantize_rows(b, b_scale).t()).to(out_dtype)
+
+
 # --- what every sparse layer keeps -----------------------------------------------------------------
 
 class SparseLayer(_OpaqueBase):
@@ -231,7 +242,12 @@ class SparseMlp(SparseLayer):
 
     A double block calls it on its input (`__call__`). A single block's MLP reads the attention's input, so it runs
     beside the attention: `start(x)` before the attention's projections, on a side stream once its sparse kernels
-    have run (and tuned) with nothing beside them; `join(like)` hands out its output after the attention."""
+    have run (and tuned) with nothing beside them; `join(like)` hands out its output after the attention.
+
+    `config.is_fp8`: fc1 and fc2 in float8 e4m3, each operand with per-row scales (x, the activations and the
+    activations' change per token, the weights per output row, as torchao's per-row float8): the sparse kernels
+    gather float8 weight rows (W1's rows, W2^T's rows scaled by output column), a dense step runs
+    torch._scaled_mm. The neuron reselection stays in the weights' dtype."""
 
     CACHES = ("act_cache", "out_cache", "pre_mean", "neuron_index")
 
@@ -240,6 +256,7 @@ class SparseMlp(SparseLayer):
         super().__init__(f"MLP layer {index}", index, clock, kernels)
         self.config, self.w1, self.b1, self.w2, self.b2 = config, w1, b1, w2, b2
         self.w2_t: torch.Tensor | None = None  # (hidden, out) copy for the Triton kernel's row gathers
+        self.float8: dict[str, torch.Tensor] | None = None  # is_fp8: w1, w2 in float8 and their row scales
         self.started: tuple[int, torch.Tensor] | None = None  # (step, output) of the step started ahead
         self.beside_attention = False  # a sparse attention runs beside it and waits for it to read their input
         self.input_read: torch.cuda.Event | None = None  # recorded on the side stream once it no longer reads x
@@ -308,7 +325,7 @@ class SparseMlp(SparseLayer):
             if x_read is not None:
                 x_read.record()
             # The output is fc2's in x's dtype: the float32 cache holds the same values, so it is not read back.
-            result = F.linear(act, self.w2, self.b2).to(x.dtype)
+            result = self._dense_fc2(act).to(x.dtype)
             output = result if output is None else output.copy_(result)
             self.write("out_cache", result, dtype=torch.float32)
             self.write("pre_mean", pre_mean)  # the reference the change is measured against
@@ -317,20 +334,29 @@ class SparseMlp(SparseLayer):
         else:
             if reselect:
                 self._reselect(R.block_means(x, cfg.bm), step)
+            fc1_in, w1, scales = x, self.w1, {}
+            if cfg.is_fp8:
+                f8 = self._float8()
+                fc1_in, x_scale = self._float8_rows(x)
+                w1, scales = f8["w1"], dict(x_scale=x_scale, w1_scale=f8["w1_scale"], w2_scale=f8["w2_scale"])
             if kernels:
                 if self.w2_t is None or self.w2_t.device != x.device:
-                    self.w2_t = self.w2.t().contiguous()
+                    self.w2_t = self._float8()["w2"].t().contiguous() if cfg.is_fp8 else self.w2.t().contiguous()
                 # A new tensor every call (never the cache itself: a compiled graph could reuse a handed-out
                 # cache's buffer for later temporaries), written by fc2's epilogue.
                 if output is None:
                     output = torch.empty(self.out_cache.shape, dtype=x.dtype, device=x.device)
                 # The selected neurons' caches are fresh now: their next change is measured from the block means
                 # of these pre-activations, which the kernels write into pre_mean.
-                kernels.sparse_mlp(x, self.w1, self.b1, self.w2_t, self.neuron_index, self.act_cache, self.out_cache,
-                                   cfg.bm, out=output, pre_mean=self.pre_mean, x_read=x_read)
+                kernels.sparse_mlp(fc1_in, w1, self.b1, self.w2_t, self.neuron_index, self.act_cache,
+                                   self.out_cache, cfg.bm, out=output, pre_mean=self.pre_mean, x_read=x_read, **scales)
             else:
-                pre = R.sparse_mlp_reference(x, self.w1, self.b1, self.w2, self.neuron_index, self.act_cache,
-                                             self.out_cache, cfg.bm)
+                w2 = self.w2
+                if cfg.is_fp8:  # the float8 operands' values, multiplied in float32
+                    fc1_in, w1 = R.dequantize_rows(fc1_in, scales["x_scale"]), R.dequantize_rows(w1, scales["w1_scale"])
+                    w2 = R.dequantize_rows(self._float8()["w2"], scales["w2_scale"])
+                pre = R.sparse_mlp_reference(fc1_in, w1, self.b1, w2, self.neuron_index, self.act_cache,
+                                             self.out_cache, cfg.bm, float8_deltas=cfg.is_fp8)
                 if x_read is not None:
                     x_read.record()
                 self.pre_mean.scatter_(2, self.neuron_index.long(), selected_block_means(pre, x.shape[1]))
@@ -348,9 +374,14 @@ class SparseMlp(SparseLayer):
         the kernels, the bias, GELU and block means are one pass (`dense_mlp_epilogue`); torch's ops, the reference
         path, take three. Returns the cache (the token-major view, as `neuron_major` gives) and the block means of
         the pre-activations."""
-        # B, hidden, L; cuBLAS reads x transposed. Detached: with a weight that requires grad (a Parameter, even
-        # under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result.
-        pre_t = torch.matmul(self.w1.detach(), x.transpose(1, 2))
+        if self.config.is_fp8:
+            f8, (xq, x_scale) = self._float8(), self._float8_rows(x)
+            pre_t = torch.stack([float8_matmul(f8["w1"], f8["w1_scale"], xq[b], x_scale[b], x.dtype)
+                                 for b in range(x.shape[0])])
+        else:
+            # B, hidden, L; cuBLAS reads x transposed. Detached: with a weight that requires grad (a Parameter,
+            # even under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result.
+            pre_t = torch.matmul(self.w1.detach(), x.transpose(1, 2))
         cache = self.act_cache
         if cache is None or cache.shape != pre_t.transpose(1, 2).shape or cache.dtype != pre_t.dtype:
             cache = self.act_cache = torch.empty_like(pre_t).transpose(1, 2)
@@ -361,6 +392,27 @@ class SparseMlp(SparseLayer):
         pre_t += self.b1.detach()[:, None]  # (GELU's out= below takes no tensor that requires grad)
         torch.ops.aten.gelu.out(pre_t, approximate="tanh", out=cache.transpose(1, 2))
         return cache, R.block_means(pre_t.transpose(1, 2), self.config.bm)
+
+    def _dense_fc2(self, act: torch.Tensor) -> torch.Tensor:
+        """A dense step's fc2 of the activations (B, L, hidden), any strides (the neuron-major cache)."""
+        if not self.config.is_fp8:
+            return F.linear(act, self.w2, self.b2)
+        f8, (aq, a_scale) = self._float8(), self._float8_rows(act)
+        out = torch.stack([float8_matmul(aq[b].contiguous(), a_scale[b], f8["w2"], f8["w2_scale"], act.dtype)
+                           for b in range(act.shape[0])])
+        return out if self.b2 is None else out + self.b2
+
+    def _float8_rows(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """reference.float8_rows, by the kernels' compiled version where they run."""
+        return (self.kernels.float8_rows if self.kernels else R.float8_rows)(t)
+
+    def _float8(self) -> dict[str, torch.Tensor]:
+        """w1 and w2 in float8 with their row scales (reference.float8_rows), made at first use on the weights'
+        device."""
+        if self.float8 is None or self.float8["w1"].device != self.w1.device:
+            (w1, w1_scale), (w2, w2_scale) = R.float8_rows(self.w1.detach()), R.float8_rows(self.w2.detach())
+            self.float8 = dict(w1=w1.contiguous(), w1_scale=w1_scale, w2=w2.contiguous(), w2_scale=w2_scale)
+        return self.float8
 
     def _reselect(self, x_means: torch.Tensor, step: int) -> None:
         """Per token block: the top_keys neurons whose fc1 pre-activation block mean moved most since their

@@ -112,9 +112,27 @@ def block_sizes(length: int, block: int, device: torch.device | str) -> torch.Te
     return (length - starts).clamp(max=block).float()
 
 
+FLOAT8, FLOAT8_MAX = torch.float8_e4m3fn, 448.0
+
+
+def float8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, scale): t in float8 e4m3 with one float32 scale per row (over its last dim), t ~ q * scale[..., None];
+    scale = the row's absolute max / 448, as torchao's per-row float8 (the dense stack's linears) scales. A row of
+    zeros gets scale 1. q keeps t's strides."""
+    t32 = t.float()
+    amax = t32.abs().amax(-1)
+    scale = torch.where(amax > 0, amax / FLOAT8_MAX, torch.ones_like(amax))
+    return (t32 / scale[..., None]).clamp(-FLOAT8_MAX, FLOAT8_MAX).to(FLOAT8), scale
+
+
+def dequantize_rows(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float8_rows' inverse, in float32."""
+    return q.float() * scale[..., None]
+
+
 def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
                          neuron_index: torch.Tensor, act_cache: torch.Tensor, out_cache: torch.Tensor,
-                         block: int) -> torch.Tensor:
+                         block: int, float8_deltas: bool = False) -> torch.Tensor:
     """One sparse MLP step, in place on the caches; returns the fc1 pre-activations of the selected
     neurons, (B, nb, block, K) float32, for the caller's bookkeeping.
 
@@ -123,6 +141,8 @@ def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
         act_cache_b[:, S_b] = act_S.
     x: (B, L, d); w1: (hidden, d); b1: (hidden,); w2: (out, hidden) (nn.Linear layouts);
     neuron_index: (B, nb, K); act_cache: (B, L, hidden); out_cache: (B, L, out) float32.
+    `float8_deltas`: each token's deltas rounded to float8 with their scale (float8_rows) before fc2, as a float8
+    fc2 multiplies them (w2 then holds the float8 weights' values).
     """
     B, L, d = x.shape
     nb, K = neuron_index.shape[1], neuron_index.shape[2]
@@ -135,6 +155,8 @@ def sparse_mlp_reference(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2
     cache_blocks = F.pad(act_cache, (0, 0, 0, pad)).view(B, nb, block, -1)
     gather_idx = idx[:, :, None, :].expand(-1, -1, block, -1)
     delta = act.float() - torch.gather(cache_blocks, 3, gather_idx).float()
+    if float8_deltas:
+        delta = dequantize_rows(*float8_rows(delta.to(act_cache.dtype)))
     w2s = w2.float().t()[idx]  # B, nb, K, out
     out_cache += (delta @ w2s).flatten(1, 2)[:, :L]
     cache_blocks.scatter_(3, gather_idx, act)
