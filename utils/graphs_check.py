@@ -41,9 +41,9 @@ def run_graphs_check(args: argparse.Namespace) -> tuple[list[dict[str, Any]], di
     validated stack with a CUDA-graph --compile_mode."""
     from torch._dynamo.utils import counters
 
+    from utils import compile_utils
     from utils.benchmark_utils import pipeline_call_kwargs, set_rand_seeds
     from utils.pipeline_utils import load_pipeline, optimize
-    from utils import compile_utils
     from utils.step_graphs import encoder_graphs, install_encoder_graphs, install_step_graphs
 
     eager_args = copy.copy(args)
