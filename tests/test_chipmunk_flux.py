@@ -39,7 +39,7 @@ def test_apply_wires_sparse_layers_into_the_blocks_past_the_dense_ones(make_args
     dense_ff = transformer.transformer_blocks[0].ff
     status = flux.apply_chipmunk_config(pipe, load_chipmunk_config(TINY_CONFIG))
     assert status.endswith("token reorder 4x4/2x2 patches; kernels: PyTorch reference (CPU)"), status
-    assert "on 5 layers (dense every 4); MLP top 0.3+0.05 random neurons per 64-token block on 5 layers" in status
+    assert "on 5 layers (dense every 4, SDPA); MLP top 0.3+0.05 random neurons per 64-token block on 5 layers" in status
     assert transformer.transformer_blocks[0].ff is dense_ff  # block 0 stays dense
     assert isinstance(transformer.transformer_blocks[1].ff, flux.ChipmunkFeedForward)
     assert not isinstance(transformer.transformer_blocks[1].ff_context, flux.ChipmunkFeedForward)  # text MLP dense
@@ -78,6 +78,22 @@ def test_kernels_are_chosen_when_applied_and_an_unknown_or_unavailable_choice_is
 
 
 # --- token reorder ----------------------------------------------------------------------------------
+
+def test_dense_steps_run_bf16_fa3_for_its_log_sum_exp_whatever_fa3_the_stack_chose():
+    """FA3 fp8's log-sum-exp comes from fp8 scores, and without one the key selection's column sums take a row pass
+    of their own: Chipmunk's dense steps run bf16 FA3 with its log-sum-exp under --fa3_fp8 too; SDPA elsewhere."""
+    from utils.attention import FA3FluxAttnProcessor, fa3_attention_with_lse
+
+    for fp8 in (False, True):
+        dense = flux.dense_attention_like(FA3FluxAttnProcessor(fp8=fp8))
+        assert dense.kernel is fa3_attention_with_lse and dense.with_lse
+    sdpa = flux.dense_attention_like(object())
+    q, k, v = (torch.randn(1, 32, 2, 16) for _ in range(3))
+    out, lse = sdpa(q, k, v, None)
+    assert not sdpa.with_lse and lse is None
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2), rtol=1e-6, atol=1e-6)
+
 
 def test_token_reorder_alone_keeps_the_dense_output(make_args, tmp_path, dense_latents):
     path = write_config(tmp_path, attn={"is_enabled": False}, mlp={"is_enabled": False})

@@ -142,11 +142,11 @@ class SparseLayer(_OpaqueBase):
 # --- sparse attention ------------------------------------------------------------------------------
 
 class DenseAttention:
-    """The dense kernel the stack chose (FA3 bf16, FA3 fp8, or SDPA) for Chipmunk's dense steps, shared by a
-    transformer's attention layers: `(q, k, v) -> (output, the rows' log-sum-exp or None)`. bf16 FA3 gives the
-    log-sum-exp for free, which spares the column sums their first pass; fp8 FA3's comes from fp8 scores, so it is not
-    used for the bf16 column sums. The log-sum-exp is checked once, on the first dense step (eager, never inside a
-    CUDA graph capture); if it is not what the column sums assume, they compute their own from then on."""
+    """The dense kernel for Chipmunk's dense steps (flux.dense_attention_like: bf16 FA3 wherever FA3 runs, else
+    SDPA), shared by a transformer's attention layers: `(q, k, v) -> (output, the rows' log-sum-exp or None)`. bf16
+    FA3 gives the log-sum-exp for free, which spares the column sums their first pass. The log-sum-exp is checked
+    once, on the first dense step (eager, never inside a CUDA graph capture); if it is not what the column sums
+    assume, they compute their own from then on."""
 
     def __init__(self, kernel, with_lse: bool):
         self.kernel, self.with_lse = kernel, with_lse
