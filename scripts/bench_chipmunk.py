@@ -611,8 +611,9 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
              wanted: str = E2E_DEFAULT) -> dict:
     """Every variant gets CUDA graphs where it can hold them: the dense stack's whole forward as one graph,
     Chipmunk's as one graph per step kind; feature caching's data-dependent steps cannot be replayed.
-    The variants are bf16 (stack_args); `float8` adds the pair with float8 linears (Chipmunk's then only in its
-    dense projections: the sparse MLP gathers bf16 weights), after the others. `wanted`: which of E2E_VARIANTS run."""
+    The variants are bf16 (stack_args); `float8` adds, after the others, the dense stack and Chipmunk with float8
+    linears (Chipmunk's dense projections only), and Chipmunk with its MLP in float8 too
+    (configs/chipmunk-flux-fp8.yml). `wanted`: which of E2E_VARIANTS run."""
     keys = e2e_variant_keys(wanted)
     common = stack_args(out / "e2e", dry, steps, runs)
     config = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux.yml"
@@ -628,8 +629,10 @@ def part_e2e(out: Path, dry: bool, steps: int, runs: int, deadline: float, float
         "chipmunk, no CUDA graphs": ("eager", ["--chipmunk_config", config]),  # last: least informative if cut
     }
     variants = {name: flags for name, (key, flags) in variants.items() if key in keys}
+    float8_mlp = "configs/chipmunk-tiny.yml" if dry else "configs/chipmunk-flux-fp8.yml"  # mlp.is_fp8 (tiny: off)
     with_float8 = {"dense stack + float8" + with_graphs: graphs,  # run without stack_args' --disable_quant
-                   "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs]} \
+                   "chipmunk + float8 (dense projections)" + per_kind: ["--chipmunk_config", config, *graphs],
+                   "chipmunk + float8, its MLP too" + per_kind: ["--chipmunk_config", float8_mlp, *graphs]} \
         if float8 else {}
     variants.update(with_float8)
     rows = []
@@ -812,8 +815,8 @@ def main() -> int:
     parser.add_argument("--e2e_variants", default=E2E_DEFAULT,
                         help=f"which e2e variants run, comma-separated, from {', '.join(E2E_VARIANTS)}")
     parser.add_argument("--e2e_float8", action="store_true",
-                        help="e2e also times the dense stack and Chipmunk with float8 linears (the default bf16 pair is "
-                             "Chipmunk's own comparison)")
+                        help="e2e also times the dense stack and Chipmunk with float8 linears, and Chipmunk with its "
+                             "MLP in float8 too (the default bf16 pair is Chipmunk's own comparison)")
     args = parser.parse_args()
     try:
         e2e_variant_keys(args.e2e_variants)

@@ -133,7 +133,8 @@ def test_stage_table_lists_each_timed_stage_largest_kernels(tmp_path):
 
 
 def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch):
-    """--e2e_float8 adds the dense stack and Chipmunk with float8 linears; the bf16 variants keep --disable_quant.
+    """--e2e_float8 adds the dense stack and Chipmunk with float8 linears (and with its MLP in float8 too); the bf16
+    variants keep --disable_quant.
     Each variant is compared with the dense stack of its own precision. (Commands captured, not run.)"""
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))
     import bench_chipmunk
@@ -153,8 +154,10 @@ def test_chipmunk_e2e_float8_pair_drops_only_disable_quant(tmp_path, monkeypatch
     part = bench_chipmunk.part_e2e(tmp_path, dry=False, steps=4, runs=1, deadline=float("inf"), float8=True)
     by_name = {row["variant"]: row for row in part["rows"]}
     float8_names = {"dense stack + float8 (CUDA graphs)",
-                    "chipmunk + float8 (dense projections) (CUDA graphs per step kind)"}
-    assert float8_names < set(by_name) and len(commands) == len(by_name) == 6
+                    "chipmunk + float8 (dense projections) (CUDA graphs per step kind)",
+                    "chipmunk + float8, its MLP too (CUDA graphs per step kind)"}
+    assert float8_names < set(by_name) and len(commands) == len(by_name) == 7
+    assert "configs/chipmunk-flux-fp8.yml" in commands[-1]
     for cmd in commands:
         name = next(n for n in by_name if by_name[n]["record"] == f"bench_{commands.index(cmd) + 1}.json")
         assert ("--disable_quant" in cmd) == (name not in float8_names), (name, cmd)
