@@ -233,10 +233,9 @@ def test_text_encoder_graphs_record_the_compiled_layers_without_the_glue_or_a_re
         with monkeypatch.context() as on_cuda:  # install_encoder_graphs' CUDA check satisfied, for the install only
             on_cuda.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
             install_encoder_graphs(model)
-    getattr(pipe.text_encoder, "text_model", pipe.text_encoder).embeddings.register_forward_hook(lambda *a: glue_in_capture.append("clip")
-                                                                  if capturing[0] else None)
-    pipe.text_encoder_2.encoder.embed_tokens.register_forward_hook(lambda *a: glue_in_capture.append("t5")
-                                                                   if capturing[0] else None)
+    clip_glue = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).embeddings
+    for name, glue in (("clip", clip_glue), ("t5", pipe.text_encoder_2.encoder.embed_tokens)):
+        glue.register_forward_hook(lambda *a, name=name: glue_in_capture.append(name) if capturing[0] else None)
     assert pipeline_graphs(pipe) == [encoder_graphs(m) for m in encoders] and len(encoders) == 2
     compiled = counters["stats"]["unique_graphs"]
     for call in range(3):

@@ -234,11 +234,11 @@ def apply_chipmunk_config(pipeline, config: ChipmunkConfig, kernels: str = "auto
         p = config.patchify
         reorder = f"{p.chunk_size_1}x{p.chunk_size_1}/{p.chunk_size_2}x{p.chunk_size_2} patches"
     dense_kernel = "" if dense is None else ", bf16 FA3" if dense.with_lse else ", SDPA"
+    float8 = "; fc1 and fc2 in float8" if m.is_fp8 else ""
     return (f"applied: attention top {a.top_keys:.3g} keys per {a.mbm}-query group on {sparse_attn} layers "
-            f"(dense every {a.full_step_every}{dense_kernel}); MLP top {m.top_keys:.3g}+{m.random_keys:.3g} random neurons per "
-            f"{m.bm}-token block on {len(layers) - sparse_attn} layers (dense every {m.full_step_every}"
-            f"{'; fc1 and fc2 in float8' if m.is_fp8 else ''}); token "
-            f"reorder {reorder}; kernels: {kernels_status(ops, transformer.device)}")
+            f"(dense every {a.full_step_every}{dense_kernel}); MLP top {m.top_keys:.3g}+{m.random_keys:.3g} random "
+            f"neurons per {m.bm}-token block on {len(layers) - sparse_attn} layers (dense every {m.full_step_every}"
+            f"{float8}); token reorder {reorder}; kernels: {kernels_status(ops, transformer.device)}")
 
 
 def chipmunk_stats(pipeline) -> dict[str, dict[str, int]]:
