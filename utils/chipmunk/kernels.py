@@ -27,8 +27,8 @@ import os
 
 import torch
 
-from utils.chipmunk.reference import FLOAT8, HASH_CONSTANTS, block_sizes, hash_offset
 from utils.chipmunk import reference as R
+from utils.chipmunk.reference import HASH_CONSTANTS, block_sizes, hash_offset
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 try:
@@ -875,12 +875,12 @@ def sparse_mlp(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2_t: torch.
     (float8_rows) between the delta kernel and fc2 (the pointer kernel, whatever `tma` says), which scales its sums
     by token and by output column."""
     fp8 = x_scale is not None
-    if fp8 != (w1_scale is not None) or fp8 != (x.dtype == w1.dtype == FLOAT8) or fp8 and (
+    if fp8 != (w1_scale is not None) or fp8 != (x.dtype == w1.dtype == R.FLOAT8) or fp8 and (
             x_scale.shape != x.shape[:2] or w1_scale.shape != w1.shape[:1]):
         raise ValueError("sparse_mlp: float8 fc1 takes x and w1 in float8 e4m3 with x_scale (B, L) and w1_scale "
                          "(hidden,) (reference.float8_rows); bf16 fc1 takes neither")
     fc2_fp8 = w2_scale is not None
-    if fc2_fp8 != (w2_t.dtype == FLOAT8) or fc2_fp8 and w2_scale.shape != w2_t.shape[1:]:
+    if fc2_fp8 != (w2_t.dtype == R.FLOAT8) or fc2_fp8 and w2_scale.shape != w2_t.shape[1:]:
         raise ValueError("sparse_mlp: float8 fc2 takes w2_t in float8 e4m3 with w2_scale (out,); bf16 fc2 neither")
     if tma is None:
         tma = tma_by_default(x)

@@ -91,6 +91,12 @@ def float8_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
     return (R.dequantize_rows(a, a_scale) @ R.dequantize_rows(b, b_scale).t()).to(out_dtype)
 
 
+def batched(per_item: list[torch.Tensor]) -> torch.Tensor:
+    """The batch's results as one tensor, without torch.stack's copy for a batch of one (a dense step's fc1 output
+    is 100 MB at FLUX.1-dev's shapes)."""
+    return per_item[0].unsqueeze(0) if len(per_item) == 1 else torch.stack(per_item)
+
+
 # --- what every sparse layer keeps -----------------------------------------------------------------
 
 class SparseLayer(_OpaqueBase):
@@ -376,8 +382,8 @@ class SparseMlp(SparseLayer):
         the pre-activations."""
         if self.config.is_fp8:
             f8, (xq, x_scale) = self._float8(), self._float8_rows(x)
-            pre_t = torch.stack([float8_matmul(f8["w1"], f8["w1_scale"], xq[b], x_scale[b], x.dtype)
-                                 for b in range(x.shape[0])])
+            pre_t = batched([float8_matmul(f8["w1"], f8["w1_scale"], xq[b], x_scale[b], x.dtype)
+                             for b in range(x.shape[0])])
         else:
             # B, hidden, L; cuBLAS reads x transposed. Detached: with a weight that requires grad (a Parameter,
             # even under no_grad) matmul folds 2-D @ 3-D into one mm and copies its transposed result.
@@ -398,8 +404,8 @@ class SparseMlp(SparseLayer):
         if not self.config.is_fp8:
             return F.linear(act, self.w2, self.b2)
         f8, (aq, a_scale) = self._float8(), self._float8_rows(act)
-        out = torch.stack([float8_matmul(aq[b].contiguous(), a_scale[b], f8["w2"], f8["w2_scale"], act.dtype)
-                           for b in range(act.shape[0])])
+        out = batched([float8_matmul(aq[b].contiguous(), a_scale[b], f8["w2"], f8["w2_scale"], act.dtype)
+                       for b in range(act.shape[0])])
         return out if self.b2 is None else out + self.b2
 
     def _float8_rows(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
